@@ -1,0 +1,1 @@
+"""geotrain coordinator: holds the global model, leases data, merges workers' deltas."""

@@ -1,0 +1,1 @@
+"""Wire protocol: .proto files and their generated stubs (regenerate with protos/generate.py)."""

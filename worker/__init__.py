@@ -1,0 +1,1 @@
+"""geotrain worker: trains local rounds on a GPU and exchanges compressed deltas."""
