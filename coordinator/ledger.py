@@ -1,0 +1,232 @@
+"""The shard ledger: which training tokens have been merged into the global model.
+
+The training split is cut into *units* (a contiguous token range of one shard, a multiple of the
+block size). Each epoch visits every unit once, in a seeded random order. A worker leases a range
+of a unit, trains it in order, and reports the trained sub-ranges with its delta; the ranges are
+*committed* only when that delta is merged. So:
+
+- a unit's committed part is always a prefix [start, committed);
+- when a worker dies or leaves, its units are released and the next lease resumes at the committed
+  cursor: tokens whose delta was lost are trained again, merged tokens are never handed out twice;
+- every token of the split is committed exactly once per epoch (test_ledger.py checks it).
+
+`max_tokens` (0 = no limit) caps the tokens leased over the run; once it is spent, `lease` returns
+None and the run finishes when every leased token is committed or released.
+
+Plain module: no gRPC, no torch. Called by coordinator/state.py under its lock.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+
+@dataclass
+class Unit:
+    unit_id: int
+    shard: str
+    start: int  # first token offset in the shard
+    end: int  # one past the last input token; the target of token end-1 is token end
+    committed: int  # tokens [start, committed) are merged this epoch
+    holder: str = ""  # worker id holding the lease, "" when free
+    lease_end: int = 0  # end of the leased range (<= end) while held
+
+    @property
+    def done(self) -> bool:
+        return self.committed >= self.end
+
+
+@dataclass(frozen=True)
+class TrainedRange:
+    """A sub-range a worker reports as trained: tokens [start, end) of unit `unit_id`."""
+
+    unit_id: int
+    start: int
+    end: int
+    epoch: int
+
+
+class LedgerError(ValueError):
+    """A report that does not fit the ledger (wrong holder, gap, overlap, unknown unit)."""
+
+
+class Ledger:
+    def __init__(
+        self,
+        shards: Sequence[tuple[str, int]],
+        unit_tokens: int,
+        block_size: int,
+        seed: int = 0,
+        max_tokens: int = 0,
+    ):
+        """shards: (name, token count) of the training split, in manifest order."""
+        if unit_tokens < block_size or block_size <= 0:
+            raise ValueError(f"unit_tokens ({unit_tokens}) must be >= block_size ({block_size}) > 0")
+        self.block_size = block_size
+        self.unit_tokens = unit_tokens - unit_tokens % block_size
+        self.seed = seed
+        self.max_tokens = max_tokens
+        self.units: list[Unit] = self._cut(shards)
+        if not self.units:
+            raise ValueError("the training split has no full block of tokens to train on")
+        self.epoch = 0
+        self.order: list[int] = self._order(0)
+        self.committed_total = 0  # over all epochs
+        self.leased_total = 0  # tokens handed out and not released (committed + outstanding)
+
+    def _cut(self, shards: Sequence[tuple[str, int]]) -> list[Unit]:
+        units: list[Unit] = []
+        for name, count in shards:
+            usable = count - 1  # the last token is only ever a target
+            usable -= usable % self.block_size
+            for start in range(0, usable, self.unit_tokens):
+                end = min(start + self.unit_tokens, usable)
+                units.append(Unit(len(units), name, start, end, start))
+        return units
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.units)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def epoch_tokens(self) -> int:
+        return sum(u.end - u.start for u in self.units)
+
+    def remaining_budget(self) -> int | None:
+        if not self.max_tokens:
+            return None
+        return max(0, self.max_tokens - self.leased_total)
+
+    def counts(self) -> dict[str, int]:
+        """Units by state: pending (free, not done), leased, done."""
+        out = {"pending": 0, "leased": 0, "done": 0}
+        for u in self.units:
+            out["done" if u.done else "leased" if u.holder else "pending"] += 1
+        return out
+
+    def held_by(self, worker_id: str) -> list[Unit]:
+        return [u for u in self.units if u.holder == worker_id]
+
+    def finished(self) -> bool:
+        """True when the budget is spent and nothing leased is outstanding."""
+        budget = self.remaining_budget()
+        return budget == 0 and not any(u.holder for u in self.units)
+
+    # ------------------------------------------------------------------ changes
+
+    def lease(self, worker_id: str) -> TrainedRange | None:
+        """Lease the next free range to `worker_id`; None when the token budget is spent.
+        Starts a new epoch when every unit of this one is done."""
+        budget = self.remaining_budget()
+        if budget == 0:
+            return None
+        unit = self._next_free()
+        if unit is None:
+            if any(u.holder for u in self.units):
+                return None  # the rest of this epoch is held by others; caller retries later
+            self._new_epoch()
+            unit = self._next_free()
+            assert unit is not None
+        end = unit.end
+        if budget is not None:
+            room = budget - budget % self.block_size
+            if room <= 0:
+                return None
+            end = min(end, unit.committed + room)
+        unit.holder = worker_id
+        unit.lease_end = end
+        self.leased_total += end - unit.committed
+        return TrainedRange(unit.unit_id, unit.committed, end, self.epoch)
+
+    def _next_free(self) -> Unit | None:
+        for idx in self.order:
+            u = self.units[idx]
+            if not u.holder and not u.done:
+                return u
+        return None
+
+    def _new_epoch(self) -> None:
+        self.epoch += 1
+        self.order = self._order(self.epoch)
+        for u in self.units:
+            u.committed = u.start
+
+    def check(self, worker_id: str, ranges: Iterable[TrainedRange]) -> None:
+        """Raise LedgerError unless `ranges` extend the committed prefixes of units `worker_id`
+        holds, in order, without gaps or overlap. Changes nothing."""
+        cursors: dict[int, int] = {}
+        for r in ranges:
+            if not 0 <= r.unit_id < len(self.units):
+                raise LedgerError(f"unknown unit {r.unit_id}")
+            u = self.units[r.unit_id]
+            if u.holder != worker_id:
+                raise LedgerError(f"unit {r.unit_id} is not leased to this worker")
+            if r.epoch != self.epoch:
+                raise LedgerError(f"unit {r.unit_id}: range from epoch {r.epoch}, ledger is at {self.epoch}")
+            cursor = cursors.get(r.unit_id, u.committed)
+            if r.start != cursor or not r.start < r.end <= u.lease_end:
+                raise LedgerError(
+                    f"unit {r.unit_id}: range [{r.start}, {r.end}) does not continue the committed "
+                    f"cursor {cursor} within the lease end {u.lease_end}"
+                )
+            cursors[r.unit_id] = r.end
+
+    def commit(self, worker_id: str, ranges: Sequence[TrainedRange]) -> int:
+        """Commit trained ranges (after their delta merged). Returns tokens committed.
+        A unit whose leased range is fully committed is released."""
+        self.check(worker_id, ranges)
+        total = 0
+        for r in ranges:
+            u = self.units[r.unit_id]
+            u.committed = r.end
+            total += r.end - r.start
+            if u.committed >= u.lease_end:
+                u.holder, u.lease_end = "", 0
+        self.committed_total += total
+        return total
+
+    def release(self, worker_id: str) -> int:
+        """The worker is gone: free its units at their committed cursors. Returns tokens returned."""
+        returned = 0
+        for u in self.held_by(worker_id):
+            returned += u.lease_end - u.committed
+            u.holder, u.lease_end = "", 0
+        self.leased_total -= returned
+        return returned
+
+    def release_all(self) -> None:
+        """After a coordinator restart no lease survives: every holder is gone."""
+        for u in self.units:
+            if u.holder:
+                self.leased_total -= u.lease_end - u.committed
+                u.holder, u.lease_end = "", 0
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict:
+        return {
+            "units": [asdict(u) for u in self.units],
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "unit_tokens": self.unit_tokens,
+            "block_size": self.block_size,
+            "max_tokens": self.max_tokens,
+            "committed_total": self.committed_total,
+            "leased_total": self.leased_total,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        units = [Unit(**u) for u in state["units"]]
+        plan = [(u.shard, u.start, u.end) for u in units]
+        if plan != [(u.shard, u.start, u.end) for u in self.units]:
+            raise ValueError("checkpointed ledger was cut from different data (shards or unit size differ)")
+        self.units = units
+        self.epoch = int(state["epoch"])
+        self.order = self._order(self.epoch)
+        self.committed_total = int(state["committed_total"])
+        self.leased_total = int(state["leased_total"])
