@@ -1,0 +1,52 @@
+"""Prometheus metrics of one worker, on their own registry (served by --metrics-port, 0 = off).
+
+Workers behind NAT are often not scrapeable: the same numbers also go to the coordinator in every
+heartbeat (WorkerStats), which exports them per worker.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.tokens_per_second = Gauge("geotrain_worker_tokens_per_second", "Training throughput over the last interval.", registry=r)
+        self.step_seconds = Histogram("geotrain_worker_step_seconds", "Wall time of one inner step.", buckets=STEP_BUCKETS, registry=r)
+        self.loss = Gauge("geotrain_worker_loss", "Mean training loss over the last interval.", registry=r)
+        # Counters are declared without _total: prometheus_client appends it.
+        self.sent_bytes = Counter("geotrain_worker_sent_bytes", "Payload bytes sent to the coordinator.", registry=r)
+        self.received_bytes = Counter("geotrain_worker_received_bytes", "Payload bytes received from the coordinator.", registry=r)
+        self.wait_seconds = Counter("geotrain_worker_wait_seconds", "Seconds the training loop was blocked on the network.", registry=r)
+        self.model_version = Gauge("geotrain_worker_model_version", "Global model version of the local basepoint.", registry=r)
+        self.gpu_memory_bytes = Gauge("geotrain_worker_gpu_memory_bytes", "GPU memory allocated by this process.", registry=r)
+        self.gpu_utilization_ratio = Gauge("geotrain_worker_gpu_utilization_ratio", "GPU utilization 0..1 (-1 unknown).", registry=r)
+        self._last_sent = 0
+        self._last_received = 0
+        self._last_wait = 0.0
+
+    def set_cumulative(self, sent_bytes: int, received_bytes: int, wait_seconds: float) -> None:
+        """Advance the counters to cumulative totals kept elsewhere (never backwards)."""
+        if sent_bytes > self._last_sent:
+            self.sent_bytes.inc(sent_bytes - self._last_sent)
+            self._last_sent = sent_bytes
+        if received_bytes > self._last_received:
+            self.received_bytes.inc(received_bytes - self._last_received)
+            self._last_received = received_bytes
+        if wait_seconds > self._last_wait:
+            self.wait_seconds.inc(wait_seconds - self._last_wait)
+            self._last_wait = wait_seconds
+
+    def serve(self, port: int, addr: str = "0.0.0.0"):
+        """Start the HTTP exporter on `port` (0 = off). Returns the server or None."""
+        if not port:
+            return None
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return server
+
+    def scrape(self) -> bytes:
+        return generate_latest(self.registry)
