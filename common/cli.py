@@ -39,7 +39,7 @@ def fail(message: str) -> None:
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Validation share in [0, 0.5]: the last fraction of a single document, else whole documents.")
 @click.option("--shard-tokens", type=int, default=50_000_000, show_default=True, help="Tokens per shard file.")
-@click.option("--workers", type=int, default=None, help="Encoding processes (spawned). Default: CPU count, max 8.")
+@click.option("--workers", type=int, default=None, help="Encoding processes (spawned). Default: 1 below 32 MiB of input, else CPU count (max 8).")
 @click.option("--from-nanogpt", "from_nanogpt", type=click.Path(path_type=Path), default=None,
               help="Convert nanoGPT train.bin/val.bin (uint16) in this directory instead of encoding text; "
                    "vocab size from its meta.pkl, else --vocab-size.")

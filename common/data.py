@@ -70,6 +70,7 @@ MANIFEST_NAME = "manifest.json"
 DEFAULT_CORPUS_BYTES = 8 * 1024 * 1024  # 8 MiB of standard-library source text
 DEFAULT_SHARD_TOKENS = 50_000_000
 MAX_VAL_FRACTION = 0.5
+SPAWN_MIN_BYTES = 32 << 20  # with workers=None, inputs below this are encoded in-process
 
 _HEADER = struct.Struct("<8sIIQ8x")  # magic, version, dtype code, token count, reserved
 HEADER_BYTES = _HEADER.size  # 32
@@ -379,9 +380,8 @@ def _iter_documents(path: Path, warn: bool = True) -> Iterator[str]:
 _STATE: dict[str, Any] = {}
 
 
-def _init_encoder(spec: dict, tok_dir: str | None, dtype: str, spool_dir: str, vocab_size: int) -> None:
-    _STATE.clear()
-    _STATE.update(
+def _encoder_state(spec: dict, tok_dir: str | None, dtype: str, spool_dir: str, vocab_size: int) -> dict:
+    return dict(
         tok=load_tokenizer(spec, Path(tok_dir) if tok_dir else None),
         dtype=dtype,
         spool=Path(spool_dir),
@@ -389,15 +389,25 @@ def _init_encoder(spec: dict, tok_dir: str | None, dtype: str, spool_dir: str, v
     )
 
 
+def _init_encoder(*args) -> None:
+    """Pool initializer (in a spawned process): build the encoder state once."""
+    _STATE.clear()
+    _STATE.update(_encoder_state(*args))
+
+
 def _encode_job(job: tuple[int, str]) -> tuple[int, list[int], list[str]]:
+    return _encode_with(_STATE, job)
+
+
+def _encode_with(state: dict, job: tuple[int, str]) -> tuple[int, list[int], list[str]]:
     """Encode one source into spool file NNNNNN.bin; return (index, doc lengths, doc hashes)."""
     index, src = job
-    tok: Tokenizer = _STATE["tok"]
-    npdt = _np_dtype(_STATE["dtype"])
+    tok: Tokenizer = state["tok"]
+    npdt = _np_dtype(state["dtype"])
     lens: list[int] = []
     hashes: list[str] = []
     eot = np.asarray([tok.eot_id], dtype=np.int64) if tok.eot_id >= 0 else None
-    with open(_STATE["spool"] / f"{index:06d}.bin", "wb") as f:
+    with open(state["spool"] / f"{index:06d}.bin", "wb") as f:
         for text in _iter_documents(Path(src)):
             if not text:
                 continue
@@ -406,7 +416,7 @@ def _encode_job(job: tuple[int, str]) -> tuple[int, list[int], list[str]]:
                 continue
             if eot is not None:
                 ids = np.concatenate([ids, eot])
-            if int(ids.max()) >= _STATE["vocab"] or int(ids.min()) < 0:
+            if int(ids.max()) >= state["vocab"] or int(ids.min()) < 0:
                 raise ValueError(f"{src}: tokenizer produced ids outside the vocabulary")
             f.write(ids.astype(npdt).tobytes())
             lens.append(int(ids.size))
@@ -475,7 +485,9 @@ def prepare(
 
     No inputs (and no ``hf_dataset``): the embedded default corpus (``default_corpus_files()``).
     ``vocab_size``: for ``bpe`` the target vocabulary (>= 257); for ``byte`` an optional padded
-    vocabulary size (>= 257, e.g. a multiple of 64). Returns the saved manifest.
+    vocabulary size (>= 257, e.g. a multiple of 64). ``workers``: encoding processes, started with
+    the ``spawn`` method (never fork); None means in-process below ``SPAWN_MIN_BYTES`` of input, else
+    min(CPU count, 8). Returns the saved manifest.
     """
     t0 = time.monotonic()
     _check_prepare_args(val_fraction, shard_tokens, workers)
@@ -518,7 +530,11 @@ def prepare(
         npdt = _np_dtype(dtype)
 
         jobs = [(i, str(p)) for i, p in enumerate(files)]
-        n_workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+        if workers is None:  # spawning costs ~0.5 s a process: only worth it for larger inputs
+            small = sum(p.stat().st_size for p in files) < SPAWN_MIN_BYTES
+            n_workers = 1 if small else min(os.cpu_count() or 1, 8)
+        else:
+            n_workers = workers
         n_workers = max(1, min(n_workers, len(jobs)))
         init_args = (tok.spec(), str(out), dtype, str(spool), vocab)
         results: list[tuple[int, list[int], list[str]]] = []
@@ -527,13 +543,10 @@ def prepare(
         bar = tqdm(total=len(jobs), unit="file", desc="tokenizing", disable=None if progress else True)
         try:
             if n_workers == 1:
-                _init_encoder(*init_args)
-                try:
-                    for job in jobs:
-                        results.append(_encode_job(job))
-                        bar.update(1)
-                finally:
-                    _STATE.clear()
+                state = _encoder_state(*init_args)
+                for job in jobs:
+                    results.append(_encode_with(state, job))
+                    bar.update(1)
             else:
                 ctx = multiprocessing.get_context("spawn")
                 with ctx.Pool(n_workers, initializer=_init_encoder, initargs=init_args) as pool:
@@ -793,7 +806,8 @@ def default_data_dir(max_bytes: int | None = None) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=base))
     try:
-        prepare(files, tmp, tokenizer="byte", val_fraction=0.1, progress=True)
+        # in-process (workers=1): as fast for 8 MiB, and safe in scripts without a __main__ guard
+        prepare(files, tmp, tokenizer="byte", val_fraction=0.1, workers=1, progress=True)
         for _ in range(3):
             try:
                 os.rename(tmp, target)

@@ -511,3 +511,23 @@ def test_cli_prepare_bad_val_fraction_and_help(tmp_path):
     assert res.exit_code == 2 and "val fraction must be in [0, 0.5], got 0.7" in res.output
     help_text = CliRunner().invoke(cli, ["prepare", "--help"]).output
     assert "U+FFFD" in help_text and "--from-nanogpt" in help_text
+
+
+def test_default_data_dir_two_processes(tmp_path):
+    env = dict(os.environ, GEOTRAIN_CACHE=str(tmp_path / "cache"))
+    code = (
+        "from common import data; data.DEFAULT_CORPUS_BYTES = 100_000;"
+        "print(data.default_data_dir())"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    paths = {o[0].strip() for o in outs}
+    assert len(paths) == 1
+    (only,) = paths
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(only).name]
+    assert TokenData(only).num_tokens("train") > 50_000
