@@ -315,8 +315,13 @@ class Manifest:
 # --------------------------------------------------------------------------- sources
 
 
-def _expand_inputs(inputs: Sequence[Path | str]) -> list[Path]:
-    """Files from INPUTs: files as given, directories recursively (sorted, hidden entries skipped)."""
+def _expand_inputs(inputs: Sequence[Path | str], exclude: Path | None = None) -> list[Path]:
+    """Files from INPUTs: files as given, directories recursively (sorted, hidden entries skipped).
+
+    ``exclude`` (the output directory) is never descended into, so re-running
+    ``prepare data/ --out data/tokens`` does not read its own shards back as text.
+    """
+    skip = exclude.resolve() if exclude is not None else None
     files: list[Path] = []
     for raw in inputs:
         p = Path(raw)
@@ -325,7 +330,10 @@ def _expand_inputs(inputs: Sequence[Path | str]) -> list[Path]:
         if p.is_dir():
             found = []
             for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+                dirnames[:] = sorted(
+                    d for d in dirnames
+                    if not d.startswith(".") and d != "__pycache__" and (Path(dirpath) / d).resolve() != skip
+                )
                 for name in filenames:
                     if not name.startswith("."):
                         found.append(Path(dirpath) / name)
@@ -503,7 +511,7 @@ def prepare(
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a directory")
 
-    files = _expand_inputs(inputs) if inputs else ([] if hf_dataset else default_corpus_files())
+    files = _expand_inputs(inputs, exclude=out) if inputs else ([] if hf_dataset else default_corpus_files())
     if not files and not hf_dataset:
         raise ValueError("no input files (and the default corpus is empty)")
     out.mkdir(parents=True, exist_ok=True)

@@ -531,3 +531,12 @@ def test_default_data_dir_two_processes(tmp_path):
     (only,) = paths
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(only).name]
     assert TokenData(only).num_tokens("train") > 50_000
+
+
+def test_output_inside_input_dir_is_not_read_back(tmp_path):
+    write(tmp_path / "data" / "a.txt", "some text " * 20)
+    out = tmp_path / "data" / "tokens"
+    m1 = prepare([tmp_path / "data"], out, progress=False)
+    m2 = prepare([tmp_path / "data"], out, progress=False)
+    assert [s.sha256 for s in m1.shards] == [s.sha256 for s in m2.shards]
+    assert m2.sources == [str(tmp_path / "data" / "a.txt")]
