@@ -27,6 +27,118 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+# --------------------------------------------------------------------------- train / sample / eval
+
+_TRAIN_FLAGS = {  # CLI option -> dotted RunConfig key
+    "data": "data.dir", "model": "model.preset", "n_layer": "model.n_layer", "n_head": "model.n_head",
+    "n_embd": "model.n_embd", "block_size": "model.block_size", "dropout": "model.dropout",
+    "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "max_iters": "train.max_iters",
+    "eval_interval": "train.eval_interval", "eval_iters": "train.eval_iters", "seed": "train.seed",
+    "device": "train.device", "compile": "train.compile", "threads": "train.threads",
+    "log_interval": "train.log_interval", "checkpoint_interval": "train.checkpoint_interval",
+    "lr": "optim.lr", "min_lr": "optim.min_lr", "warmup_iters": "optim.warmup_iters",
+    "lr_decay_iters": "optim.lr_decay_iters", "weight_decay": "optim.weight_decay",
+    "beta2": "optim.beta2", "grad_clip": "optim.grad_clip",
+}
+
+
+@cli.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory: checkpoints/, config.json, history.jsonl, summary.json.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Run config TOML; the flags below override it.")
+@click.option("--resume", is_flag=True, help="Continue from the latest valid checkpoint in --out.")
+@click.option("--data", help="Prepared data directory (default: the embedded corpus).")
+@click.option("--model", help="Model preset: nano, gpt2, gpt2-medium, gpt2-large, gpt2-xl.")
+@click.option("--n-layer", type=int)
+@click.option("--n-head", type=int)
+@click.option("--n-embd", type=int)
+@click.option("--block-size", type=int)
+@click.option("--dropout", type=float)
+@click.option("--batch-size", type=int)
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
+@click.option("--max-iters", type=int)
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--min-lr", type=float)
+@click.option("--warmup-iters", type=int)
+@click.option("--lr-decay-iters", type=int, help="Cosine decay ends here (default: max-iters).")
+@click.option("--weight-decay", type=float)
+@click.option("--beta2", type=float)
+@click.option("--grad-clip", type=float, help="0 disables clipping.")
+@click.option("--eval-interval", type=int)
+@click.option("--eval-iters", type=int)
+@click.option("--log-interval", type=int)
+@click.option("--checkpoint-interval", type=int)
+@click.option("--seed", type=int)
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--compile/--no-compile", default=None, help="torch.compile the model.")
+@click.option("--threads", type=int, help="torch intra-op threads (0: torch's default).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm bar on a terminal.")
+def train(out, config_file, resume, progress, **flags) -> None:
+    """Train a GPT in one process (nanoGPT-style reference trainer)."""
+    from common.config import apply_overrides, load_run_config
+    from common.train import train as run_train
+
+    try:
+        run = load_run_config(config_file)
+        apply_overrides(run, {_TRAIN_FLAGS[k]: v for k, v in flags.items()})
+        run.validate()
+        run_train(run, out, resume=resume, progress=progress)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="Trainer out dir, checkpoint root or one ckpt-* directory.")
+@click.option("--prompt", default="\n", show_default=True, help="Start text ('' starts from end-of-text).")
+@click.option("--max-new-tokens", default=200, show_default=True, type=click.IntRange(0))
+@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--top-k", default=200, show_default=True, type=click.IntRange(0), help="0: no top-k cut.")
+@click.option("--num-samples", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=1337, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True)
+def sample(checkpoint, prompt, max_new_tokens, temperature, top_k, num_samples, seed, device) -> None:
+    """Generate text from a checkpoint."""
+    from common.sampling import sample_checkpoint
+
+    try:
+        texts = sample_checkpoint(checkpoint, prompt, max_new_tokens, temperature, top_k or None, seed,
+                                  num_samples, device)
+    except ValueError as exc:
+        fail(str(exc))
+    for i, text in enumerate(texts):
+        if i:
+            click.echo("---------------")
+        click.echo(prompt + text)
+
+
+@cli.command(name="eval")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="Trainer out dir, checkpoint root or one ckpt-* directory.")
+@click.option("--data", type=click.Path(path_type=Path), help="Data directory (default: the checkpoint's).")
+@click.option("--iters", default=200, show_default=True, type=click.IntRange(1), help="Validation batches.")
+@click.option("--batch-size", default=12, show_default=True, type=click.IntRange(1))
+@click.option("--seed", type=int, help="Batch seed (default: the trainer's fixed evaluation seed).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_(checkpoint, data, iters, batch_size, seed, device, as_json) -> None:
+    """Validation loss and perplexity of a checkpoint."""
+    import json as _json
+
+    from common.sampling import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(checkpoint, data, iters, batch_size, seed, device)
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(_json.dumps(result, indent=2))
+    else:
+        click.echo(f"{result['checkpoint']} (step {result['step']}): val loss {result['val_loss']:.4f}, "
+                   f"perplexity {result['perplexity']:.2f} over {result['tokens']:,} tokens")
+
+
 @cli.command()
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output data directory.")

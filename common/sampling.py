@@ -1,0 +1,166 @@
+"""Sampling and evaluation of a trained checkpoint (`geotrain sample`, `geotrain eval`).
+
+Works on any checkpoint written through common/checkpoint.py whose state holds a `model_config`
+dict (the reference trainer's and the coordinator's); the tensors are a GPT state_dict.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.checkpoint import load_checkpoint, resolve_checkpoint_dir
+from common.config import ModelConfig
+from common.data import TokenData, resolve_data_dir
+from common.model import GPT, resolve_device
+from common.tokenizer import Tokenizer, load_tokenizer
+from common.train import estimate_loss, eval_seed
+
+
+def _load(path: Path | str, device: torch.device | str = "cpu") -> tuple[GPT, ModelConfig, dict | None, dict, Path]:
+    ckpt = resolve_checkpoint_dir(Path(path))
+    tensors, state = load_checkpoint(ckpt)
+    saved = state.get("model_config")
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint {ckpt} holds no model_config in its state; cannot rebuild the model")
+    try:
+        cfg = ModelConfig(**saved).validate()
+    except TypeError as exc:
+        raise ValueError(f"checkpoint {ckpt}: model_config {saved} does not fit ModelConfig: {exc}") from exc
+    model = GPT(cfg)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {ckpt}: tensors do not match model_config {saved}: {exc}") from exc
+    model.to(device).eval()
+    return model, cfg, state.get("tokenizer"), state, ckpt
+
+
+def load_model_from_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[GPT, ModelConfig, dict | None]:
+    """(model in eval mode, its ModelConfig, the tokenizer spec stored with it or None).
+
+    `path`: a ckpt-* directory, a checkpoint root (with `latest`) or a trainer out dir.
+    """
+    model, cfg, spec, _, _ = _load(path, device)
+    return model, cfg, spec
+
+
+def checkpoint_tokenizer(state: dict, data_dir: Path | str | None = None) -> Tokenizer:
+    """The tokenizer a checkpoint was trained with (bpe needs its data dir: given or recorded)."""
+    spec = state.get("tokenizer")
+    if not isinstance(spec, dict):
+        raise ValueError("the checkpoint records no tokenizer; cannot encode a prompt or decode samples")
+    return load_tokenizer(spec, data_dir if data_dir is not None else state.get("data_dir"))
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: GPT,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    seed: int = 1337,
+    num_samples: int = 1,
+) -> torch.Tensor:
+    """(num_samples, len(prompt_ids) + max_new_tokens) ids; deterministic per seed."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not prompt_ids:
+        raise ValueError("the prompt encodes to no tokens")
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    bad = [i for i in prompt_ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the model's vocabulary (0..{vocab - 1})")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        return model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    finally:
+        model.train(was_training)
+
+
+def sample(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str = "\n",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    seed: int = 1337,
+    num_samples: int = 1,
+) -> list[str]:
+    """Decoded continuations (without the prompt) of `prompt`; an empty prompt starts from the
+    end-of-text token where the tokenizer has one."""
+    if prompt:
+        ids = tokenizer.encode(prompt)
+    elif tokenizer.eot_id >= 0:
+        ids = [tokenizer.eot_id]
+    else:
+        ids = tokenizer.encode("\n")
+    out = sample_tokens(model, ids, max_new_tokens, temperature, top_k, seed, num_samples)
+    return [tokenizer.decode(row[len(ids):].tolist()) for row in out]
+
+
+def evaluate(
+    model: GPT,
+    data: TokenData,
+    iters: int,
+    batch_size: int,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Validation loss and perplexity over `iters` fixed batches of the val split."""
+    if iters <= 0 or batch_size <= 0:
+        raise ValueError(f"iters and batch_size must be positive, got {iters}, {batch_size}")
+    cfg = model.config
+    if data.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"data {data.data_dir} has vocab_size {data.vocab_size} but the model only {cfg.vocab_size}"
+        )
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    seed = eval_seed(0) if seed is None else seed
+    losses = estimate_loss(model, data, iters, batch_size, cfg.block_size, seed, device, splits=("val",))
+    val = losses["val"]
+    return {
+        "val_loss": val,
+        "perplexity": math.exp(val) if val < 700 else float("inf"),
+        "iters": iters,
+        "batch_size": batch_size,
+        "block_size": cfg.block_size,
+        "tokens": iters * batch_size * cfg.block_size,
+        "seed": seed,
+    }
+
+
+def evaluate_checkpoint(
+    path: Path | str, data_dir: Path | str | None = None, iters: int = 200, batch_size: int = 12,
+    seed: int | None = None, device: str = "auto",
+) -> dict[str, Any]:
+    """evaluate() on a checkpoint; the data defaults to the directory recorded in the checkpoint."""
+    dev = resolve_device(device)
+    model, _, _, state, ckpt = _load(path, dev)
+    if data_dir is None:
+        data_dir = state.get("data_dir") or None
+        if data_dir is not None and not Path(data_dir).exists():
+            raise ValueError(f"the checkpoint's data directory {data_dir} is gone; pass --data")
+    data = TokenData(resolve_data_dir(data_dir))
+    result = evaluate(model, data, iters, batch_size, seed, dev)
+    result.update(checkpoint=str(ckpt), step=state.get("step"), data_dir=str(data.data_dir))
+    return result
+
+
+def sample_checkpoint(
+    path: Path | str, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
+    top_k: int | None = 200, seed: int = 1337, num_samples: int = 1, device: str = "auto",
+) -> list[str]:
+    dev = resolve_device(device)
+    model, _, _, state, _ = _load(path, dev)
+    tokenizer = checkpoint_tokenizer(state)
+    return sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed, num_samples)
