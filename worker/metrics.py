@@ -6,6 +6,7 @@ heartbeat (WorkerStats), which exports them per worker.
 
 from __future__ import annotations
 
+from common import metric_names as mn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -15,16 +16,16 @@ class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.tokens_per_second = Gauge("geotrain_worker_tokens_per_second", "Training throughput over the last interval.", registry=r)
-        self.step_seconds = Histogram("geotrain_worker_step_seconds", "Wall time of one inner step.", buckets=STEP_BUCKETS, registry=r)
-        self.loss = Gauge("geotrain_worker_loss", "Mean training loss over the last interval.", registry=r)
+        self.tokens_per_second = Gauge(mn.WORKER_TOKENS_PER_SECOND, "Training throughput over the last interval.", registry=r)
+        self.step_seconds = Histogram(mn.WORKER_STEP_SECONDS, "Wall time of one inner step.", buckets=STEP_BUCKETS, registry=r)
+        self.loss = Gauge(mn.WORKER_LOSS, "Mean training loss over the last interval.", registry=r)
         # Counters are declared without _total: prometheus_client appends it.
-        self.sent_bytes = Counter("geotrain_worker_sent_bytes", "Payload bytes sent to the coordinator.", registry=r)
-        self.received_bytes = Counter("geotrain_worker_received_bytes", "Payload bytes received from the coordinator.", registry=r)
-        self.wait_seconds = Counter("geotrain_worker_wait_seconds", "Seconds the training loop was blocked on the network.", registry=r)
-        self.model_version = Gauge("geotrain_worker_model_version", "Global model version of the local basepoint.", registry=r)
-        self.gpu_memory_bytes = Gauge("geotrain_worker_gpu_memory_bytes", "GPU memory allocated by this process.", registry=r)
-        self.gpu_utilization_ratio = Gauge("geotrain_worker_gpu_utilization_ratio", "GPU utilization 0..1 (-1 unknown).", registry=r)
+        self.sent_bytes = Counter(mn.WORKER_SENT_BYTES, "Payload bytes sent to the coordinator.", registry=r)
+        self.received_bytes = Counter(mn.WORKER_RECEIVED_BYTES, "Payload bytes received from the coordinator.", registry=r)
+        self.wait_seconds = Counter(mn.WORKER_WAIT_SECONDS, "Seconds the training loop was blocked on the network.", registry=r)
+        self.model_version = Gauge(mn.WORKER_MODEL_VERSION, "Global model version of the local basepoint.", registry=r)
+        self.gpu_memory_bytes = Gauge(mn.WORKER_GPU_MEMORY_BYTES, "GPU memory allocated by this process.", registry=r)
+        self.gpu_utilization_ratio = Gauge(mn.WORKER_GPU_UTILIZATION_RATIO, "GPU utilization 0..1 (-1 unknown).", registry=r)
         self._last_sent = 0
         self._last_received = 0
         self._last_wait = 0.0

@@ -1,0 +1,246 @@
+"""Worker unit tests: rebase arithmetic, client retries/rejoin/fatal refusals, the CLI."""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+
+import grpc
+import pytest
+import torch
+from click.testing import CliRunner
+
+from common.rpc import PROTOCOL_VERSION, Backoff, server_options, sha256_hex
+from protos import geotrain_pb2 as pb
+from protos import geotrain_pb2_grpc as pb_grpc
+from worker.client import CoordinatorClient, FatalError, parse_target
+from worker.runner import apply_update, full_contains_push, rebase_full
+
+
+def _tensors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g)}
+
+
+def _clone(t):
+    return {k: v.clone() for k, v in t.items()}
+
+
+# --------------------------------------------------------------------------- rebase arithmetic
+
+
+def test_own_delta_merged_alone_keeps_params():
+    base = _tensors(0)
+    progress = _tensors(1)
+    params = {k: base[k] + progress[k] for k in base}
+    decoded = _clone(progress)  # our push, what the coordinator merged
+    before = _clone(params)
+    apply_update(params, base, decoded, own_decoded=decoded)  # outer update == own delta
+    for k in params:
+        assert torch.equal(params[k], before[k])  # nothing counted twice, nothing lost
+        assert torch.allclose(base[k], before[k])
+
+
+def test_own_delta_with_outer_optimizer_keeps_local_progress():
+    base, params = _tensors(0), None
+    d = _tensors(1)
+    params = {k: base[k] + d[k] for k in base}
+    more = _tensors(2)  # trained after the push
+    for k in params:
+        params[k] += more[k]
+    update = {k: 0.7 * d[k] for k in d}  # an outer step that is not the plain delta
+    apply_update(params, base, update, own_decoded=d)
+    for k in params:
+        assert torch.allclose(params[k] - base[k], more[k], atol=1e-6)
+
+
+def test_foreign_update_moves_params_by_exactly_the_update():
+    base, params, update = _tensors(0), _tensors(3), _tensors(4)
+    p0, b0 = _clone(params), _clone(base)
+    apply_update(params, base, update, own_decoded=None)
+    for k in params:
+        assert torch.equal(params[k], p0[k] + update[k])
+        assert torch.equal(base[k], b0[k] + update[k])
+
+
+def test_stale_push_keeps_everything():
+    base = _tensors(0)
+    params = {k: base[k] + v for k, v in _tensors(1).items()}
+    local = {k: params[k] - base[k] for k in base}
+    newest = _tensors(5)
+    rebase_full(params, base, newest, own_decoded=None)  # STALE: rebase, subtract nothing
+    for k in params:
+        assert torch.equal(base[k], newest[k])
+        assert torch.allclose(params[k] - base[k], local[k], atol=1e-6)
+
+
+def test_full_with_own_push_subtracts_it():
+    base = _tensors(0)
+    d = _tensors(1)
+    params = {k: base[k] + d[k] for k in base}
+    full = {k: base[k] + 0.5 * d[k] for k in base}
+    rebase_full(params, base, full, own_decoded=d)
+    for k in params:
+        assert torch.allclose(params[k], full[k], atol=1e-6)
+
+
+def test_full_contains_push_rule():
+    assert full_contains_push(5, 5, 4, "async") is True
+    assert full_contains_push(4, 5, 4, "async") is False
+    assert full_contains_push(5, 5, 4, "semi-sync") is False
+    assert full_contains_push(6, 5, 4, "semi-sync") is True
+    assert full_contains_push(2, 5, 4, "semi-sync") is None  # coordinator lost history
+
+
+# --------------------------------------------------------------------------- fake coordinator
+
+
+class FakeCoordinator(pb_grpc.CoordinatorServicer):
+    def __init__(self):
+        self.join_failures = 0
+        self.join_refusal: tuple[grpc.StatusCode, str] | None = None
+        self.joins: list[pb.JoinRequest] = []
+        self.lease_not_found = 0
+        self.pushed: list[tuple[pb.DeltaHeader, bytes]] = []
+        self.model_blob = b"x" * (3 << 20)
+
+    def Join(self, request, context):
+        self.joins.append(request)
+        if self.join_failures > 0:
+            self.join_failures -= 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        if self.join_refusal:
+            context.abort(*self.join_refusal)
+        n = len(self.joins)
+        return pb.JoinReply(worker_id=f"w{n}", session_id=f"s{n}", run_id="r", run_spec_json="{}",
+                            protocol_version=PROTOCOL_VERSION, heartbeat_seconds=1.0)
+
+    def LeaseWork(self, request, context):
+        if self.lease_not_found > 0:
+            self.lease_not_found -= 1
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown session")
+        return pb.LeaseReply(range=pb.TokenRange(unit_id=1, shard="train_000000.bin", start=0, end=640))
+
+    def GetModel(self, request, context):
+        blob = self.model_blob
+        yield pb.ModelPart(header=pb.ModelHeader(kind=pb.ModelHeader.FULL, version=3, total_bytes=len(blob),
+                                                 sha256=sha256_hex(blob)))
+        for i in range(0, len(blob), 1 << 20):
+            yield pb.ModelPart(chunk=blob[i : i + (1 << 20)])
+
+    def PushDelta(self, request_iterator, context):
+        header, chunks = None, []
+        for part in request_iterator:
+            if part.WhichOneof("part") == "header":
+                header = part.header
+            else:
+                chunks.append(part.chunk)
+        blob = b"".join(chunks)
+        assert len(blob) == header.total_bytes and sha256_hex(blob) == header.sha256
+        self.pushed.append((header, blob))
+        return pb.PushReply(result=pb.PushReply.ACCEPTED, model_version=4)
+
+
+@pytest.fixture
+def fake():
+    servicer = FakeCoordinator()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=server_options())
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def _client(target, **kw):
+    return CoordinatorClient(target, token="t", stop_event=threading.Event(),
+                             backoff=Backoff(base=0.01, cap=0.05, attempts=0), **kw)
+
+
+def test_join_retries_unavailable_then_succeeds(fake):
+    servicer, target = fake
+    servicer.join_failures = 2
+    client = _client(target)
+    reply = client.join(pb.JoinRequest(name="w"))
+    assert reply.worker_id == "w3" and len(servicer.joins) == 3
+    assert servicer.joins[-1].protocol_version == PROTOCOL_VERSION
+    assert client.sent_bytes > 0 and client.received_bytes > 0
+    client.close()
+
+
+def test_join_protocol_mismatch_is_fatal_with_message(fake):
+    servicer, target = fake
+    servicer.join_refusal = (grpc.StatusCode.FAILED_PRECONDITION, "protocol 1 required, got 9")
+    client = _client(target)
+    with pytest.raises(FatalError, match="protocol 1 required, got 9"):
+        client.join(pb.JoinRequest(name="w"))
+    client.close()
+
+
+def test_not_found_rejoins_with_previous_worker_id(fake):
+    servicer, target = fake
+    rejoined = []
+    client = _client(target, on_rejoin=rejoined.append)
+    client.join(pb.JoinRequest(name="w"))
+    servicer.lease_not_found = 1
+    reply = client.lease_work()
+    assert reply.range.end == 640
+    assert servicer.joins[-1].previous_worker_id == "w1"
+    assert client.worker_id == "w2" and len(rejoined) == 1
+    client.close()
+
+
+def test_model_stream_and_push_chunks(fake):
+    servicer, target = fake
+    client = _client(target)
+    client.join(pb.JoinRequest(name="w"))
+    rep = client.get_model(0, expected_bytes=len(servicer.model_blob), max_bytes=8 << 20)
+    assert rep.header.version == 3 and rep.blob == servicer.model_blob
+    with pytest.raises(ValueError):
+        client.get_model(0, expected_bytes=1, max_bytes=1 << 20)  # announced size over the limit
+    blob = bytes(range(256)) * 9000  # > 2 chunks
+    reply = client.push_delta(pb.DeltaHeader(push_id="p1", base_version=3), blob)
+    assert reply.result == pb.PushReply.ACCEPTED
+    header, got = servicer.pushed[-1]
+    assert got == blob and header.worker_id == "w1" and header.session_id == "s1"
+    assert client.sent_bytes > len(blob) and client.received_bytes > len(servicer.model_blob)
+    client.close()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_parse_target():
+    assert parse_target("10.0.0.5:7000") == ("10.0.0.5", 7000)
+    assert parse_target("[::1]:7000") == ("::1", 7000)
+    for bad in ("localhost", "host:", ":7000", "host:99999", "::1:7000"):
+        with pytest.raises(ValueError):
+            parse_target(bad)
+
+
+def test_help_lists_env_vars():
+    from worker.cli import main
+
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0, result.output
+    for env in ("GEOTRAIN_COORDINATOR", "GEOTRAIN_TOKEN", "GEOTRAIN_PORT", "GEOTRAIN_METRICS_PORT"):
+        assert env in result.output
+
+
+def test_bad_coordinator_is_a_clear_error():
+    from worker.cli import main
+
+    result = CliRunner().invoke(main, ["--coordinator", "localhost", "--port", "0"])
+    assert result.exit_code == 2
+    assert "HOST:PORT" in result.output
+
+
+def test_cli_exits_nonzero_with_server_message_on_refusal(fake):
+    from worker.cli import main
+
+    servicer, target = fake
+    servicer.join_refusal = (grpc.StatusCode.FAILED_PRECONDITION, "protocol version mismatch: coordinator 1")
+    result = CliRunner().invoke(main, ["--coordinator", target, "--port", "0", "--metrics-port", "0",
+                                       "--device", "cpu"])
+    assert result.exit_code == 3, result.output
+    assert "protocol version mismatch: coordinator 1" in result.output

@@ -1,0 +1,852 @@
+"""The worker's training loop: local rounds of AdamW, deltas pushed in the background, rebasing.
+
+Threads:
+- training (the caller of `run()`): inner steps; at each step boundary it applies what the comm
+  thread received. It blocks on the network only for the first model, a lease or shard that the
+  background prefetch has not delivered yet, and the way out; that time is `wait_seconds`.
+- comm: sends a push, then long-polls GetModel until the coordinator's updates contain it.
+- heartbeat: WorkerStats every `heartbeat_seconds`; HeartbeatReply STOP -> finish.
+- prefetch pool: the next lease and its shard, so a finished range never idles the GPU.
+
+The local weights always satisfy ``params = base + L`` where ``base`` is the global model at
+``base_version`` (verified with params_sha256) and ``L`` is everything this worker trained that the
+global model does not contain yet. Rebase rules (`apply_update`, `rebase_full`):
+
+- update U (global(v) = global(v-1) + U):  base += U; params += U.
+- if U merged our in-flight push P:          params -= decoded(P)   (exactly what was merged)
+- FULL reply G:  params += G - base; base = G; and params -= decoded(P) when G contains P.
+- STALE / lost / refused push: subtract nothing; its ranges stay pending and its progress stays in
+  ``params - base``, so the next delta carries it again.
+
+Error feedback is *implicit*: the compression error ``d - decoded(P)`` stays in ``params - base``
+and therefore goes out with the next delta. A separate ErrorFeedback buffer on top of this would
+send the residual twice (once from params, once from the buffer), so encode_tensors is called with
+feedback=None; `residual_norm` reports ||d - decoded|| of the last push.
+
+When does a FULL reply contain our push P (the coordinator sends no push ids with FULL)? P was
+ACCEPTED with reply version r. Under merge.policy "async" the reply's version already contains P,
+so G contains P iff G.version >= r; under "semi-sync" P was queued at r and goes out with the next
+merge, so iff G.version > r. A FULL whose version is below P's base_version means the coordinator
+lost history (restored an older checkpoint): P is treated as lost (kept in params). If the header
+ever carries merged push ids for FULL, they win (see MERGED_IDS_FIELD).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import grpc
+import numpy as np
+import torch
+
+from common.config import ModelConfig, RunConfig, run_config_from_dict
+from common.tensors import (
+    add_,
+    all_finite,
+    clone_tensors,
+    global_norm,
+    model_tensors,
+    params_sha256,
+    sub,
+    tensor_spec,
+)
+from protos import geotrain_pb2 as pb
+from worker.client import CoordinatorClient, FatalError, ModelReply
+
+log = logging.getLogger(__name__)
+
+LONG_POLL_SECONDS = 20.0  # GetModel wait while our push awaits its merge
+SHUTDOWN_PATIENCE_S = 15.0  # on a signal: how long to try the final push and Leave
+FINISH_PATIENCE_S = 120.0  # run finished (exhausted / STOP): wait for the last merge and push
+SUMMARY_SECONDS = 10.0
+MERGED_IDS_FIELD = "merged_push_ids"  # optional ModelHeader field for FULL replies (not in v1)
+
+
+# --------------------------------------------------------------------------- rebase arithmetic
+
+
+def apply_update(
+    params: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    update: Mapping[str, torch.Tensor],
+    own_decoded: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """One merged update U, in place: base += U; params += U; params -= own_decoded (when U
+    contains our push). Keeps params - base = local progress not yet in the global model."""
+    add_(base, update)
+    if own_decoded is None:
+        add_(params, update)
+    else:  # one addition of (U - own): exact when the update is our own delta alone
+        add_(params, {n: u.to(torch.float32) - own_decoded[n].to(u.device, torch.float32) for n, u in update.items()})
+
+
+def rebase_full(
+    params: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    full: Mapping[str, torch.Tensor],
+    own_decoded: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """A full global model G, in place: params += G - base; base = G; params -= own_decoded."""
+    if set(full) != set(base):
+        raise ValueError("full model names differ from the local model")
+    for name, b in base.items():
+        g = full[name].to(b.device, torch.float32)
+        params[name].add_((g - b).to(params[name].device, params[name].dtype))
+        b.copy_(g)
+    if own_decoded is not None:
+        add_(params, own_decoded, alpha=-1.0)
+
+
+def full_contains_push(version: int, accepted_version: int, base_version: int, policy: str) -> bool | None:
+    """Whether a FULL model at `version` contains a push ACCEPTED with reply version
+    `accepted_version` and measured from `base_version`: True, False (not yet), or None (lost)."""
+    if version < base_version:
+        return None
+    return version >= accepted_version if policy == "async" else version > accepted_version
+
+
+# --------------------------------------------------------------------------- config and state
+
+
+@dataclass
+class WorkerConfig:
+    coordinator: str
+    port: int = 10000
+    name: str = ""
+    device: str = "auto"
+    batch_size: int = 0  # 0 = auto (the run's train.batch_size)
+    threads: int = 0
+    cache_dir: str | None = None  # shards go to CACHE_DIR/<run_id>; default ~/.cache/geotrain/shards
+    token: str | None = None
+    tls_ca: bytes | None = None
+    metrics_port: int = 0
+    advertise_host: str = ""
+    advertise_port: int = 0
+    sync_group: str = ""
+    long_poll_seconds: float = LONG_POLL_SECONDS
+    shutdown_patience: float = SHUTDOWN_PATIENCE_S
+    finish_patience: float = FINISH_PATIENCE_S
+    summary_seconds: float = SUMMARY_SECONDS
+    serve: bool = True  # start the worker's own gRPC server
+
+
+@dataclass
+class _Push:
+    push_id: str
+    base_version: int
+    decoded: dict[str, torch.Tensor]
+    n_ranges: int
+    steps: int
+    tokens: int
+    loss_sum: float
+    accepted_version: int = -1
+    resolved: bool = False  # merge seen, STALE, lost or refused
+
+
+@dataclass
+class _Lease:
+    unit_id: int
+    shard: str
+    start: int
+    end: int
+    epoch: int
+    pos: int = 0
+    session: int = 0  # client.session_epoch it was leased in; a rejoin invalidates it
+
+
+@dataclass
+class _Stats:
+    steps: int = 0
+    tokens: int = 0
+    loss_sum: float = 0.0
+    step_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    pushes: int = 0
+    merged: int = 0
+    stale: int = 0
+    resyncs: int = 0
+    residual_norm: float = 0.0
+
+
+class _NewRun(Exception):
+    """The coordinator started another run: set everything up again."""
+
+
+class WorkerRunner:
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.name = config.name or f"{os.uname().nodename}-{os.getpid()}"
+        self._stop = threading.Event()  # finish requested (signal)
+        self._finish = threading.Event()  # finish requested (coordinator STOP)
+        self._abort = threading.Event()  # give up all retries now
+        self._inbox: queue.Queue = queue.Queue()
+        self._jobs: queue.Queue = queue.Queue()
+        self._need_full = threading.Event()
+        self._stats = _Stats()
+        self._stats_lock = threading.Lock()
+        self.state = "starting"
+        self.server = None
+        self.metrics = None
+        self.client: CoordinatorClient | None = None
+        self.base_version = 0
+        self._inflight: _Push | None = None
+        self._pending: list[list] = []  # [unit_id, shard, start, end, epoch, steps, loss_sum]
+        self._sealed = 0
+        if config.threads:
+            torch.set_num_threads(config.threads)
+
+    # ------------------------------------------------------------------ public
+
+    def stop(self) -> None:
+        """Finish the current step, push what is pending if the coordinator answers soon, leave."""
+        self._stop.set()
+        if self.state == "starting":
+            self._abort.set()  # still joining / downloading the first model: give up retrying
+
+    def run(self) -> int:
+        from common.model import resolve_device
+
+        self.device = resolve_device(self.config.device)
+        self.client = CoordinatorClient(
+            self.config.coordinator, self.config.token, self.config.tls_ca, self._abort,
+            on_rejoin=lambda reply: self._inbox.put(("rejoined", reply)),
+        )
+        if self.config.serve and self.server is None:
+            from worker.service import WorkerServer
+
+            self.server = WorkerServer(self.config.port, self._describe)
+            self.server.start()
+        if self.metrics is None:
+            from worker.metrics import WorkerMetrics
+
+            self.metrics = WorkerMetrics()
+            if self.config.metrics_port:
+                self.metrics.serve(self.config.metrics_port)
+        try:
+            while True:
+                try:
+                    return self._run_once()
+                except grpc.RpcError:
+                    if self._stop.is_set():
+                        log.warning("stopped before the first step")
+                        return 0
+                    raise
+                except _NewRun:
+                    log.warning("the coordinator started a new run: setting up again")
+                    self._reset_for_new_run()
+        finally:
+            self._abort.set()
+            self.state = "stopped"
+            if self.server is not None:
+                self.server.stop(1.0)
+            self.client.close()
+
+    # ------------------------------------------------------------------ setup
+
+    def _describe(self) -> tuple[str, str, str]:
+        return self.name, self.client.worker_id if self.client else "", self.state
+
+    def _join_request(self) -> pb.JoinRequest:
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            device, memory = f"cuda:{props.name}", int(props.total_memory)
+        else:
+            device = self.device.type
+            try:
+                memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            except (ValueError, OSError):
+                memory = 0
+        from common import __version__
+
+        advertise_port = self.config.advertise_port or (self.server.port if self.server else 0)
+        return pb.JoinRequest(
+            name=self.name, device=device, memory_bytes=memory, software_version=__version__,
+            config_fingerprint=f"{device}|{torch.cuda.device_count() if self.device.type == 'cuda' else 1}|{__version__}",
+            advertise_host=self.config.advertise_host, advertise_port=advertise_port,
+            sync_group=self.config.sync_group,
+        )
+
+    def _setup(self) -> None:
+        from common.data import Manifest
+        from common.model import GPT, configure_optimizer
+
+        reply = self.client.join(self._join_request())
+        self.join_reply = reply
+        self.run_id = reply.run_id
+        spec = json.loads(reply.run_spec_json)
+        self.run_cfg: RunConfig = run_config_from_dict(spec["run"])
+        self.model_cfg = ModelConfig(**spec["model"])
+        self.manifest = Manifest.from_json(json.dumps(spec["manifest"]))
+        self.shard_info = {s.name: s for s in self.manifest.shards}
+        self.step_offset = int(spec.get("step_offset", 0))
+        self.heartbeat_seconds = reply.heartbeat_seconds or 10.0
+        self.batch_size = self.config.batch_size or self.run_cfg.train.batch_size
+        torch.manual_seed(self.run_cfg.train.seed + (zlib.crc32(reply.worker_id.encode()) % 10_000))
+        self.model = GPT(self.model_cfg).to(self.device)
+        o = self.run_cfg.optim
+        self.optimizer = configure_optimizer(self.model, o.weight_decay, o.lr, (o.beta1, o.beta2), self.device)
+        self.params = model_tensors(self.model)
+        self.spec = tensor_spec(self.params)
+        self.model_bytes = sum(t.numel() * 4 for t in self.params.values())
+        self.max_blob_bytes = 2 * self.model_bytes * (self.run_cfg.merge.max_staleness + 2) + (16 << 20)
+        cache = Path(self.config.cache_dir).expanduser() if self.config.cache_dir else None
+        if cache is None:
+            from common.data import cache_root
+
+            cache = cache_root() / "shards"
+        self.shard_dir = cache / self.run_id
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        self._shards: dict[str, np.ndarray] = {}
+        self._shard_lock = threading.Lock()
+        log.info("joined run %s as %s: model %s, batch %d, device %s", self.run_id, reply.worker_id,
+                 self.model_cfg, self.batch_size, self.device)
+        # The first model: the training loop waits for it.
+        t0 = time.monotonic()
+        rep = self.client.get_model(0, self.model_bytes, self.max_blob_bytes)
+        if rep.header.kind != pb.ModelHeader.FULL:
+            rep = self.client.get_model(0, self.model_bytes, self.max_blob_bytes, force_full=True)
+        full = self._decode(rep.blob)
+        if params_sha256(full) != rep.header.params_sha256:
+            log.error("model checksum mismatch on the first download; fetching it again")
+            rep = self.client.get_model(0, self.model_bytes, self.max_blob_bytes, force_full=True)
+            full = self._decode(rep.blob)
+        self._add_wait(time.monotonic() - t0)
+        self.base = clone_tensors(full, "cpu")
+        with torch.no_grad():
+            for name, t in self.params.items():
+                t.copy_(full[name].to(t.device, t.dtype))
+        self.base_version = rep.header.version
+        self.comm_version = self.base_version
+        self.local_step = 0
+        self.round_steps = 0
+        self.round_start = time.monotonic()
+
+    def _reset_for_new_run(self) -> None:
+        self._inflight = None
+        self._pending, self._sealed = [], 0
+        self._need_full.clear()
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+
+    def _decode(self, blob: bytes) -> dict[str, torch.Tensor]:
+        from common.compression import decode_tensors
+
+        return decode_tensors(blob, self.spec, max_blob_bytes=self.max_blob_bytes)
+
+    def _add_wait(self, seconds: float) -> None:
+        with self._stats_lock:
+            self._stats.wait_seconds += seconds
+
+    # ------------------------------------------------------------------ main loop
+
+    def _run_once(self) -> int:
+        self._setup()
+        self.state = "training"
+        self._bg = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch")
+        comm = threading.Thread(target=self._comm_loop, name="comm", daemon=True)
+        comm.start()
+        hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        hb.start()
+        self.train_start = time.monotonic()
+        lease: _Lease | None = None
+        next_lease: Future | None = self._bg.submit(self._lease_and_fetch)
+        reason = "stopped"
+        bar = self._progress_bar()
+        last_summary = time.monotonic()
+        try:
+            while True:
+                if self._stop.is_set():
+                    reason = "signal"
+                    break
+                if self._finish.is_set():
+                    reason = "run finished (coordinator STOP)"
+                    break
+                self._drain_inbox()
+                if lease is not None and lease.session != self.client.session_epoch:
+                    lease = None  # leased in a session the coordinator forgot
+                if lease is None or self._range_done(lease):
+                    t0 = time.monotonic()
+                    while not next_lease.done() and not (self._stop.is_set() or self._finish.is_set()):
+                        self._drain_inbox()
+                        time.sleep(0.05)
+                    self._add_wait(time.monotonic() - t0)
+                    if not next_lease.done():
+                        continue  # stopping
+                    try:
+                        got = next_lease.result()
+                    except (ValueError, OSError, grpc.RpcError) as exc:
+                        log.error("could not lease or fetch data: %s; retrying", exc)
+                        time.sleep(2.0)
+                        next_lease = self._bg.submit(self._lease_and_fetch)
+                        continue
+                    next_lease = self._bg.submit(self._lease_and_fetch)
+                    if got is None:
+                        reason = "data exhausted"
+                        next_lease.cancel()
+                        break
+                    if got.session == self.client.session_epoch:
+                        lease = got
+                    continue
+                self._train_step(lease)
+                bar.update(1)
+                if time.monotonic() - last_summary >= self.config.summary_seconds:
+                    last_summary = time.monotonic()
+                    self._summary(bar)
+                if self._round_over() and self._inflight is None:
+                    self._start_push()
+        finally:
+            bar.close()
+        self.state = "finishing"
+        patience = self.config.shutdown_patience if reason == "signal" else self.config.finish_patience
+        self._finish_up(reason, patience)
+        self._bg.shutdown(wait=False, cancel_futures=True)
+        return 0
+
+    def _progress_bar(self):
+        from tqdm import tqdm
+
+        return tqdm(desc=f"worker {self.name}", unit="step", disable=None, dynamic_ncols=True)
+
+    def _summary(self, bar) -> None:
+        with self._stats_lock:
+            s = _Stats(**vars(self._stats))
+        wall = max(1e-9, time.monotonic() - self.train_start)
+        loss = s.loss_sum / max(1, s.steps)
+        msg = (f"step {s.steps} v{self.base_version} loss {loss:.4f} {s.tokens / wall:.0f} tok/s "
+               f"up {self.client.sent_bytes / 1e6:.1f} MB down {self.client.received_bytes / 1e6:.1f} MB "
+               f"wait {100 * s.wait_seconds / wall:.1f}% pushes {s.pushes} merged {s.merged} stale {s.stale}")
+        if bar.disable:
+            log.info(msg)
+        else:
+            bar.set_postfix_str(msg, refresh=True)
+
+    # ------------------------------------------------------------------ data
+
+    def _lease_and_fetch(self) -> _Lease | None:
+        """Background: the next lease with its shard on disk; None when the run's data is spent."""
+        reply = self.client.lease_work()
+        if reply.exhausted:
+            return None
+        r = reply.range
+        self._ensure_shard(r.shard)
+        return _Lease(r.unit_id, r.shard, r.start, r.end, r.epoch, pos=r.start, session=self.client.session_epoch)
+
+    def _ensure_shard(self, name: str) -> np.ndarray:
+        from common.data import read_shard
+
+        with self._shard_lock:
+            if name in self._shards:
+                return self._shards[name]
+            info = self.shard_info.get(name)
+            if info is None:
+                raise ValueError(f"leased shard {name!r} is not in the run's manifest")
+            path = self.shard_dir / name
+            if path.is_file():
+                try:
+                    arr = read_shard(path, info)
+                    self._shards[name] = arr
+                    log.info("shard %s: cached copy verified", name)
+                    return arr
+                except ValueError as exc:
+                    log.warning("cached shard %s is bad (%s): downloading again", name, exc)
+            self._download_shard(name, info, path)
+            arr = read_shard(path, info)
+            self._shards[name] = arr
+            return arr
+
+    def _download_shard(self, name: str, info, path: Path) -> None:
+        from common.data import HEADER_BYTES, dtype_for_vocab
+
+        itemsize = 4 if self.manifest.dtype == "uint32" or dtype_for_vocab(self.manifest.vocab_size) == "uint32" else 2
+        expected = HEADER_BYTES + info.tokens * itemsize
+        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
+        fh = [None]
+
+        def write(data: bytes | None) -> None:
+            if data is None:
+                if fh[0] is not None:
+                    fh[0].close()
+                fh[0] = open(tmp, "wb")
+                return
+            fh[0].write(data)
+
+        t0 = time.monotonic()
+        try:
+            for attempt in range(3):
+                self.client.get_shard(name, expected, write)
+                fh[0].flush()
+                os.fsync(fh[0].fileno())
+                fh[0].close()
+                fh[0] = None
+                from common.data import shard_sha256
+
+                if not info.sha256 or shard_sha256(tmp) == info.sha256:
+                    os.replace(tmp, path)
+                    log.info("shard %s: downloaded %d bytes in %.1fs", name, expected, time.monotonic() - t0)
+                    return
+                log.error("shard %s: sha256 differs from the manifest (attempt %d)", name, attempt + 1)
+            raise ValueError(f"shard {name}: downloaded bytes never matched the manifest's sha256")
+        finally:
+            if fh[0] is not None:
+                fh[0].close()
+            if tmp.exists():
+                tmp.unlink()
+
+    def _usable_end(self, lease: _Lease) -> int:
+        arr = self._shards[lease.shard]
+        return min(lease.end, len(arr) - 1)  # the target of the last input token must exist
+
+    def _range_done(self, lease: _Lease) -> bool:
+        return self._usable_end(lease) - lease.pos < self.model_cfg.block_size
+
+    # ------------------------------------------------------------------ training
+
+    def _train_step(self, lease: _Lease) -> None:
+        from common.model import autocast_context
+        from common.train import lr_at
+
+        T = self.model_cfg.block_size
+        n = min(self.batch_size, (self._usable_end(lease) - lease.pos) // T)
+        arr = self._shards[lease.shard]
+        buf = np.asarray(arr[lease.pos : lease.pos + n * T + 1], dtype=np.int64)
+        x = torch.from_numpy(np.ascontiguousarray(buf[:-1].reshape(n, T)))
+        y = torch.from_numpy(np.ascontiguousarray(buf[1:].reshape(n, T)))
+        if self.device.type == "cuda":
+            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        elif self.device.type != "cpu":
+            x, y = x.to(self.device), y.to(self.device)
+        t0 = time.monotonic()
+        lr = lr_at(self.step_offset + self.local_step, self.run_cfg.optim, self.run_cfg.train.max_iters)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        with autocast_context(self.device):
+            _, loss = self.model(x, y)
+        loss.backward()
+        if self.run_cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run_cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = float(loss.item())
+        dt = time.monotonic() - t0
+        start = lease.pos
+        lease.pos += n * T
+        self.local_step += 1
+        self.round_steps += 1
+        self._record_range(lease, start, lease.pos, loss_value)
+        with self._stats_lock:
+            self._stats.steps += 1
+            self._stats.tokens += n * T
+            self._stats.loss_sum += loss_value
+            self._stats.step_seconds += dt
+        if self.metrics is not None:
+            self.metrics.step_seconds.observe(dt)
+
+    def _record_range(self, lease: _Lease, start: int, end: int, loss: float) -> None:
+        last = self._pending[-1] if len(self._pending) > self._sealed else None
+        if last is not None and last[0] == lease.unit_id and last[4] == lease.epoch and last[3] == start:
+            last[3] = end
+            last[5] += 1
+            last[6] += loss
+        else:
+            self._pending.append([lease.unit_id, lease.shard, start, end, lease.epoch, 1, loss])
+
+    def _round_over(self) -> bool:
+        r = self.run_cfg.round
+        if r.steps > 0:
+            return self.round_steps >= r.steps
+        return time.monotonic() - self.round_start >= r.seconds
+
+    # ------------------------------------------------------------------ pushes
+
+    def _make_push(self) -> tuple[_Push, pb.DeltaHeader, bytes]:
+        from common.compression import encode_tensors
+
+        c = self.run_cfg.compression
+        delta = sub(self.params, self.base)
+        blob, decoded = encode_tensors(delta, c.scheme, c.chunk, feedback=None, zstd_level=c.zstd_level)
+        decoded = {n: t.detach().float().cpu() for n, t in decoded.items()}
+        residual = global_norm(sub(delta, decoded))
+        ranges = [pb.TokenRange(unit_id=p[0], shard=p[1], start=p[2], end=p[3], epoch=p[4]) for p in self._pending]
+        steps = sum(p[5] for p in self._pending)
+        loss_sum = sum(p[6] for p in self._pending)
+        tokens = sum(p[3] - p[2] for p in self._pending)
+        push = _Push(uuid.uuid4().hex, self.base_version, decoded, len(self._pending), steps, tokens, loss_sum)
+        header = pb.DeltaHeader(push_id=push.push_id, base_version=push.base_version, tokens=tokens, steps=steps,
+                                mean_loss=loss_sum / max(1, steps), ranges=ranges)
+        with self._stats_lock:
+            self._stats.residual_norm = residual
+            self._stats.pushes += 1
+        return push, header, blob
+
+    def _start_push(self) -> None:
+        if not self._pending:
+            return
+        push, header, blob = self._make_push()
+        self._sealed = len(self._pending)
+        self._inflight = push
+        self.round_steps = 0
+        self.round_start = time.monotonic()
+        self._jobs.put(("push", push, header, blob))
+
+    def _comm_loop(self) -> None:
+        while not self._abort.is_set():
+            try:
+                job = self._jobs.get(timeout=0.5)
+            except queue.Empty:
+                if self._need_full.is_set():
+                    job = ("resync",)
+                else:
+                    continue
+            try:
+                if job[0] == "push":
+                    self._comm_push(*job[1:])
+                elif job[0] == "resync":
+                    self._comm_fetch(None, wait=0.0)
+            except FatalError as exc:
+                self._inbox.put(("fatal", exc))
+                return
+            except Exception as exc:  # noqa: BLE001 - keep the comm thread alive
+                if self._abort.is_set():
+                    return
+                log.exception("comm thread: %s", exc)
+                if job[0] == "push":
+                    self._inbox.put(("push_failed", job[1], exc))
+                time.sleep(1.0)
+
+    def _comm_push(self, push: _Push, header: pb.DeltaHeader, blob: bytes) -> None:
+        try:
+            reply = self.client.push_delta(header, blob)
+        except grpc.RpcError as exc:
+            self._inbox.put(("push_failed", push, exc))
+            self._need_full.set()
+            self._comm_fetch(None, wait=0.0)
+            return
+        if reply.result == pb.PushReply.ACCEPTED:
+            push.accepted_version = reply.model_version
+        self._inbox.put(("pushed", push, reply))
+        if reply.result != pb.PushReply.ACCEPTED:
+            self._comm_fetch(None, wait=0.0)  # rebase onto the newest model, subtract nothing
+            return
+        limit = push.base_version + self.run_cfg.merge.max_staleness + 2
+        while not self._abort.is_set() and not push.resolved:
+            merged = self._comm_fetch(push, wait=self.config.long_poll_seconds)
+            if merged:
+                return
+            if self.comm_version > max(limit, push.accepted_version + self.run_cfg.merge.max_staleness + 2):
+                log.warning("push %s: accepted but not merged after %d versions; treating it as lost",
+                            push.push_id[:8], self.comm_version - push.base_version)
+                self._inbox.put(("push_lost", push))
+                return
+
+    def _comm_fetch(self, push: _Push | None, wait: float) -> bool:
+        """One GetModel from comm_version; queue what it brings. True when it contains `push`
+        (or `push` is resolved as lost)."""
+        force = self._need_full.is_set()
+        rep: ModelReply = self.client.get_model(
+            self.comm_version, self.model_bytes, self.max_blob_bytes, force_full=force, wait_seconds=wait,
+        )
+        h = rep.header
+        if h.kind == pb.ModelHeader.UNCHANGED:
+            return False
+        if h.kind == pb.ModelHeader.FULL:
+            self._need_full.clear()
+            full = self._decode(rep.blob)
+            own: bool | None = False
+            if push is not None and push.accepted_version >= 0:
+                ids = list(getattr(h, MERGED_IDS_FIELD, ())) if MERGED_IDS_FIELD in h.DESCRIPTOR.fields_by_name else None
+                if ids is not None and (ids or h.version < push.base_version):
+                    own = push.push_id in ids
+                else:
+                    own = full_contains_push(h.version, push.accepted_version, push.base_version,
+                                             self.run_cfg.merge.policy)
+            self.comm_version = h.version
+            self._inbox.put(("full", h.version, full, h.params_sha256, push if own else None, own is None))
+            return push is not None and own is not False
+        updates = []
+        contains = False
+        for u in h.updates:
+            tensors = self._decode(rep.blob[u.offset : u.offset + u.size])
+            mine = push is not None and push.push_id in u.merged_push_ids
+            contains = contains or mine
+            updates.append((u.version, tensors, u.params_sha256, push if mine else None))
+        self.comm_version = h.version
+        self._inbox.put(("updates", updates))
+        return contains
+
+    # ------------------------------------------------------------------ applying (training thread)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(msg)
+
+    def _resolve(self, push: _Push, merged: bool) -> None:
+        if self._inflight is not push:
+            return
+        push.resolved = True
+        self._inflight = None
+        self._sealed = 0
+        if merged:
+            del self._pending[: push.n_ranges]
+            with self._stats_lock:
+                self._stats.merged += 1
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "fatal":
+            raise msg[1]
+        if kind == "pushed":
+            push, reply = msg[1], msg[2]
+            if reply.result == pb.PushReply.STALE:
+                log.info("push %s stale (staleness %d): its progress goes out again", push.push_id[:8], reply.staleness)
+                with self._stats_lock:
+                    self._stats.stale += 1
+                self._resolve(push, merged=False)
+        elif kind in ("push_failed", "push_lost"):
+            push = msg[1]
+            if kind == "push_failed":
+                exc = msg[2]
+                code = exc.code().name if isinstance(exc, grpc.RpcError) else type(exc).__name__
+                details = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+                log.error("push %s refused (%s: %s): keeping its progress, resyncing", push.push_id[:8], code, details)
+                self._need_full.set()
+            self._resolve(push, merged=False)
+        elif kind == "updates":
+            with torch.no_grad():
+                for version, tensors, sha, own in msg[1]:
+                    decoded = own.decoded if own is not None and own is self._inflight else None
+                    apply_update(self.params, self.base, tensors, decoded)
+                    if decoded is not None:
+                        self._resolve(own, merged=True)
+                    self.base_version = version
+                    if sha and params_sha256(self.base) != sha:
+                        log.error("basepoint checksum mismatch at version %d: resyncing with the full model", version)
+                        with self._stats_lock:
+                            self._stats.resyncs += 1
+                        self._need_full.set()
+                        break
+            self._after_rebase()
+        elif kind == "full":
+            _, version, full, sha, own, lost = msg
+            decoded = own.decoded if own is not None and own is self._inflight else None
+            with torch.no_grad():
+                rebase_full(self.params, self.base, full, decoded)
+            if decoded is not None:
+                self._resolve(own, merged=True)
+            elif lost and self._inflight is not None:
+                self._resolve(self._inflight, merged=False)
+            self.base_version = version
+            if sha and params_sha256(self.base) != sha:
+                log.error("full model at version %d does not match its announced checksum", version)
+            self._after_rebase()
+        elif kind == "rejoined":
+            reply = msg[1]
+            if reply.run_id != self.run_id:
+                raise _NewRun()
+            log.warning("session renewed: dropping the current lease")
+            if reply.model_version < self.base_version:
+                self._need_full.set()
+
+    def _after_rebase(self) -> None:
+        if not all_finite(self.params):
+            log.error("local weights are not finite: dropping local progress, restarting from the global model")
+            with torch.no_grad():
+                for n, t in self.params.items():
+                    t.copy_(self.base[n].to(t.device, t.dtype))
+            self.optimizer.state.clear()
+        if self.metrics is not None:
+            self.metrics.model_version.set(self.base_version)
+
+    # ------------------------------------------------------------------ heartbeats and stats
+
+    def _worker_stats(self, prev: _Stats, prev_t: float) -> tuple[pb.WorkerStats, _Stats]:
+        with self._stats_lock:
+            s = _Stats(**vars(self._stats))
+        dt = max(1e-9, time.monotonic() - prev_t)
+        steps = s.steps - prev.steps
+        gpu_mem, gpu_util = 0, -1.0
+        if self.device.type == "cuda":
+            gpu_mem = int(torch.cuda.memory_allocated(self.device))
+            try:
+                gpu_util = torch.cuda.utilization(self.device) / 100.0
+            except Exception:  # noqa: BLE001 - needs pynvml
+                gpu_util = -1.0
+        stats = pb.WorkerStats(
+            tokens_per_second=(s.tokens - prev.tokens) / dt,
+            step_seconds=(s.step_seconds - prev.step_seconds) / steps if steps else 0.0,
+            loss=(s.loss_sum - prev.loss_sum) / steps if steps else 0.0,
+            sent_bytes=self.client.sent_bytes, received_bytes=self.client.received_bytes,
+            wait_seconds=s.wait_seconds, wall_seconds=time.monotonic() - self.train_start,
+            steps=s.steps, tokens=s.tokens, gpu_memory_bytes=gpu_mem, gpu_utilization=gpu_util,
+            residual_norm=s.residual_norm,
+        )
+        return stats, s
+
+    def _heartbeat_loop(self) -> None:
+        prev, prev_t = _Stats(), time.monotonic()
+        while not self._abort.wait(self.heartbeat_seconds):
+            stats, prev = self._worker_stats(prev, prev_t)
+            prev_t = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.tokens_per_second.set(stats.tokens_per_second)
+                if stats.loss:
+                    self.metrics.loss.set(stats.loss)
+                self.metrics.set_cumulative(stats.sent_bytes, stats.received_bytes, stats.wait_seconds)
+                self.metrics.gpu_memory_bytes.set(stats.gpu_memory_bytes)
+                self.metrics.gpu_utilization_ratio.set(stats.gpu_utilization)
+            try:
+                reply = self.client.heartbeat(stats)
+            except FatalError as exc:
+                self._inbox.put(("fatal", exc))
+                return
+            except Exception as exc:  # noqa: BLE001
+                if not self._abort.is_set():
+                    log.warning("heartbeat failed: %s", exc)
+                continue
+            if reply.action == pb.HeartbeatReply.STOP:
+                log.info("coordinator says the run is finished")
+                self._finish.set()
+
+    # ------------------------------------------------------------------ the way out
+
+    def _finish_up(self, reason: str, patience: float) -> None:
+        give_up = time.monotonic() + patience
+        while self._inflight is not None and time.monotonic() < give_up:
+            try:
+                msg = self._inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if msg[0] != "rejoined":
+                self._handle(msg)
+        if self._inflight is not None:
+            log.warning("the last push was not merged within %.0fs: %d local steps are not sent",
+                        patience, sum(p[5] for p in self._pending))
+        elif self._pending:
+            push, header, blob = self._make_push()
+            try:
+                reply = self.client.push_delta(header, blob, patience=max(1.0, give_up - time.monotonic()))
+                log.info("final push: %s", pb.PushReply.Result.Name(reply.result))
+            except (grpc.RpcError, FatalError) as exc:
+                log.warning("final push failed: %s", exc)
+        self._abort.set()
+        try:
+            self.client.leave(reason, patience=max(1.0, min(5.0, give_up - time.monotonic())))
+            log.info("left the run (%s)", reason)
+        except grpc.RpcError as exc:
+            log.warning("leave failed: %s", exc.code().name)
