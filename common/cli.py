@@ -194,5 +194,46 @@ def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens, work
     )
 
 
+@cli.command()
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="Worker processes.")
+@click.option("--model", default="nano", show_default=True, help="Model preset.")
+@click.option("--data", default="", help="Prepared data directory (default: the embedded corpus).")
+@click.option("--config", type=click.Path(dir_okay=False, exists=True), help="Run config TOML.")
+@click.option("--steps", default=500, show_default=True, type=click.IntRange(1),
+              help="Inner steps per worker: sets the token budget (workers x steps x batch x block).")
+@click.option("--tokens", default=0, type=click.IntRange(0), help="Token budget (overrides --steps).")
+@click.option("--minutes", default=0.0, type=click.FloatRange(0), help="Stop after this many minutes (0 = no cap).")
+@click.option("--compression", type=click.Choice(["none", "bf16", "int8", "int4", "sign"]))
+@click.option("--round-steps", type=click.IntRange(1), help="Inner steps per local round.")
+@click.option("--run-dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--seed", default=1337, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def demo(workers, model, data, config, steps, tokens, minutes, compression, round_steps, run_dir, seed, as_json):
+    """Train on loopback: a coordinator and N worker processes, to a token budget."""
+    import json as _json
+
+    from coordinator.demo import DemoOptions, run_demo, sample_from_run
+
+    opts = DemoOptions(
+        workers=workers, model=model, data=data, config=config, steps=steps, tokens=tokens, minutes=minutes,
+        compression=compression, round_steps=round_steps, run_dir=run_dir, seed=seed,
+    )
+    try:
+        summary = run_demo(opts)
+    except (ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(_json.dumps(summary, indent=2))
+        return
+    click.echo(
+        f"\nfinished: validation loss {summary['val_loss']:.4f}, {summary['tokens']:,} tokens, "
+        f"version {summary['model_version']}, {summary['workers']} worker(s), {summary['seconds']:.0f} s, "
+        f"up {summary['sent_bytes'] / 1e6:.2f} MB, down {summary['received_bytes'] / 1e6:.2f} MB, "
+        f"waiting {100 * summary['wait_fraction']:.1f}%"
+    )
+    click.echo("sample:\n" + sample_from_run(Path(run_dir)))
+    click.echo(f"summary: {Path(run_dir) / 'summary.json'}")
+
+
 def main() -> None:
     cli()

@@ -255,8 +255,8 @@ class CompressionConfig:
 class CheckpointConfig:
     """Coordinator checkpoints: every `every_versions` versions or `every_seconds`, keep last `keep`."""
 
-    every_versions: int = 10
-    every_seconds: float = 300.0
+    every_versions: int = 5
+    every_seconds: float = 60.0
     keep: int = 3
 
 
@@ -274,7 +274,17 @@ class DataPlanConfig:
     """How the training stream is cut into leasable work units."""
 
     unit_tokens: int = 65536  # tokens per work unit (one lease)
-    epochs: int = 1000  # the ledger loops over the data this many times before finishing
+    max_tokens: int = 0  # training tokens for the whole run; 0 = no limit (run until stopped)
+
+
+@dataclass
+class WorkersConfig:
+    """Membership: how often workers heartbeat and when a silent one is dropped."""
+
+    heartbeat_seconds: float = 2.0
+    lease_seconds: float = 20.0  # no heartbeat for this long: dropped, its data returns to the pool
+    max_workers: int = 256
+    history_versions: int = 64  # merged updates kept in memory for workers catching up
 
 
 @dataclass
@@ -292,6 +302,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     plan: DataPlanConfig = field(default_factory=DataPlanConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
 
     def validate(self) -> "RunConfig":
         self.optim.validate()

@@ -1,0 +1,131 @@
+"""Merging workers' deltas into the global model: weighting, outer optimizer, outlier gate.
+
+Sign convention (tested analytically in tests/test_merge.py): a worker's delta is
+`local_params - basepoint`, i.e. the direction its inner optimizer moved. The outer *gradient* is
+the negative of the weighted mean delta, so a positive outer learning rate moves the global model
+*along* the workers' deltas.
+
+- `combine`: weighted mean of deltas; weight = tokens x (1 + staleness) ** -staleness_power.
+- `OuterOptimizer`: "average" (update = lr * mean delta) or "nesterov" (SGD with Nesterov momentum
+  on the outer gradient, DiLoCo style: m = mu*m + D; update = lr * (D + mu*m)).
+- `NormGate`: refuses (or clips) a delta whose norm is far above the recent median.
+
+Plain module: torch only, no gRPC. coordinator/state.py calls these under its lock.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from common.config import MergeConfig, OuterConfig
+from common.tensors import global_norm
+
+
+@dataclass
+class Contribution:
+    """One decoded delta ready to merge."""
+
+    push_id: str
+    worker_id: str
+    base_version: int
+    tokens: int
+    steps: int
+    mean_loss: float
+    tensors: dict[str, torch.Tensor]  # name -> float32 (same shapes as the model)
+    ranges: list = field(default_factory=list)  # ledger TrainedRange list
+    wire_bytes: int = 0
+
+
+def staleness_weight(staleness: int, power: float) -> float:
+    """Multiplier for a delta measured `staleness` versions behind the current model."""
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    return (1.0 + staleness) ** -power
+
+
+def combine(
+    contributions: Sequence[Contribution], current_version: int, staleness_power: float, scale: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Token-weighted mean of the deltas, each damped by its staleness, times `scale`.
+
+    With staleness 0 everywhere this is sum(tokens_i * d_i) / sum(tokens_i). Damping multiplies a
+    stale delta's contribution without renormalizing, so stale work moves the model less.
+    """
+    if not contributions:
+        raise ValueError("combine needs at least one contribution")
+    total_tokens = sum(max(c.tokens, 1) for c in contributions)
+    names = contributions[0].tensors.keys()
+    out = {n: torch.zeros_like(contributions[0].tensors[n]) for n in names}
+    for c in contributions:
+        w = scale * max(c.tokens, 1) / total_tokens
+        w *= staleness_weight(current_version - c.base_version, staleness_power)
+        for n in names:
+            out[n].add_(c.tensors[n], alpha=w)
+    return out
+
+
+class OuterOptimizer:
+    def __init__(self, config: OuterConfig, shapes: Mapping[str, tuple[int, ...]]):
+        self.config = config.validate()
+        self.momentum: dict[str, torch.Tensor] = (
+            {n: torch.zeros(s) for n, s in shapes.items()} if config.kind == "nesterov" else {}
+        )
+
+    def update(self, mean_delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The change to apply to the global model for this merge (not applied here)."""
+        lr = self.config.lr
+        if self.config.kind == "average":
+            return {n: d * lr for n, d in mean_delta.items()}
+        mu = self.config.momentum
+        out = {}
+        for n, d in mean_delta.items():
+            m = self.momentum[n]
+            m.mul_(mu).add_(d)
+            out[n] = (d + mu * m) * lr
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"outer_momentum.{n}": m for n, m in self.momentum.items()}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        for n in self.momentum:
+            key = f"outer_momentum.{n}"
+            if key not in tensors:
+                raise ValueError(f"checkpoint lacks outer optimizer state {key!r}")
+            self.momentum[n] = tensors[key].clone().float()
+
+
+class NormGate:
+    """Outlier policy for delta norms (merge.max_delta_norm_ratio; 0 disables it).
+
+    A delta whose L2 norm exceeds ratio x the median of the last `window` accepted norms is
+    refused, or, with clip_outliers, scaled down to that bound. The first `warmup` deltas only
+    build the history.
+    """
+
+    def __init__(self, config: MergeConfig, window: int = 32, warmup: int = 4):
+        self.ratio = config.max_delta_norm_ratio
+        self.clip = config.clip_outliers
+        self.warmup = warmup
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def check(self, tensors: dict[str, torch.Tensor]) -> tuple[bool, float, str]:
+        """Returns (accept, factor to multiply the delta by, reason). Does not record the norm."""
+        norm = global_norm(tensors)
+        if self.ratio <= 0 or len(self.recent) < self.warmup:
+            return True, 1.0, ""
+        bound = self.ratio * statistics.median(self.recent)
+        if norm <= bound:
+            return True, 1.0, ""
+        reason = f"delta norm {norm:.4g} exceeds {self.ratio} x recent median ({bound:.4g})"
+        if self.clip:
+            return True, bound / norm, reason
+        return False, 0.0, reason
+
+    def record(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.recent.append(global_norm(tensors))

@@ -1,0 +1,106 @@
+"""The coordinator process: gRPC server, metrics endpoint and the periodic tick, with clean stops.
+
+`CoordinatorServer(...).start()` binds (port 0 picks a free port, for tests) and returns the port;
+`run_until(stop_event)` ticks the state every TICK_SECONDS until the event is set or the run
+finishes; `stop()` checkpoints, marks health NOT_SERVING and stops the server with a grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.config import RunConfig
+from common.data import TokenData
+from common.rpc import TokenAuthInterceptor, server_options
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.service import CoordinatorServicer
+from coordinator.state import CoordinatorState
+from protos import geotrain_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+TICK_SECONDS = 0.5
+STOP_GRACE_SECONDS = 3.0
+
+
+class CoordinatorServer:
+    def __init__(
+        self,
+        run: RunConfig,
+        data: TokenData,
+        run_dir: Path,
+        host: str = "0.0.0.0",
+        port: int = 50051,
+        metrics_port: int = 0,
+        token: str | None = None,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
+        max_threads: int = 64,
+    ):
+        self.metrics = CoordinatorMetrics()
+        self.state = CoordinatorState(run, data, run_dir, metrics=self.metrics)
+        self.host, self.port, self.metrics_port = host, port, metrics_port
+        interceptors = []
+        if token:
+            interceptors.append(
+                TokenAuthInterceptor(token, on_reject=lambda m: self.metrics.rpc_errors.labels(m.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc())
+            )
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="rpc"),
+            options=server_options(),
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=max_threads * 4,
+        )
+        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.state), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
+        self.bound_port = 0
+
+    def start(self) -> int:
+        address = f"{self.host}:{self.port}"
+        if self.tls:
+            creds = grpc.ssl_server_credentials([(self.tls[1], self.tls[0])])
+            self.bound_port = self.server.add_secure_port(address, creds)
+        else:
+            self.bound_port = self.server.add_insecure_port(address)
+        if self.bound_port == 0:
+            raise OSError(f"cannot listen on {address} (port in use?)")
+        self.server.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set("geotrain.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
+        if self.metrics_port:
+            self.metrics.serve(self.metrics_port)
+        log.info(
+            "coordinator listening on %s:%d (model %s, %d parameters, version %d)%s",
+            self.host, self.bound_port, self.state.run.model.preset, self.state.num_params, self.state.version,
+            f", metrics on :{self.metrics_port}" if self.metrics_port else "",
+        )
+        return self.bound_port
+
+    def run_until(self, stop: threading.Event) -> None:
+        """Tick until `stop` is set or the run has finished (then linger so workers see STOP)."""
+        linger = None
+        while not stop.wait(TICK_SECONDS):
+            self.state.tick()
+            self.metrics.refresh(self.state)
+            if self.state.final_summary is not None:
+                linger = linger if linger is not None else 0
+                linger += 1
+                if linger * TICK_SECONDS >= self.state.run.workers.heartbeat_seconds * 2 + 1:
+                    break
+
+    def stop(self) -> None:
+        self.health.enter_graceful_shutdown()
+        try:
+            if self.state.final_summary is None:
+                self.state.finish(eval_iters=self.state.run.eval.iters)  # evaluates, checkpoints, summary.json
+        except OSError as exc:
+            log.error("final checkpoint failed: %s", exc)
+        finally:
+            self.server.stop(STOP_GRACE_SECONDS).wait(STOP_GRACE_SECONDS + 1)

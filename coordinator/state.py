@@ -1,0 +1,764 @@
+"""The coordinator's state machine: membership, the global model, merges, the ledger, checkpoints.
+
+Plain module (no gRPC): coordinator/service.py decodes requests and calls these methods; errors are
+`CoordinatorError` subclasses carrying the gRPC status name the servicer returns. One lock guards
+all state; expensive work (decoding a pushed blob, evaluation, writing checkpoints) runs outside it.
+
+Who calls what:
+- service.py: join / heartbeat / leave / lease / model_stream / shard_path / push / status
+- server.py: `tick()` every 0.5 s (lease expiry, semi-sync timeouts, checkpoints, evaluation,
+  finishing), `checkpoint()` at shutdown.
+
+Failure policies:
+- worker silent for `workers.lease_seconds`: dropped; its pending delta is discarded and its leased
+  tokens return to the pool at their committed cursor (trained again by someone else).
+- push too stale (> merge.max_staleness versions): STALE result; the worker keeps the progress in its
+  weights and sends it again after rebasing.
+- push based on a version this coordinator never had (it restarted from an older checkpoint):
+  FAILED_PRECONDITION; the worker resyncs.
+- malformed / non-finite / outlier delta: INVALID_ARGUMENT, nothing changes.
+- duplicate push id (a retried upload that had in fact arrived): ALREADY_EXISTS, nothing changes.
+- restart: state comes back from the newest verifiable checkpoint; sessions do not survive, so
+  workers get NOT_FOUND, join again and resync (their unmerged progress is retrained).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import statistics
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from common import __version__
+from common.checkpoint import load_latest_checkpoint, save_checkpoint
+from common.compression import ErrorFeedback, decode_tensors, encode_tensors, get_codec
+from common.config import ModelConfig, RunConfig
+from common.data import TokenData
+from common.model import GPT
+from common.rpc import PROTOCOL_VERSION
+from common.tensors import add_, clone_tensors, model_tensors, params_sha256, tensor_spec
+from coordinator.ledger import Ledger, LedgerError, TrainedRange
+from coordinator.merge import Contribution, NormGate, OuterOptimizer, combine
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+EVAL_SEED = 20_231_105
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class CoordinatorError(Exception):
+    status = "INTERNAL"
+
+
+class InvalidArgument(CoordinatorError):
+    status = "INVALID_ARGUMENT"
+
+
+class NotFound(CoordinatorError):
+    status = "NOT_FOUND"
+
+
+class FailedPrecondition(CoordinatorError):
+    status = "FAILED_PRECONDITION"
+
+
+class AlreadyExists(CoordinatorError):
+    status = "ALREADY_EXISTS"
+
+
+class ResourceExhausted(CoordinatorError):
+    status = "RESOURCE_EXHAUSTED"
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class WorkerRecord:
+    worker_id: str
+    session_id: str
+    name: str
+    device: str
+    memory_bytes: int
+    fingerprint: str
+    advertise: str
+    sync_group: str
+    joined_at: float
+    last_seen: float
+    stats: dict[str, float] = field(default_factory=dict)
+    pushes: int = 0
+    merged_tokens: int = 0
+    left: bool = False
+
+
+@dataclass
+class UpdateRecord:
+    version: int
+    blob: bytes
+    merged_push_ids: list[str]
+    params_sha256: str
+
+
+@dataclass
+class PushOutcome:
+    accepted: bool
+    version: int
+    staleness: int
+    message: str = ""
+
+
+@dataclass
+class ModelReply:
+    kind: str  # "FULL" | "UPDATES" | "UNCHANGED"
+    version: int
+    blob: bytes
+    params_sha256: str
+    updates: list[tuple[UpdateRecord, int]]  # (record, offset in blob)
+
+
+# --------------------------------------------------------------------------- state
+
+
+class CoordinatorState:
+    def __init__(
+        self,
+        run: RunConfig,
+        data: TokenData,
+        run_dir: Path,
+        metrics: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.run = run.validate()
+        self.data = data
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = metrics
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.version_changed = threading.Condition(self.lock)
+
+        self.model_config: ModelConfig = run.model.build(vocab_size=data.vocab_size)
+        torch.manual_seed(run.train.seed)
+        self.eval_model = GPT(self.model_config)
+        self.global_params = clone_tensors(model_tensors(self.eval_model))
+        self.spec = tensor_spec(self.global_params)
+        self.num_params = sum(t.numel() for t in self.global_params.values())
+        self.outer = OuterOptimizer(run.outer, self.spec)
+        self.gate = NormGate(run.merge)
+        self.down_feedback = ErrorFeedback(get_codec(run.compression.scheme, run.compression.chunk))
+        train_shards = [(s.name, s.tokens) for s in data.manifest.shards if s.split == "train"]
+        self.ledger = Ledger(
+            train_shards,
+            unit_tokens=run.plan.unit_tokens,
+            block_size=self.model_config.block_size,
+            seed=run.train.seed,
+            max_tokens=run.plan.max_tokens,
+        )
+
+        self.run_id = uuid.uuid4().hex[:12]
+        self.version = 1  # the initial model; have_version 0 on the wire means "nothing yet"
+        self.params_sha = params_sha256(self.global_params)
+        self.history: deque[UpdateRecord] = deque(maxlen=max(1, run.workers.history_versions))
+        self.full_blob_cache: tuple[int, bytes] | None = None
+        self.workers: dict[str, WorkerRecord] = {}
+        self.pending: list[Contribution] = []
+        self.first_pending_at: float | None = None
+        self.seen_push_ids: OrderedDict[str, None] = OrderedDict()
+        self.round_times: deque[float] = deque(maxlen=16)
+        self.last_merge_at = self.clock()
+        self.train_loss = float("nan")
+        self.val_loss = float("nan")
+        self.contributors: set[str] = set()
+        self.sent_bytes = 0
+        self.received_bytes = 0
+        self.seconds_before_restart = 0.0
+        self.started_at = self.clock()
+        self.state = "training"
+        self.last_checkpoint_version = self.version
+        self.last_checkpoint_at = self.clock()
+        self.checkpoint_wall_time = time.time()
+        self.evaluating = False
+        self.last_eval_version = -1
+        self.final_summary: dict | None = None
+        self.restored_from: Path | None = None
+        self._restore()
+        self._write_run_json()
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def elapsed(self) -> float:
+        return self.seconds_before_restart + (self.clock() - self.started_at)
+
+    def _metric(self, name: str, *labels: str) -> Any:
+        if self.metrics is None:
+            return None
+        metric = getattr(self.metrics, name)
+        return metric.labels(*labels) if labels else metric
+
+    def _session(self, worker_id: str, session_id: str) -> WorkerRecord:
+        record = self.workers.get(worker_id)
+        if record is None or not secrets.compare_digest(record.session_id, session_id) or record.left:
+            raise NotFound(f"unknown worker or session {worker_id!r}: join again")
+        record.last_seen = self.clock()
+        return record
+
+    def run_spec(self, step_offset: int) -> str:
+        return json.dumps(
+            {
+                "run": self.run.to_dict(),
+                "model": self.model_config.to_dict(),
+                "manifest": json.loads(self.data.manifest.to_json()),
+                "batch_tokens": self.run.train.batch_size * self.model_config.block_size,
+                "step_offset": step_offset,
+            }
+        )
+
+    # ------------------------------------------------------------------ membership
+
+    def join(
+        self,
+        name: str,
+        device: str,
+        memory_bytes: int,
+        software_version: str,
+        protocol_version: int,
+        fingerprint: str,
+        advertise: str,
+        sync_group: str,
+        previous_worker_id: str = "",
+    ) -> tuple[WorkerRecord, str]:
+        """Register a worker. Returns its record and the run spec JSON."""
+        if protocol_version != PROTOCOL_VERSION:
+            raise FailedPrecondition(
+                f"protocol version mismatch: worker speaks {protocol_version}, coordinator "
+                f"{PROTOCOL_VERSION} (geotrain {__version__}); install the same geotrain version on both"
+            )
+        if not NAME_RE.match(name or ""):
+            raise InvalidArgument(f"worker name {name[:80]!r} must match [A-Za-z0-9._-]{{1,64}}")
+        for label, value in (("device", device), ("fingerprint", fingerprint), ("advertise", advertise), ("sync_group", sync_group)):
+            if len(value) > 256:
+                raise InvalidArgument(f"{label} is longer than 256 characters")
+        with self.lock:
+            if previous_worker_id in self.workers:
+                self._drop(previous_worker_id, "rejoined")
+            live = [w for w in self.workers.values() if not w.left]
+            if len(live) >= self.run.workers.max_workers:
+                raise ResourceExhausted(f"the run already has {len(live)} workers (max {self.run.workers.max_workers})")
+            now = self.clock()
+            record = WorkerRecord(
+                worker_id=previous_worker_id if previous_worker_id and NAME_RE.match(previous_worker_id) else uuid.uuid4().hex[:12],
+                session_id=secrets.token_hex(16),
+                name=name,
+                device=device,
+                memory_bytes=memory_bytes,
+                fingerprint=fingerprint,
+                advertise=advertise,
+                sync_group=sync_group,
+                joined_at=now,
+                last_seen=now,
+            )
+            self.workers[record.worker_id] = record
+            self._update_worker_gauge()
+            log.info("worker %s (%s, %s) joined at version %d", record.name, record.worker_id, device, self.version)
+            return record, self.run_spec(self._step_offset())
+
+    def _step_offset(self) -> int:
+        """Where a newly joined worker starts its learning-rate schedule: the run's progress as a
+        fraction of max_tokens, in inner steps of max_iters (0 without a token budget)."""
+        if not self.run.plan.max_tokens:
+            return 0
+        fraction = self.ledger.committed_total / self.run.plan.max_tokens
+        return int(min(1.0, fraction) * self.run.train.max_iters)
+
+    def heartbeat(self, worker_id: str, session_id: str, stats: dict[str, float]) -> tuple[str, int]:
+        """Renew the lease; returns (action "CONTINUE"|"STOP", current version)."""
+        with self.lock:
+            record = self._session(worker_id, session_id)
+            record.stats = stats
+            if self.metrics is not None:
+                self.metrics.observe_worker(record.name, stats, record.merged_tokens)
+            stop = self.state == "finished" or (self.state == "finishing" and not self.ledger.held_by(worker_id))
+            return ("STOP" if stop else "CONTINUE"), self.version
+
+    def leave(self, worker_id: str, session_id: str, reason: str) -> None:
+        with self.lock:
+            record = self._session(worker_id, session_id)
+            record.left = True
+            log.info("worker %s left: %s", record.name, reason[:200] or "no reason given")
+            if not any(c.worker_id == worker_id for c in self.pending):
+                self._drop(worker_id, "left")
+            self._update_worker_gauge()
+            self._maybe_merge()
+
+    def _drop(self, worker_id: str, why: str) -> None:
+        """Forget a worker: discard its pending delta, return its leased tokens."""
+        record = self.workers.pop(worker_id, None)
+        self.pending = [c for c in self.pending if c.worker_id != worker_id]
+        returned = self.ledger.release(worker_id)
+        if record is not None and why != "left":
+            log.warning("worker %s dropped (%s); %d leased tokens return to the pool", record.name, why, returned)
+        self._update_worker_gauge()
+
+    def _update_worker_gauge(self) -> None:
+        gauge = self._metric("workers")
+        if gauge is not None:
+            gauge.set(sum(1 for w in self.workers.values() if not w.left))
+
+    # ------------------------------------------------------------------ data
+
+    def lease(self, worker_id: str, session_id: str) -> tuple[bool, TrainedRange | None]:
+        """(exhausted, range). exhausted=False with no range: nothing free now, ask again soon."""
+        with self.lock:
+            self._session(worker_id, session_id)
+            if self.state != "training":
+                return True, None
+            r = self.ledger.lease(worker_id)
+            if r is None and self.ledger.remaining_budget() == 0:
+                return True, None
+            self._update_shard_gauge()
+            return False, r
+
+    def shard_path(self, worker_id: str, session_id: str, shard: str) -> tuple[Path, str]:
+        """Path and sha256 of a shard named in the manifest; NotFound for anything else."""
+        with self.lock:
+            self._session(worker_id, session_id)
+        for info in self.data.manifest.shards:
+            if info.name == shard:
+                return self.data.data_dir / info.name, info.sha256
+        raise NotFound(f"shard {shard[:100]!r} is not in the run's manifest")
+
+    def _update_shard_gauge(self) -> None:
+        if self.metrics is not None:
+            for state, count in self.ledger.counts().items():
+                self.metrics.shards.labels(state).set(count)
+
+    # ------------------------------------------------------------------ model
+
+    def model_reply(self, have_version: int, force_full: bool, wait_seconds: float) -> ModelReply:
+        """Updates since `have_version` when all are held, else the full model. Waits up to
+        `wait_seconds` (long poll) for a version newer than `have_version`."""
+        deadline = self.clock() + max(0.0, min(wait_seconds, 60.0))
+        with self.version_changed:
+            while (
+                not force_full
+                and have_version == self.version
+                and self.state != "finished"
+                and self.clock() < deadline
+            ):
+                self.version_changed.wait(timeout=max(0.01, deadline - self.clock()))
+            if not force_full and have_version == self.version:
+                return ModelReply("UNCHANGED", self.version, b"", self.params_sha, [])
+            oldest = self.history[0].version if self.history else self.version + 1
+            if not force_full and 0 < have_version < self.version and have_version + 1 >= oldest:
+                records = [u for u in self.history if u.version > have_version]
+                offsets, blob = [], bytearray()
+                for u in records:
+                    offsets.append(len(blob))
+                    blob += u.blob
+                return ModelReply("UPDATES", self.version, bytes(blob), self.params_sha, list(zip(records, offsets)))
+            if self.full_blob_cache is None or self.full_blob_cache[0] != self.version:
+                blob, _ = encode_tensors(self.global_params, "none")
+                self.full_blob_cache = (self.version, blob)
+            return ModelReply("FULL", self.version, self.full_blob_cache[1], self.params_sha, [])
+
+    # ------------------------------------------------------------------ pushes
+
+    def push(
+        self,
+        worker_id: str,
+        session_id: str,
+        push_id: str,
+        base_version: int,
+        tokens: int,
+        steps: int,
+        mean_loss: float,
+        ranges: list[TrainedRange],
+        blob: bytes,
+    ) -> PushOutcome:
+        """Validate a delta and queue it (semi-sync) or merge it (async)."""
+        with self.lock:
+            self._session(worker_id, session_id)
+            self._check_push_header(push_id, base_version, tokens, ranges, worker_id)
+            staleness = self.version - base_version
+            if staleness > self.run.merge.max_staleness:
+                self._count_delta("stale")
+                return PushOutcome(False, self.version, staleness, f"delta is {staleness} versions stale (max {self.run.merge.max_staleness})")
+        try:
+            tensors = decode_tensors(blob, self.spec, max_blob_bytes=self.max_blob_bytes())
+        except ValueError as exc:
+            self._count_delta("invalid")
+            raise InvalidArgument(f"delta refused: {exc}") from exc
+        accept, factor, reason = self.gate.check(tensors)
+        if not accept:
+            self._count_delta("invalid")
+            raise InvalidArgument(f"delta refused: {reason}")
+        if factor != 1.0:
+            log.warning("clipping delta from %s: %s", worker_id, reason)
+            for t in tensors.values():
+                t.mul_(factor)
+        with self.lock:
+            record = self._session(worker_id, session_id)
+            self._check_push_header(push_id, base_version, tokens, ranges, worker_id)  # again: state may have moved
+            staleness = self.version - base_version
+            self.gate.record(tensors)
+            self.seen_push_ids[push_id] = None
+            while len(self.seen_push_ids) > 100_000:
+                self.seen_push_ids.popitem(last=False)
+            record.pushes += 1
+            self.pending = [c for c in self.pending if c.worker_id != worker_id]  # at most one each
+            self.pending.append(
+                Contribution(push_id, worker_id, base_version, tokens, steps, mean_loss, tensors, ranges, len(blob))
+            )
+            if self.first_pending_at is None:
+                self.first_pending_at = self.clock()
+            self._count_delta("accepted")
+            if self.metrics is not None:
+                self.metrics.delta_staleness.observe(staleness)
+                raw = 4 * self.num_params
+                self.metrics.compression_ratio.set(raw / max(1, len(blob)))
+            self._maybe_merge()
+            return PushOutcome(True, self.version, staleness)
+
+    def max_blob_bytes(self) -> int:
+        """Largest acceptable delta blob: fp32 of every parameter plus headroom for headers."""
+        return 4 * self.num_params + 64 * len(self.spec) * 8 + (1 << 16)
+
+    def _check_push_header(self, push_id: str, base_version: int, tokens: int, ranges: list[TrainedRange], worker_id: str) -> None:
+        if not push_id or len(push_id) > 64:
+            raise InvalidArgument("push_id must be 1-64 characters")
+        if push_id in self.seen_push_ids or any(c.push_id == push_id for c in self.pending):
+            self._count_delta("duplicate")
+            raise AlreadyExists(f"push {push_id} was already received")
+        if base_version > self.version:
+            raise FailedPrecondition(
+                f"delta is based on version {base_version} but the coordinator is at {self.version} "
+                "(it restarted from a checkpoint): resync the model"
+            )
+        trained = sum(r.end - r.start for r in ranges)
+        if tokens != trained:
+            raise InvalidArgument(f"tokens={tokens} but the reported ranges cover {trained} tokens")
+        try:
+            self.ledger.check(worker_id, ranges)
+        except LedgerError as exc:
+            self._count_delta("invalid")
+            raise InvalidArgument(f"delta refused: {exc}") from exc
+
+    def _count_delta(self, result: str) -> None:
+        counter = self._metric("deltas", result)
+        if counter is not None:
+            counter.inc()
+
+    # ------------------------------------------------------------------ merging
+
+    def _expected_workers(self) -> set[str]:
+        return {w.worker_id for w in self.workers.values() if w.pushes > 0 and not w.left}
+
+    def semi_sync_timeout(self) -> float:
+        if self.run.merge.semi_sync_timeout > 0:
+            return self.run.merge.semi_sync_timeout
+        if not self.round_times:
+            return 30.0
+        return max(10.0, 3.0 * statistics.median(self.round_times))
+
+    def _maybe_merge(self, now: float | None = None) -> None:
+        """Merge when the policy says so. Caller holds the lock."""
+        if not self.pending:
+            return
+        if self.run.merge.policy == "async":
+            self._merge()
+            return
+        waiting_for = self._expected_workers() - {c.worker_id for c in self.pending}
+        now = self.clock() if now is None else now
+        timed_out = self.first_pending_at is not None and now - self.first_pending_at >= self.semi_sync_timeout()
+        if not waiting_for or timed_out:
+            if waiting_for:
+                log.info("semi-sync timeout: merging without %d straggler(s)", len(waiting_for))
+            self._merge()
+
+    def _merge(self) -> None:
+        started = time.perf_counter()
+        batch, self.pending, self.first_pending_at = self.pending, [], None
+        valid = []
+        for c in batch:
+            try:
+                self.ledger.check(c.worker_id, c.ranges)
+                valid.append(c)
+            except LedgerError as exc:  # its lease moved on since the push: retrained elsewhere
+                log.warning("dropping delta %s: %s", c.push_id, exc)
+        if not valid:
+            return
+        scale = 1.0
+        if self.run.merge.policy == "async":
+            live = max(1, sum(1 for w in self.workers.values() if not w.left))
+            scale = 1.0 / live  # one delta at a time moves the model by its share of the group
+        mean_delta = combine(valid, self.version, self.run.merge.staleness_power, scale)
+        update = self.outer.update(mean_delta)
+        blob, decoded = encode_tensors(
+            update, self.run.compression.scheme, self.run.compression.chunk, feedback=self.down_feedback,
+            zstd_level=self.run.compression.zstd_level,
+        )
+        add_(self.global_params, decoded)
+        self.version += 1
+        self.params_sha = params_sha256(self.global_params)
+        self.history.append(UpdateRecord(self.version, blob, [c.push_id for c in valid], self.params_sha))
+        tokens = 0
+        for c in valid:
+            committed = self.ledger.commit(c.worker_id, c.ranges)
+            tokens += committed
+            record = self.workers.get(c.worker_id)
+            if record is not None:
+                record.merged_tokens += committed
+                if record.left and not self.ledger.held_by(c.worker_id):
+                    self._drop(c.worker_id, "left")
+            self.contributors.add(c.worker_id)
+        self.train_loss = sum(c.mean_loss * c.tokens for c in valid) / max(1, sum(c.tokens for c in valid))
+        now = self.clock()
+        self.round_times.append(now - self.last_merge_at)
+        if self.metrics is not None:
+            self.metrics.record_merge(self, tokens, now - self.last_merge_at, time.perf_counter() - started)
+        self.last_merge_at = now
+        self._update_shard_gauge()
+        self.version_changed.notify_all()
+        log.info(
+            "version %d: merged %d delta(s), %d tokens, train loss %.4f",
+            self.version, len(valid), tokens, self.train_loss,
+        )
+
+    # ------------------------------------------------------------------ periodic work
+
+    def tick(self) -> None:
+        """Called by the server every ~0.5 s: expiry, timeouts, finishing, checkpoint/eval triggers."""
+        with self.lock:
+            now = self.clock()
+            for record in list(self.workers.values()):
+                if now - record.last_seen > self.run.workers.lease_seconds:
+                    self._drop(record.worker_id, f"no heartbeat for {now - record.last_seen:.0f}s")
+            self._maybe_merge(now)
+            if self.state == "training" and self.ledger.remaining_budget() == 0:
+                self.state = "finishing"
+                log.info("token budget leased out: finishing")
+            if self.state == "finishing" and self.ledger.finished() and not self.pending:
+                self.state = "finished"
+                self.version_changed.notify_all()
+        if self.state == "finished" and self.final_summary is None:
+            self.finish()
+            return
+        self._maybe_evaluate()
+        self._maybe_checkpoint()
+
+    def _maybe_evaluate(self) -> None:
+        every = self.run.eval.every_versions
+        with self.lock:
+            due = every > 0 and self.version > 0 and self.version - self.last_eval_version >= every
+            if not due or self.evaluating:
+                return
+            self.evaluating = True
+        threading.Thread(target=self._evaluate_in_background, name="eval", daemon=True).start()
+
+    def _evaluate_in_background(self) -> None:
+        try:
+            self.evaluate(self.run.eval.iters)
+        except Exception:  # noqa: BLE001 - logged; evaluation never stops training
+            log.exception("evaluation failed")
+        finally:
+            self.evaluating = False
+
+    def evaluate(self, iters: int) -> float:
+        """Validation loss of the current global model (deterministic batches)."""
+        with self.lock:
+            version = self.version
+            snapshot = clone_tensors(self.global_params)
+            tokens = self.ledger.committed_total
+        model = GPT(self.model_config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(snapshot[name])
+        model.eval()
+        losses = []
+        with torch.no_grad():
+            for i in range(iters):
+                x, y = self.data.get_batch("val", self.run.eval.batch_size, self.model_config.block_size, EVAL_SEED, i)
+                losses.append(float(model(x, y)[1]))
+        val = sum(losses) / len(losses)
+        with self.lock:
+            self.val_loss = val
+            self.last_eval_version = max(self.last_eval_version, version)
+            if self.metrics is not None:
+                self.metrics.val_loss.set(val)
+            self._append_history({"version": version, "tokens": tokens, "val_loss": val})
+        log.info("version %d: validation loss %.4f", version, val)
+        return val
+
+    def _append_history(self, row: dict) -> None:
+        row = {"seconds": round(self.elapsed(), 3), "train_loss": self.train_loss, **row}
+        row["workers"] = {w.name: w.stats for w in self.workers.values()}
+        with open(self.run_dir / "history.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def _maybe_checkpoint(self) -> None:
+        cfg = self.run.checkpoint
+        with self.lock:
+            due = self.version > self.last_checkpoint_version and (
+                self.version - self.last_checkpoint_version >= cfg.every_versions
+                or self.clock() - self.last_checkpoint_at >= cfg.every_seconds
+            )
+        if due:
+            try:
+                self.checkpoint()
+            except OSError as exc:  # full disk etc.: loud, keep training, the previous one stays
+                log.error("checkpoint failed, training goes on, previous checkpoint kept: %s", exc)
+                if self.metrics is not None:
+                    self.metrics.checkpoint_failures.inc()
+                with self.lock:
+                    self.last_checkpoint_at = self.clock()
+
+    # ------------------------------------------------------------------ persistence
+
+    def checkpoint(self) -> Path:
+        """Write an atomic checkpoint of everything needed to resume exactly."""
+        with self.lock:
+            tensors = {f"model.{n}": t.clone() for n, t in self.global_params.items()}
+            tensors.update({k: v.clone() for k, v in self.outer.state_dict().items()})
+            tensors.update({f"downlink_residual.{k}": v.clone() for k, v in self.down_feedback.state_dict().items()})
+            state = {
+                "version": self.version,
+                "run_id": self.run_id,
+                "model": self.model_config.to_dict(),
+                "ledger": self.ledger.state_dict(),
+                "seconds": self.elapsed(),
+                "train_loss": self.train_loss,
+                "val_loss": self.val_loss,
+                "params_sha256": self.params_sha,
+                "contributors": sorted(self.contributors),
+                "state": self.state,
+                "software_version": __version__,
+            }
+            version = self.version
+        path = save_checkpoint(self.ckpt_root, version, tensors, state, keep=self.run.checkpoint.keep)
+        with self.lock:
+            self.last_checkpoint_version = version
+            self.last_checkpoint_at = self.clock()
+            self.checkpoint_wall_time = time.time()
+        log.info("checkpoint %s written", path.name)
+        return path
+
+    def _restore(self) -> None:
+        loaded = load_latest_checkpoint(self.ckpt_root)
+        if loaded is None:
+            return
+        tensors, state, path = loaded
+        if state.get("model") != self.model_config.to_dict():
+            raise ValueError(
+                f"checkpoint {path} is for model {state.get('model')}, but this run's config gives "
+                f"{self.model_config.to_dict()}; use another --run-dir or the matching config"
+            )
+        for name in self.global_params:
+            self.global_params[name] = tensors[f"model.{name}"].clone().float()
+        self.outer.load_state_dict(tensors)
+        residuals = {k[len("downlink_residual."):]: v for k, v in tensors.items() if k.startswith("downlink_residual.")}
+        self.down_feedback.load_state_dict(residuals)
+        self.ledger.load_state_dict(state["ledger"])
+        self.ledger.release_all()
+        self.version = int(state["version"])
+        self.run_id = str(state["run_id"])
+        self.seconds_before_restart = float(state["seconds"])
+        self.train_loss = float(state["train_loss"])
+        self.val_loss = float(state["val_loss"])
+        self.contributors = set(state.get("contributors", []))
+        self.params_sha = params_sha256(self.global_params)
+        if self.params_sha != state["params_sha256"]:
+            raise ValueError(f"checkpoint {path}: restored weights do not match their recorded checksum")
+        self.last_checkpoint_version = self.version
+        self.last_eval_version = self.version
+        self.restored_from = path
+        log.info("resumed from %s at version %d (%d tokens merged)", path.name, self.version, self.ledger.committed_total)
+
+    def _write_run_json(self) -> None:
+        (self.run_dir / "run.json").write_text(
+            json.dumps({"run": self.run.to_dict(), "model": self.model_config.to_dict(), "run_id": self.run_id}, indent=2)
+        )
+
+    # ------------------------------------------------------------------ finishing and status
+
+    def finish(self, eval_iters: int | None = None) -> dict:
+        """Final evaluation, checkpoint and summary.json. Idempotent."""
+        if self.final_summary is not None:
+            return self.final_summary
+        val = self.evaluate(eval_iters or max(self.run.eval.iters, 50))
+        self.checkpoint()
+        summary = self.summary()
+        summary["val_loss"] = val
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.final_summary = summary
+        log.info("run finished: version %d, %d tokens, validation loss %.4f", self.version, summary["tokens"], val)
+        return summary
+
+    def summary(self) -> dict:
+        with self.lock:
+            stats = [w.stats for w in self.workers.values() if w.stats]
+            wall = sum(s.get("wall_seconds", 0.0) for s in stats)
+            return {
+                "val_loss": self.val_loss,
+                "train_loss": self.train_loss,
+                "tokens": self.ledger.committed_total,
+                "params": self.num_params,
+                "model_version": self.version,
+                "workers": len(self.contributors),
+                "seconds": self.elapsed(),
+                "sent_bytes": int(sum(s.get("sent_bytes", 0) for s in stats)),
+                "received_bytes": int(sum(s.get("received_bytes", 0) for s in stats)),
+                "coordinator_sent_bytes": self.sent_bytes,
+                "coordinator_received_bytes": self.received_bytes,
+                "wait_fraction": (sum(s.get("wait_seconds", 0.0) for s in stats) / wall) if wall else 0.0,
+                "state": self.state,
+                "run_id": self.run_id,
+                "compression": self.run.compression.scheme,
+                "round_steps": self.run.round.steps,
+            }
+
+    def status(self) -> dict:
+        with self.lock:
+            now = self.clock()
+            out = self.summary()
+            out["shards"] = self.ledger.counts()
+            out["epoch"] = self.ledger.epoch
+            out["worker_list"] = [
+                {
+                    "worker_id": w.worker_id,
+                    "name": w.name,
+                    "device": w.device,
+                    "stats": w.stats,
+                    "merged_tokens": w.merged_tokens,
+                    "pushes": w.pushes,
+                    "last_seen_seconds": now - w.last_seen,
+                }
+                for w in self.workers.values()
+            ]
+            return out
+
+    def count_traffic(self, sent: int = 0, received: int = 0) -> None:
+        with self.lock:
+            self.sent_bytes += sent
+            self.received_bytes += received
+        if self.metrics is not None:
+            if sent:
+                self.metrics.sent_bytes.inc(sent)
+            if received:
+                self.metrics.received_bytes.inc(received)

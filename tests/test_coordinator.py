@@ -1,0 +1,278 @@
+"""Coordinator state and its gRPC adapter: merges, policies, hostile pushes, restart."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+import zstandard
+
+from common.compression import encode_tensors
+from common.config import RunConfig
+from common.data import TokenData, prepare
+from common.rpc import PROTOCOL_VERSION, iter_chunks, make_channel
+from common.tensors import clone_tensors, params_sha256
+from coordinator.ledger import TrainedRange
+from coordinator.server import CoordinatorServer
+from coordinator.state import (
+    AlreadyExists,
+    CoordinatorState,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from protos import geotrain_pb2 as pb
+from protos import geotrain_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> TokenData:
+    root = tmp_path_factory.mktemp("data")
+    (root / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 3000)
+    prepare([root / "a.txt"], root / "tokens", progress=False)
+    return TokenData(root / "tokens")
+
+
+def small_run(**changes) -> RunConfig:
+    run = RunConfig()
+    run.model.n_layer, run.model.n_embd, run.model.n_head, run.model.block_size = 1, 32, 2, 16
+    run.plan.unit_tokens = 1024
+    run.eval.iters = 2
+    run.merge.policy = "async"
+    run.outer.kind = "average"
+    run.outer.lr = 1.0
+    for key, value in changes.items():
+        section, field = key.split("__")
+        setattr(getattr(run, section), field, value)
+    return run
+
+
+def join(state: CoordinatorState, name: str = "w1"):
+    record, _ = state.join(name, "cpu", 0, "0", PROTOCOL_VERSION, "fp", "", "")
+    exhausted, r = state.lease(record.worker_id, record.session_id)
+    assert not exhausted and r is not None
+    return record, r
+
+
+def delta_like(state: CoordinatorState, value: float) -> dict[str, torch.Tensor]:
+    return {n: torch.full_like(t, value) for n, t in state.global_params.items()}
+
+
+def nan_blob(delta: dict[str, torch.Tensor]) -> bytes:
+    """A well-formed `none` blob whose first value is NaN (encoders refuse to make one)."""
+    blob, _ = encode_tensors(delta, "none")
+    at = blob.index(b"\x28\xb5\x2f\xfd", 16)
+    raw = bytearray(zstandard.ZstdDecompressor().decompress(blob[at:]))
+    raw[0:4] = struct.pack("<f", math.nan)
+    frame = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(bytes(raw))
+    return blob[:at] + frame
+
+
+def push(state, record, r, delta, push_id="p1", base=None, n_tokens=64, scheme="none"):
+    blob, _ = encode_tensors(delta, scheme)
+    ranges = [TrainedRange(r.unit_id, r.start, r.start + n_tokens, r.epoch)]
+    return state.push(
+        record.worker_id, record.session_id, push_id, state.version if base is None else base,
+        n_tokens, 1, 2.5, ranges, blob,
+    )
+
+
+def test_average_merge_moves_global_along_the_delta(data, tmp_path):
+    state = CoordinatorState(small_run(), data, tmp_path)
+    before = clone_tensors(state.global_params)
+    record, r = join(state)
+    outcome = push(state, record, r, delta_like(state, 0.01))
+    assert outcome.accepted and state.version == 2
+    for n, t in state.global_params.items():
+        assert torch.allclose(t - before[n], torch.full_like(t, 0.01), atol=1e-7)
+    assert state.ledger.committed_total == 64
+
+
+def test_nesterov_outer_step_sign_and_momentum(data, tmp_path):
+    run = small_run(outer__kind="nesterov", outer__lr=0.5, outer__momentum=0.9)
+    state = CoordinatorState(run, data, tmp_path)
+    before = clone_tensors(state.global_params)
+    record, r = join(state)
+    push(state, record, r, delta_like(state, 0.01))
+    # m = 0.01; update = lr * (d + mu * m) = 0.5 * (0.01 + 0.009) = 0.0095, along the delta
+    name = next(iter(before))
+    moved = state.global_params[name] - before[name]
+    assert torch.allclose(moved, torch.full_like(moved, 0.0095), atol=1e-7)
+
+
+def test_semi_sync_waits_for_every_worker_that_pushed_before(data, tmp_path):
+    state = CoordinatorState(small_run(merge__policy="semi-sync"), data, tmp_path)
+    a, ra = join(state, "a")
+    b, rb = join(state, "b")
+    push(state, a, ra, delta_like(state, 0.01), "a1")
+    assert state.version == 2  # b had never pushed: not waited for
+    push(state, b, rb, delta_like(state, 0.01), "b1", base=1)
+    assert state.version == 2 and len(state.pending) == 1  # now a has pushed before: wait for it
+    ra2 = TrainedRange(ra.unit_id, ra.start + 64, ra.start + 128, ra.epoch)
+    blob, _ = encode_tensors(delta_like(state, 0.02), "none")
+    state.push(a.worker_id, a.session_id, "a2", 2, 64, 1, 2.0, [ra2], blob)
+    assert state.version == 3 and not state.pending
+    assert state.history[-1].merged_push_ids == ["b1", "a2"]
+
+
+def test_semi_sync_timeout_merges_without_a_straggler(data, tmp_path):
+    now = [0.0]
+    state = CoordinatorState(small_run(merge__policy="semi-sync", merge__semi_sync_timeout=5.0), data, tmp_path,
+                             clock=lambda: now[0])
+    a, ra = join(state, "a")
+    b, rb = join(state, "b")
+    push(state, a, ra, delta_like(state, 0.0), "a1")
+    push(state, b, rb, delta_like(state, 0.0), "b1", base=1)
+    push(state, a, TrainedRange(ra.unit_id, ra.start + 64, ra.start + 128, ra.epoch), delta_like(state, 0.0), "a2")
+    assert state.version == 3
+    push(state, a, TrainedRange(ra.unit_id, ra.start + 128, ra.start + 192, ra.epoch), delta_like(state, 0.0), "a3")
+    assert state.version == 3  # waiting for b
+    now[0] += 4.0
+    state.tick()
+    assert state.version == 3
+    now[0] += 2.0
+    state.tick()
+    assert state.version == 4
+
+
+def test_hostile_pushes_are_refused_and_change_nothing(data, tmp_path):
+    state = CoordinatorState(small_run(), data, tmp_path)
+    record, r = join(state)
+    sha, version = state.params_sha, state.version
+
+    with pytest.raises(InvalidArgument, match="(?i)finite|nan"):
+        state.push(record.worker_id, record.session_id, "nan", version, 64, 1, 1.0,
+                   [TrainedRange(r.unit_id, r.start, r.start + 64, r.epoch)], nan_blob(delta_like(state, 0.01)))
+    wrong_shape = delta_like(state, 0.01)
+    name = next(iter(wrong_shape))
+    wrong_shape[name] = torch.zeros(3, 3)
+    with pytest.raises(InvalidArgument):
+        push(state, record, r, wrong_shape, "shape")
+    with pytest.raises(InvalidArgument):
+        state.push(record.worker_id, record.session_id, "garbage", version, 64, 1, 1.0,
+                   [TrainedRange(r.unit_id, r.start, r.start + 64, r.epoch)], b"\x00" * 100)
+    with pytest.raises(FailedPrecondition, match="restarted"):
+        push(state, record, r, delta_like(state, 0.01), "future", base=version + 5)
+    with pytest.raises(InvalidArgument, match="not leased"):
+        state.push(record.worker_id, record.session_id, "foreign", version, 64, 1, 1.0,
+                   [TrainedRange((r.unit_id + 1) % len(state.ledger.units), 0, 64, r.epoch)],
+                   encode_tensors(delta_like(state, 0.01), "none")[0])
+    with pytest.raises(NotFound):
+        state.push(record.worker_id, "wrong-session", "x", version, 64, 1, 1.0, [], b"")
+    assert (state.params_sha, state.version, state.ledger.committed_total) == (sha, version, 0)
+
+    assert push(state, record, r, delta_like(state, 0.01), "ok").accepted
+    with pytest.raises(AlreadyExists):  # replay of a merged push
+        push(state, record, TrainedRange(r.unit_id, r.start + 64, r.end, r.epoch), delta_like(state, 0.01), "ok")
+    assert state.version == version + 1
+
+
+def test_too_stale_delta_is_reported_not_merged(data, tmp_path):
+    state = CoordinatorState(small_run(merge__max_staleness=1), data, tmp_path)
+    a, ra = join(state, "a")
+    b, rb = join(state, "b")
+    for i in range(3):
+        push(state, a, TrainedRange(ra.unit_id, ra.start + 64 * i, ra.start + 64 * (i + 1), ra.epoch),
+             delta_like(state, 0.001), f"a{i}")
+    outcome = push(state, b, rb, delta_like(state, 0.01), "b-stale", base=1)
+    assert not outcome.accepted and outcome.staleness == 3
+    assert state.ledger.units[rb.unit_id].committed == rb.start
+
+
+def test_silent_worker_is_dropped_and_its_tokens_return(data, tmp_path):
+    now = [0.0]
+    state = CoordinatorState(small_run(), data, tmp_path, clock=lambda: now[0])
+    record, r = join(state)
+    push(state, record, r, delta_like(state, 0.0), "p")
+    now[0] += state.run.workers.lease_seconds + 1
+    state.tick()
+    assert record.worker_id not in state.workers
+    unit = state.ledger.units[r.unit_id]
+    assert unit.holder == "" and unit.committed == r.start + 64
+
+
+def test_restart_resumes_from_checkpoint(data, tmp_path):
+    state = CoordinatorState(small_run(), data, tmp_path)
+    record, r = join(state)
+    push(state, record, r, delta_like(state, 0.01), "p")
+    state.checkpoint()
+    again = CoordinatorState(small_run(), data, tmp_path)
+    assert again.version == state.version
+    assert params_sha256(again.global_params) == state.params_sha
+    assert again.ledger.committed_total == 64
+    assert again.ledger.units[r.unit_id].holder == ""  # leases do not survive a restart
+    other = small_run()
+    other.model.n_embd = 64
+    with pytest.raises(ValueError, match="checkpoint"):
+        CoordinatorState(other, data, tmp_path)
+
+
+def test_join_refuses_protocol_mismatch_and_junk_names(data, tmp_path):
+    state = CoordinatorState(small_run(), data, tmp_path)
+    with pytest.raises(FailedPrecondition, match="protocol version mismatch"):
+        state.join("w", "cpu", 0, "0", PROTOCOL_VERSION + 1, "", "", "")
+    with pytest.raises(InvalidArgument, match="name"):
+        state.join("bad name; rm -rf", "cpu", 0, "0", PROTOCOL_VERSION, "", "", "")
+    with pytest.raises(InvalidArgument, match="name"):
+        state.join("x" * 65, "cpu", 0, "0", PROTOCOL_VERSION, "", "", "")
+
+
+# --------------------------------------------------------------------------- over real gRPC
+
+
+@pytest.fixture
+def server(data, tmp_path):
+    srv = CoordinatorServer(small_run(), data, tmp_path / "run", host="127.0.0.1", port=0, token="secret")
+    port = srv.start()
+    yield srv, f"127.0.0.1:{port}"
+    srv.server.stop(0)
+
+
+def _join_rpc(stub, token="secret"):
+    return stub.Join(
+        pb.JoinRequest(name="w", device="cpu", protocol_version=PROTOCOL_VERSION),
+        metadata=(("authorization", f"Bearer {token}"),), timeout=10,
+    )
+
+
+def _delta_stream(header, blob):
+    yield pb.DeltaPart(header=header)
+    for chunk in iter_chunks(blob, 4096):
+        yield pb.DeltaPart(chunk=chunk)
+
+
+def test_grpc_auth_push_and_truncated_stream(server):
+    srv, target = server
+    stub = pb_grpc.CoordinatorStub(make_channel(target))
+    with pytest.raises(grpc.RpcError) as err:
+        _join_rpc(stub, token="wrong")
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    reply = _join_rpc(stub)
+    md = (("authorization", "Bearer secret"),)
+    lease = stub.LeaseWork(pb.LeaseRequest(worker_id=reply.worker_id, session_id=reply.session_id), metadata=md, timeout=10)
+    parts = list(stub.GetModel(pb.ModelRequest(worker_id=reply.worker_id, session_id=reply.session_id), metadata=md, timeout=10))
+    assert parts[0].header.kind == pb.ModelHeader.FULL and parts[0].header.version == 1
+
+    delta = {n: torch.full_like(t, 0.01) for n, t in srv.state.global_params.items()}
+    blob, _ = encode_tensors(delta, "int8")
+    rng = lease.range
+    header = pb.DeltaHeader(
+        worker_id=reply.worker_id, session_id=reply.session_id, push_id="p1", base_version=1, tokens=64, steps=1,
+        mean_loss=2.0, ranges=[pb.TokenRange(unit_id=rng.unit_id, start=rng.start, end=rng.start + 64, epoch=rng.epoch)],
+        total_bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest(),
+    )
+    with pytest.raises(grpc.RpcError) as err:  # truncated: half the bytes announced
+        stub.PushDelta(_delta_stream(header, blob[: len(blob) // 2]), metadata=md, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "truncated" in err.value.details()
+    assert srv.state.version == 1
+    ok = stub.PushDelta(_delta_stream(header, blob), metadata=md, timeout=10)
+    assert ok.result == pb.PushReply.ACCEPTED and ok.model_version == 2
+    parts = list(stub.GetModel(pb.ModelRequest(worker_id=reply.worker_id, session_id=reply.session_id, have_version=1), metadata=md, timeout=10))
+    assert parts[0].header.kind == pb.ModelHeader.UPDATES
+    assert list(parts[0].header.updates[0].merged_push_ids) == ["p1"]
+    assert parts[0].header.params_sha256 == srv.state.params_sha
