@@ -9,7 +9,6 @@ from concurrent import futures
 import pytest
 import torch
 
-import test_allreduce  # noqa: F401 - installs the codec shim while common/compression.py is pending
 from common.config import model_config
 from common.model import GPT
 from test_allreduce import run_all, start_group, stop_group
