@@ -235,5 +235,29 @@ def demo(workers, model, data, config, steps, tokens, minutes, compression, roun
     click.echo(f"summary: {Path(run_dir) / 'summary.json'}")
 
 
+@cli.command()
+@click.argument("target", metavar="HOST:PORT")
+@click.option("--service", default="", help="Service name to check ('' = the whole server).")
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Seconds.")
+def health(target, service, timeout):
+    """Check a coordinator's or worker's gRPC health endpoint; exit 0 when SERVING (for Docker)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from common.rpc import make_channel
+
+    with make_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            fail(f"{target}: {exc.code().name}: {exc.details()}")
+    state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    click.echo(f"{target}: {state}")
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        sys.exit(1)
+
+
 def main() -> None:
     cli()

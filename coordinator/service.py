@@ -130,7 +130,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         # Validate the session before waiting.
         with self.state.lock:
             self.state._session(request.worker_id, request.session_id)
-        reply = self.state.model_reply(request.have_version, request.force_full, request.wait_seconds)
+        reply = self.state.model_reply(request.have_version, request.force_full, request.wait_seconds, request.worker_id)
         header = pb.ModelHeader(
             kind=pb.ModelHeader.Kind.Value(reply.kind),
             version=reply.version,
@@ -144,6 +144,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 )
                 for u, offset in reply.updates
             ],
+            merged_push_ids=reply.merged_push_ids,
         )
         return self._stream_model(header, reply.blob)
 

@@ -102,6 +102,7 @@ class WorkerRecord:
     pushes: int = 0
     merged_tokens: int = 0
     left: bool = False
+    merged_pushes: list[tuple[int, str]] = field(default_factory=list)  # (version, push id), last 32
 
 
 @dataclass
@@ -127,6 +128,7 @@ class ModelReply:
     blob: bytes
     params_sha256: str
     updates: list[tuple[UpdateRecord, int]]  # (record, offset in blob)
+    merged_push_ids: list[str] = field(default_factory=list)  # for FULL: the caller's pushes since have_version
 
 
 # --------------------------------------------------------------------------- state
@@ -182,6 +184,7 @@ class CoordinatorState:
         self.train_loss = float("nan")
         self.val_loss = float("nan")
         self.contributors: set[str] = set()
+        self.departed_stats: dict[str, dict[str, float]] = {}  # worker_id -> last stats, after it left
         self.sent_bytes = 0
         self.received_bytes = 0
         self.seconds_before_restart = 0.0
@@ -310,6 +313,8 @@ class CoordinatorState:
     def _drop(self, worker_id: str, why: str) -> None:
         """Forget a worker: discard its pending delta, return its leased tokens."""
         record = self.workers.pop(worker_id, None)
+        if record is not None and record.stats:
+            self.departed_stats[worker_id] = record.stats
         self.pending = [c for c in self.pending if c.worker_id != worker_id]
         returned = self.ledger.release(worker_id)
         if record is not None and why != "left":
@@ -351,7 +356,9 @@ class CoordinatorState:
 
     # ------------------------------------------------------------------ model
 
-    def model_reply(self, have_version: int, force_full: bool, wait_seconds: float) -> ModelReply:
+    def model_reply(
+        self, have_version: int, force_full: bool, wait_seconds: float, worker_id: str = ""
+    ) -> ModelReply:
         """Updates since `have_version` when all are held, else the full model. Waits up to
         `wait_seconds` (long poll) for a version newer than `have_version`."""
         deadline = self.clock() + max(0.0, min(wait_seconds, 60.0))
@@ -376,7 +383,9 @@ class CoordinatorState:
             if self.full_blob_cache is None or self.full_blob_cache[0] != self.version:
                 blob, _ = encode_tensors(self.global_params, "none")
                 self.full_blob_cache = (self.version, blob)
-            return ModelReply("FULL", self.version, self.full_blob_cache[1], self.params_sha, [])
+            record = self.workers.get(worker_id)
+            own = [p for v, p in record.merged_pushes if v > have_version] if record else []
+            return ModelReply("FULL", self.version, self.full_blob_cache[1], self.params_sha, [], own)
 
     # ------------------------------------------------------------------ pushes
 
@@ -525,6 +534,7 @@ class CoordinatorState:
             record = self.workers.get(c.worker_id)
             if record is not None:
                 record.merged_tokens += committed
+                record.merged_pushes = (record.merged_pushes + [(self.version, c.push_id)])[-32:]
                 if record.left and not self.ledger.held_by(c.worker_id):
                     self._drop(c.worker_id, "left")
             self.contributors.add(c.worker_id)
@@ -712,7 +722,7 @@ class CoordinatorState:
 
     def summary(self) -> dict:
         with self.lock:
-            stats = [w.stats for w in self.workers.values() if w.stats]
+            stats = [w.stats for w in self.workers.values() if w.stats] + list(self.departed_stats.values())
             wall = sum(s.get("wall_seconds", 0.0) for s in stats)
             return {
                 "val_loss": self.val_loss,

@@ -172,7 +172,7 @@ class ModelPart(_message.Message):
     def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("kind", "version", "total_bytes", "sha256", "params_sha256", "updates")
+    __slots__ = ("kind", "version", "total_bytes", "sha256", "params_sha256", "updates", "merged_push_ids")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         FULL: _ClassVar[ModelHeader.Kind]
@@ -187,13 +187,15 @@ class ModelHeader(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     PARAMS_SHA256_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    MERGED_PUSH_IDS_FIELD_NUMBER: _ClassVar[int]
     kind: ModelHeader.Kind
     version: int
     total_bytes: int
     sha256: str
     params_sha256: str
     updates: _containers.RepeatedCompositeFieldContainer[UpdateInfo]
-    def __init__(self, kind: _Optional[_Union[ModelHeader.Kind, str]] = ..., version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., params_sha256: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[UpdateInfo, _Mapping]]] = ...) -> None: ...
+    merged_push_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[_Union[ModelHeader.Kind, str]] = ..., version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., params_sha256: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[UpdateInfo, _Mapping]]] = ..., merged_push_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UpdateInfo(_message.Message):
     __slots__ = ("version", "offset", "size", "merged_push_ids", "params_sha256")

@@ -845,6 +845,11 @@ class WorkerRunner:
             except (grpc.RpcError, FatalError) as exc:
                 log.warning("final push failed: %s", exc)
         self._abort.set()
+        try:  # final cumulative stats (bytes, waiting) so the run's summary counts this worker fully
+            final_stats, _ = self._worker_stats(_Stats(), time.monotonic())
+            self.client.heartbeat(final_stats, patience=3.0)
+        except (grpc.RpcError, FatalError) as exc:
+            log.warning("final heartbeat failed: %s", exc)
         try:
             self.client.leave(reason, patience=max(1.0, min(5.0, give_up - time.monotonic())))
             log.info("left the run (%s)", reason)
