@@ -734,6 +734,7 @@ class CoordinatorState:
                 "seconds": self.elapsed(),
                 "sent_bytes": int(sum(s.get("sent_bytes", 0) for s in stats)),
                 "received_bytes": int(sum(s.get("received_bytes", 0) for s in stats)),
+                "data_bytes": int(sum(s.get("data_bytes", 0) for s in stats)),
                 "coordinator_sent_bytes": self.sent_bytes,
                 "coordinator_received_bytes": self.received_bytes,
                 "wait_fraction": (sum(s.get("wait_seconds", 0.0) for s in stats) / wall) if wall else 0.0,

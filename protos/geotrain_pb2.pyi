@@ -52,7 +52,7 @@ class JoinReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., session_id: _Optional[str] = ..., run_id: _Optional[str] = ..., run_spec_json: _Optional[str] = ..., model_version: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., heartbeat_seconds: _Optional[float] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("tokens_per_second", "step_seconds", "loss", "sent_bytes", "received_bytes", "wait_seconds", "wall_seconds", "steps", "tokens", "gpu_memory_bytes", "gpu_utilization", "residual_norm")
+    __slots__ = ("tokens_per_second", "step_seconds", "loss", "sent_bytes", "received_bytes", "wait_seconds", "wall_seconds", "steps", "tokens", "gpu_memory_bytes", "gpu_utilization", "residual_norm", "data_bytes")
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class WorkerStats(_message.Message):
     GPU_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     GPU_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_NORM_FIELD_NUMBER: _ClassVar[int]
+    DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
     tokens_per_second: float
     step_seconds: float
     loss: float
@@ -77,7 +78,8 @@ class WorkerStats(_message.Message):
     gpu_memory_bytes: int
     gpu_utilization: float
     residual_norm: float
-    def __init__(self, tokens_per_second: _Optional[float] = ..., step_seconds: _Optional[float] = ..., loss: _Optional[float] = ..., sent_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., gpu_utilization: _Optional[float] = ..., residual_norm: _Optional[float] = ...) -> None: ...
+    data_bytes: int
+    def __init__(self, tokens_per_second: _Optional[float] = ..., step_seconds: _Optional[float] = ..., loss: _Optional[float] = ..., sent_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., gpu_utilization: _Optional[float] = ..., residual_norm: _Optional[float] = ..., data_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "session_id", "stats")

@@ -129,8 +129,9 @@ class CoordinatorClient:
         self._lock = threading.Lock()  # bytes counters
         self._join_lock = threading.Lock()
         self._rejoin_lock = threading.Lock()
-        self.sent_bytes = 0
+        self.sent_bytes = 0  # model traffic and control messages (bytes on the wire, both directions)
         self.received_bytes = 0
+        self.data_bytes = 0  # shard downloads, counted apart: a worker with local data has none
         self.join_request: pb.JoinRequest | None = None
         self.join_reply: pb.JoinReply | None = None
         self.worker_id = ""
@@ -356,7 +357,7 @@ class CoordinatorClient:
             dest_write(None)  # type: ignore[arg-type]  # start over
             total, digest, got = -1, "", 0
             for part in self._stub.GetShard(req, timeout=deadline, metadata=self._metadata):
-                self._count(received=part.ByteSize())
+                self.data_bytes += part.ByteSize()  # data, kept apart from model traffic
                 if total < 0:
                     total, digest = part.total_bytes, part.sha256
                     if total > expected_bytes:

@@ -792,6 +792,7 @@ class WorkerRunner:
             step_seconds=(s.step_seconds - prev.step_seconds) / steps if steps else 0.0,
             loss=(s.loss_sum - prev.loss_sum) / steps if steps else 0.0,
             sent_bytes=self.client.sent_bytes, received_bytes=self.client.received_bytes,
+            data_bytes=self.client.data_bytes,
             wait_seconds=s.wait_seconds, wall_seconds=time.monotonic() - self.train_start,
             steps=s.steps, tokens=s.tokens, gpu_memory_bytes=gpu_mem, gpu_utilization=gpu_util,
             residual_norm=s.residual_norm,
