@@ -71,6 +71,7 @@ import math
 import struct
 import sys
 from abc import ABC, abstractmethod
+from itertools import repeat
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -446,7 +447,7 @@ class SignCodec(Codec):
 
     # Values per block of the fused encode loop: the block's x, residual, output and mask stay in
     # cache across all the passes, so main memory sees each value about once (3x faster here).
-    block = 1 << 20
+    block = 1 << 17
 
     def _encode_into(self, x, out, add=None):
         """As Codec._encode_into. With ``add`` (same shape), x is a residual buffer r and this
@@ -462,15 +463,20 @@ class SignCodec(Codec):
         mask = np.empty(n, dtype=np.bool_)  # 1 byte per value; packed once at the end
         g = 0
         for start, rows, cols in pieces:
-            step = max(8, self.block // cols)
-            for r0 in range(0, rows, step):
-                r1 = min(rows, r0 + step)
-                a, b = start + r0 * cols, start + r1 * cols
-                xv = flat[a:b].view(r1 - r0, cols)
-                dv = dec[a:b].view(r1 - r0, cols)  # scratch for |y| or y^2, then the result
-                if addf is not None:
-                    xv.add_(addf[a:b].view(r1 - r0, cols))  # y = r + x
-                sg = s[g + r0 : g + r1]
+            step = max(1, self.block // cols)  # rows per block
+            stop = start + rows * cols
+            adds = repeat(None) if addf is None else addf[start:stop].view(rows, cols).split(step)
+            blocks = zip(
+                flat[start:stop].view(rows, cols).split(step),
+                dec[start:stop].view(rows, cols).split(step),  # scratch for |y| or y^2, then the result
+                s[g : g + rows].split(step),
+                range(start, stop, step * cols),  # flat offset of each block
+                adds,
+            )
+            for xv, dv, sg, a, av in blocks:
+                b = a + xv.numel()
+                if av is not None:
+                    xv.add_(av)  # y = r + x
                 if self.sign_scale == "mean_abs":
                     torch.sum(torch.abs(xv, out=dv), dim=1, out=sg)
                     sg.div_(cols)
@@ -480,7 +486,7 @@ class SignCodec(Codec):
                 torch.copysign(sg[:, None], xv, out=dv)  # +-s with y's sign bit
                 # int32 view < 0 is exactly the float sign bit (what copysign used), -0.0 included
                 np.less(words[a:b], 0, out=mask[a:b])
-                if addf is not None:
+                if av is not None:
                     xv.sub_(dv)  # residual = y - decoded
             g += rows
         _check_scales(s, 1.0)

@@ -494,3 +494,26 @@ def test_fuzz_valid_header_random_frame(scheme, junk, count):
         blob = craft(entries[:count] if count < 3 else entries, frame, scheme_id=SCHEMES.index(scheme), chunk=4)
         with pytest.raises(ValueError):
             decode_tensors(blob, EXPECTED)
+
+
+@pytest.mark.parametrize("sign_scale", ["mean_abs", "rms"])
+@pytest.mark.parametrize("shape", [(37, 13), (1000,), (3, 5, 7), (1, 300), (300, 1)])
+def test_fused_sign_feedback_matches_the_generic_definition(monkeypatch, sign_scale, shape):
+    """The cache-blocked sign + feedback path == y = x + r; encode(y); r = y - decoded."""
+    from common.compression import SignCodec
+
+    monkeypatch.setattr(SignCodec, "block", 40)  # many blocks, ragged last block, chunk tails
+    codec = get_codec("sign", 16, sign_scale)
+    ef = ErrorFeedback(codec)
+    g = torch.Generator().manual_seed(5)
+    r = torch.zeros(shape)
+    for _ in range(3):
+        x = torch.randn(shape, generator=g)
+        y = x + r
+        monkeypatch.setattr(SignCodec, "block", 1 << 30)
+        want_payload, want = codec.encode(y)
+        monkeypatch.setattr(SignCodec, "block", 40)
+        payload, dec = ef.compress("w", x)
+        assert payload == want_payload and same_bits(dec, want)
+        r = y - want
+        assert same_bits(ef.state_dict()["w"], r)
