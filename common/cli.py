@@ -259,5 +259,49 @@ def health(target, service, timeout):
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("target", metavar="HOST:PORT")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status JSON (the Status RPC's status_json).")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File with the run token (or GEOTRAIN_TOKEN).")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), help="PEM CA certificate: talk TLS to the coordinator.")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Seconds.")
+def status(target, as_json, token_file, tls_ca, timeout):
+    """Show a running coordinator's status: the run, then one row per live worker."""
+    import json as _json
+    import os
+
+    import grpc
+
+    from common.rpc import read_token
+    from common.status import fetch_status, render_status
+
+    try:
+        token = read_token(token_file, os.environ.get("GEOTRAIN_TOKEN"))
+        ca = Path(tls_ca).read_bytes() if tls_ca else None
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    try:
+        snapshot = fetch_status(target, token=token, tls_ca=ca, timeout=timeout)
+    except grpc.RpcError as exc:
+        fail(f"{target}: {exc.code().name}: {exc.details()}")
+    click.echo(_json.dumps(snapshot, indent=2) if as_json else render_status(snapshot))
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory (default: RUN_DIR/plots).")
+def plot(run_dir, out):
+    """Write PNG charts from RUN_DIR/history.jsonl (loss vs tokens and time, per-worker throughput
+    and traffic). Needs matplotlib: pip install 'geotrain[plot]'."""
+    from common.plot import PlotError, plot_run
+
+    try:
+        paths = plot_run(run_dir, out)
+    except PlotError as exc:
+        fail(str(exc))
+    for path in paths:
+        click.echo(str(path))
+
+
 def main() -> None:
     cli()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from common.config import RunConfig
 from common.data import TokenData
 from common.rpc import TokenAuthInterceptor, server_options
+from common.status import render_status
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import CoordinatorServicer
 from coordinator.state import CoordinatorState
@@ -25,6 +27,7 @@ from protos import geotrain_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.5
+STATUS_EVERY_SECONDS = 30.0  # the status table (common/status.py) goes to the log this often; 0 = never
 STOP_GRACE_SECONDS = 3.0
 
 
@@ -86,14 +89,25 @@ class CoordinatorServer:
     def run_until(self, stop: threading.Event) -> None:
         """Tick until `stop` is set or the run has finished (then linger so workers see STOP)."""
         linger = None
+        last_status = time.monotonic()
         while not stop.wait(TICK_SECONDS):
             self.state.tick()
             self.metrics.refresh(self.state)
+            if STATUS_EVERY_SECONDS and time.monotonic() - last_status >= STATUS_EVERY_SECONDS:
+                last_status = time.monotonic()
+                self.log_status()
             if self.state.final_summary is not None:
                 linger = linger if linger is not None else 0
                 linger += 1
                 if linger * TICK_SECONDS >= self.state.run.workers.heartbeat_seconds * 2 + 1:
                     break
+
+    def log_status(self) -> None:
+        """One compact block: the same table `geotrain status` prints."""
+        try:
+            log.info("status\n%s", render_status(self.state.status()))
+        except Exception:  # noqa: BLE001 - a display problem never stops the run
+            log.exception("status table failed")
 
     def stop(self) -> None:
         self.health.enter_graceful_shutdown()
