@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import secrets
 import statistics
@@ -185,6 +186,7 @@ class CoordinatorState:
         self.val_loss = float("nan")
         self.contributors: set[str] = set()
         self.departed_stats: dict[str, dict[str, float]] = {}  # worker_id -> last stats, after it left
+        self.departed_pushes: dict[str, list[tuple[int, str]]] = {}  # for a rejoin after a drop
         self.sent_bytes = 0
         self.received_bytes = 0
         self.seconds_before_restart = 0.0
@@ -259,8 +261,11 @@ class CoordinatorState:
             if len(value) > 256:
                 raise InvalidArgument(f"{label} is longer than 256 characters")
         with self.lock:
+            carried = self.departed_pushes.pop(previous_worker_id, [])
             if previous_worker_id in self.workers:
+                carried = self.workers[previous_worker_id].merged_pushes
                 self._drop(previous_worker_id, "rejoined")
+                self.departed_pushes.pop(previous_worker_id, None)
             live = [w for w in self.workers.values() if not w.left]
             if len(live) >= self.run.workers.max_workers:
                 raise ResourceExhausted(f"the run already has {len(live)} workers (max {self.run.workers.max_workers})")
@@ -276,6 +281,7 @@ class CoordinatorState:
                 sync_group=sync_group,
                 joined_at=now,
                 last_seen=now,
+                merged_pushes=list(carried),
             )
             self.workers[record.worker_id] = record
             self._update_worker_gauge()
@@ -315,6 +321,10 @@ class CoordinatorState:
         record = self.workers.pop(worker_id, None)
         if record is not None and record.stats:
             self.departed_stats[worker_id] = record.stats
+        if record is not None and record.merged_pushes:
+            self.departed_pushes[worker_id] = record.merged_pushes
+            while len(self.departed_pushes) > 4 * self.run.workers.max_workers:
+                self.departed_pushes.pop(next(iter(self.departed_pushes)))
         self.pending = [c for c in self.pending if c.worker_id != worker_id]
         returned = self.ledger.release(worker_id)
         if record is not None and why != "left":
@@ -525,6 +535,7 @@ class CoordinatorState:
         )
         add_(self.global_params, decoded)
         self.version += 1
+        self._write_version_mark()
         self.params_sha = params_sha256(self.global_params)
         self.history.append(UpdateRecord(self.version, blob, [c.push_id for c in valid], self.params_sha))
         tokens = 0
@@ -669,6 +680,24 @@ class CoordinatorState:
         log.info("checkpoint %s written", path.name)
         return path
 
+    @property
+    def version_mark_path(self) -> Path:
+        return self.run_dir / "version.mark"
+
+    def _write_version_mark(self) -> None:
+        """Record the highest version ever published (tmp + rename: safe against SIGKILL). After a
+        restart from an older checkpoint the restored weights get a version above it, so a version
+        number never names two different models and never goes backwards."""
+        tmp = self.version_mark_path.with_suffix(".tmp")
+        tmp.write_text(str(self.version))
+        os.replace(tmp, self.version_mark_path)
+
+    def _read_version_mark(self) -> int:
+        try:
+            return int(self.version_mark_path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
     def _restore(self) -> None:
         loaded = load_latest_checkpoint(self.ckpt_root)
         if loaded is None:
@@ -695,6 +724,12 @@ class CoordinatorState:
         self.params_sha = params_sha256(self.global_params)
         if self.params_sha != state["params_sha256"]:
             raise ValueError(f"checkpoint {path}: restored weights do not match their recorded checksum")
+        mark = self._read_version_mark()
+        if mark > self.version:
+            log.warning("versions %d..%d were lost with the crash; the restored model becomes version %d",
+                        self.version + 1, mark, mark + 1)
+            self.version = mark + 1
+            self._write_version_mark()
         self.last_checkpoint_version = self.version
         self.last_eval_version = self.version
         self.restored_from = path

@@ -206,6 +206,13 @@ def test_restart_resumes_from_checkpoint(data, tmp_path):
     assert params_sha256(again.global_params) == state.params_sha
     assert again.ledger.committed_total == 64
     assert again.ledger.units[r.unit_id].holder == ""  # leases do not survive a restart
+    # merges after the checkpoint are lost with a crash, but the version number never goes back
+    record2, r2 = join(again, "w2")
+    push(again, record2, r2, delta_like(again, 0.01), "after-checkpoint")
+    lost_version = again.version
+    third = CoordinatorState(small_run(), data, tmp_path)
+    assert third.version == lost_version + 1
+    assert params_sha256(third.global_params) == state.params_sha
     other = small_run()
     other.model.n_embd = 64
     with pytest.raises(ValueError, match="checkpoint"):

@@ -85,11 +85,9 @@ def test_full_with_own_push_subtracts_it():
 
 
 def test_full_contains_push_rule():
-    assert full_contains_push(5, 5, 4, "async") is True
-    assert full_contains_push(4, 5, 4, "async") is False
-    assert full_contains_push(5, 5, 4, "semi-sync") is False
-    assert full_contains_push(6, 5, 4, "semi-sync") is True
-    assert full_contains_push(2, 5, 4, "semi-sync") is None  # coordinator lost history
+    assert full_contains_push(5, 4, "p1", ["p0", "p1"]) is True
+    assert full_contains_push(5, 4, "p1", []) is False  # queued, not merged yet
+    assert full_contains_push(2, 4, "p1", []) is None  # coordinator lost history
 
 
 # --------------------------------------------------------------------------- fake coordinator

@@ -518,10 +518,15 @@ class CompressedAllReduce:
             sha256=rpc.sha256_hex(payload), segments=[peer_pb2.Segment(block=b, size_bytes=s) for b, s in segments],
         )
         sending = self._sender.submit(self._send, partner, header, payload, t0 + deadline)
-        got = self._inbox.get((step, rnd.index, partner), timeout=deadline)
-        if got is None:
-            sending.cancel()
-            raise PeerFailure(partner, f"no message for step {step} round {rnd.index} within {deadline:.1f} s")
+        got = None
+        while got is None:  # wait for the partner's message; a failed send ends the wait early
+            left = t0 + deadline - time.monotonic()
+            if left <= 0:
+                sending.cancel()
+                raise PeerFailure(partner, f"no message for step {step} round {rnd.index} within {deadline:.1f} s")
+            got = self._inbox.get((step, rnd.index, partner), timeout=min(left, 0.25))
+            if got is None and sending.done() and sending.exception() is not None:
+                raise sending.exception()
         try:
             sending.result(timeout=max(0.0, t0 + deadline - time.monotonic()))
         except futures.TimeoutError:

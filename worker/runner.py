@@ -23,12 +23,11 @@ and therefore goes out with the next delta. A separate ErrorFeedback buffer on t
 send the residual twice (once from params, once from the buffer), so encode_tensors is called with
 feedback=None; `residual_norm` reports ||d - decoded|| of the last push.
 
-When does a FULL reply contain our push P (the coordinator sends no push ids with FULL)? P was
-ACCEPTED with reply version r. Under merge.policy "async" the reply's version already contains P,
-so G contains P iff G.version >= r; under "semi-sync" P was queued at r and goes out with the next
-merge, so iff G.version > r. A FULL whose version is below P's base_version means the coordinator
-lost history (restored an older checkpoint): P is treated as lost (kept in params). If the header
-ever carries merged push ids for FULL, they win (see MERGED_IDS_FIELD).
+When does a FULL reply contain our push P? The header lists our pushes merged after the version
+we asked from (ModelHeader.merged_push_ids): P is in it, or not yet merged. A FULL whose version
+is below P's base_version means the coordinator lost history (restored an older checkpoint): P is
+treated as lost (kept in params); an accepted P still unmerged after max_staleness + 2 versions
+is treated the same way.
 """
 
 from __future__ import annotations
@@ -71,7 +70,6 @@ LONG_POLL_SECONDS = 20.0  # GetModel wait while our push awaits its merge
 SHUTDOWN_PATIENCE_S = 15.0  # on a signal: how long to try the final push and Leave
 FINISH_PATIENCE_S = 120.0  # run finished (exhausted / STOP): wait for the last merge and push
 SUMMARY_SECONDS = 10.0
-MERGED_IDS_FIELD = "merged_push_ids"  # optional ModelHeader field for FULL replies (not in v1)
 
 
 # --------------------------------------------------------------------------- rebase arithmetic
@@ -109,12 +107,12 @@ def rebase_full(
         add_(params, own_decoded, alpha=-1.0)
 
 
-def full_contains_push(version: int, accepted_version: int, base_version: int, policy: str) -> bool | None:
-    """Whether a FULL model at `version` contains a push ACCEPTED with reply version
-    `accepted_version` and measured from `base_version`: True, False (not yet), or None (lost)."""
+def full_contains_push(version: int, base_version: int, push_id: str, merged_push_ids) -> bool | None:
+    """Whether a FULL model at `version` contains our push: True, False (not yet), or None (lost:
+    the model is older than the push's base, so the coordinator restarted without it)."""
     if version < base_version:
         return None
-    return version >= accepted_version if policy == "async" else version > accepted_version
+    return push_id in merged_push_ids
 
 
 # --------------------------------------------------------------------------- config and state
@@ -666,12 +664,9 @@ class WorkerRunner:
             full = self._decode(rep.blob)
             own: bool | None = False
             if push is not None and push.accepted_version >= 0:
-                ids = list(getattr(h, MERGED_IDS_FIELD, ())) if MERGED_IDS_FIELD in h.DESCRIPTOR.fields_by_name else None
-                if ids is not None and (ids or h.version < push.base_version):
-                    own = push.push_id in ids
-                else:
-                    own = full_contains_push(h.version, push.accepted_version, push.base_version,
-                                             self.run_cfg.merge.policy)
+                # The coordinator names our pushes the full weights contain; a full model older
+                # than the push's base means the push was lost with a coordinator crash.
+                own = full_contains_push(h.version, push.base_version, push.push_id, h.merged_push_ids)
             self.comm_version = h.version
             self._inbox.put(("full", h.version, full, h.params_sha256, push if own else None, own is None))
             return push is not None and own is not False
