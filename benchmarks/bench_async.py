@@ -1,0 +1,289 @@
+"""Real end-to-end benchmark: `geotrain demo` (coordinator + N worker processes on loopback) against
+`geotrain train` baselines, every final model evaluated on the SAME fixed validation batches.
+
+Baselines (nano recipe, 2000 steps of 12 x 64 tokens per worker):
+  train_b12        one worker alone                           (floor "b")
+  train_b{12N}     DDP-equivalent: one process, batch 12 x N  (floor "a", the quality ceiling)
+Demo runs: demo_n{N}_h{H}_{scheme}[_{tag}].
+
+Traffic: the demo's sent_bytes + received_bytes (wire bytes, model traffic only, summed over
+workers) divided by N gives bytes per worker. fp32 DDP with a ring all-reduce moves, per worker and
+per step, 2 (N-1)/N x 4 x params bytes sent AND the same received; ratio = DDP / ours, same tokens.
+
+Examples (each part can be run separately; results merge into benchmarks/results/async.json):
+  .venv/bin/python benchmarks/bench_async.py --baselines 1,2,4 --workers ''          # baselines only
+  .venv/bin/python benchmarks/bench_async.py --workers 2 --round-steps 50 --compression none,sign
+  .venv/bin/python benchmarks/bench_async.py --table-only                             # print the table
+Finished runs are reused (their run dir holds the model) unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results" / "async.json"
+BATCH, BLOCK = 12, 64
+EVAL_SEED = 0xBE7C4  # fixed val batches for every model
+DATA_DIR = ""  # --data: a prepared data directory (default: the embedded corpus)
+
+
+def _geotrain() -> list[str]:
+    exe = ROOT / ".venv" / "bin" / "geotrain"
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from common.cli import main; main()"]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+_DATA = None
+
+
+def _data():
+    global _DATA
+    if _DATA is None:
+        from common.data import TokenData, resolve_data_dir
+
+        _DATA = TokenData(resolve_data_dir(DATA_DIR or None))
+    return _DATA
+
+
+@torch.no_grad()
+def fixed_val_loss(model: torch.nn.Module, batches: int, seed: int = EVAL_SEED) -> float:
+    """Mean loss over `batches` fixed val batches of 12 x 64 (batch i = get_batch(seed, step=i))."""
+    model.eval()
+    data = _data()
+    total = 0.0
+    for i in range(batches):
+        x, y = data.get_batch("val", BATCH, BLOCK, seed=seed, step=i)
+        _, loss = model(x, y)
+        total += float(loss)
+    return total / batches
+
+
+def load_trainer_model(out_dir: Path):
+    from common.sampling import load_model_from_checkpoint
+
+    model, _, _ = load_model_from_checkpoint(out_dir / "checkpoints")
+    return model
+
+
+def load_coordinator_model(run_dir: Path):
+    """The global model from the coordinator's latest checkpoint (as coordinator/demo.py::sample_from_run)."""
+    from common.checkpoint import load_latest_checkpoint
+    from common.config import ModelConfig
+    from common.model import GPT
+
+    loaded = load_latest_checkpoint(run_dir / "checkpoints")
+    if loaded is None:
+        raise ValueError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    tensors, state, _ = loaded
+    model = GPT(ModelConfig(**state["model"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(tensors[f"model.{name}"])
+    return model
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_train(batch: int, steps: int, runs: Path, force: bool, threads: int) -> dict:
+    out = runs / f"train_b{batch}_s{steps}"
+    if force or not (out / "summary.json").exists():
+        cmd = [
+            *_geotrain(), "train", "--model", "nano", "--max-iters", str(steps), "--batch-size", str(batch),
+            "--eval-iters", "20", "--eval-interval", str(steps), "--checkpoint-interval", str(steps),
+            "--out", str(out), "--device", "cpu", "--no-progress",
+        ]
+        if DATA_DIR:
+            cmd += ["--data", DATA_DIR]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        t0 = time.monotonic()
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / f"{out.name}.log", "w") as log:
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        (out / "bench_seconds.txt").write_text(f"{time.monotonic() - t0:.1f}\n")
+    summary = json.loads((out / "summary.json").read_text())
+    secs = out / "bench_seconds.txt"
+    return {"dir": str(out.relative_to(ROOT)), "own_val_loss": summary.get("val_loss"),
+            "seconds": float(secs.read_text()) if secs.exists() else None,
+            "command": f"geotrain train --model nano --max-iters {steps} --batch-size {batch} --out {out.relative_to(ROOT)}"}
+
+
+def write_config(path: Path, outer: dict, chunk: int | None) -> None:
+    lines = []
+    if outer:
+        lines.append("[outer]")
+        for k, v in outer.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+    if chunk:
+        lines += ["[compression]", f"chunk = {chunk}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_demo(n: int, h: int, scheme: str, steps: int, runs: Path, force: bool, outer: dict, chunk: int | None,
+             tag: str) -> dict:
+    name = f"demo_n{n}_h{h}_{scheme}_s{steps}" + (f"_{tag}" if tag else "")
+    run_dir = runs / name
+    cmd = [
+        *_geotrain(), "demo", "--workers", str(n), "--steps", str(steps), "--round-steps", str(h),
+        "--compression", scheme, "--run-dir", str(run_dir), "--json",
+    ]
+    if DATA_DIR:
+        cmd += ["--data", DATA_DIR]
+    if outer or chunk:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = runs / f"{name}.toml"
+        write_config(cfg, outer, chunk)
+        cmd += ["--config", str(cfg)]
+    if force or not (run_dir / "summary.json").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(runs / f"{name}.log", "w") as log:
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"dir": str(run_dir.relative_to(ROOT)), "summary": summary,
+            "command": " ".join(c if not c.startswith(str(ROOT)) else os.path.relpath(c, ROOT) for c in cmd)}
+
+
+# --------------------------------------------------------------------------- table
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
+
+
+def save_results(res: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+
+
+def table(res: dict) -> str:
+    runs = res["runs"]
+    rows = ["| run | N | H | scheme | outer | tokens | fixed-val loss | vs (b) one worker | vs (a) DDP batch 12N | "
+            "MB/worker (sent+recv) | DDP fp32 MB/worker | DDP/ours | wait % | seconds |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    b = runs.get("train_b12_s2000", {}).get("val")
+    for key in sorted(runs, key=lambda k: (runs[k].get("n", 0), runs[k].get("kind") != "train", k)):
+        r = runs[key]
+        n = r.get("n", 1)
+        a = runs.get(f"train_b{12 * n}_s{r.get('steps', 2000)}", {}).get("val")
+        rel_b = f"{100 * (r['val'] / b - 1):+.2f}%" if b else ""
+        rel_a = f"{100 * (r['val'] / a - 1):+.2f}%" if a else ""
+        if r["kind"] == "train":
+            rows.append(f"| {key} | {n} (batch {r['batch']}) | - | - | - | {r['tokens']:,} | {r['val']:.4f} | {rel_b} | "
+                        f"{rel_a} | - | - | - | - | {r.get('seconds') or 0:.0f} |")
+        else:
+            rows.append(
+                f"| {key} | {n} | {r['h']} | {r['scheme']} | {r.get('outer_desc', 'default')} | {r['tokens']:,} | "
+                f"{r['val']:.4f} | {rel_b} | {rel_a} | {r['bytes_per_worker'] / 1e6:.2f} | "
+                f"{r['ddp_bytes_per_worker'] / 1e6:.0f} | {r['ddp_ratio']:.0f}x | {100 * r['wait_fraction']:.2f} | "
+                f"{r['seconds']:.0f} |" if n > 1 else
+                f"| {key} | {n} | {r['h']} | {r['scheme']} | {r.get('outer_desc', 'default')} | {r['tokens']:,} | "
+                f"{r['val']:.4f} | {rel_b} | {rel_a} | {r['bytes_per_worker'] / 1e6:.2f} | 0 | - | "
+                f"{100 * r['wait_fraction']:.2f} | {r['seconds']:.0f} |"
+            )
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _csv(s: str, cast=str) -> list:
+    return [cast(x) for x in s.split(",") if x.strip()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", default="1,2,4", help="demo worker counts, comma separated ('' = none)")
+    p.add_argument("--round-steps", default="50", help="H values, comma separated")
+    p.add_argument("--compression", default="none,sign")
+    p.add_argument("--steps", type=int, default=2000, help="inner steps per worker")
+    p.add_argument("--baselines", default="", help="N values whose train baselines to run (batch 12 x N)")
+    p.add_argument("--outer-kind", default="")
+    p.add_argument("--outer-lr", type=float, default=0.0)
+    p.add_argument("--outer-momentum", type=float, default=-1.0)
+    p.add_argument("--chunk", type=int, default=0, help="compression.chunk override")
+    p.add_argument("--tag", default="", help="suffix for the run names (use with outer/chunk overrides)")
+    p.add_argument("--eval-batches", type=int, default=200)
+    p.add_argument("--runs-dir", default="runs/bench")
+    p.add_argument("--threads", type=int, default=0, help="train baselines: torch threads")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--data", default="", help="prepared data directory for every run and the evaluation")
+    p.add_argument("--results", default="", help="JSON file the results merge into (default: benchmarks/results/async.json)")
+    p.add_argument("--table-only", action="store_true")
+    global DATA_DIR, RESULTS
+    args = p.parse_args()
+    DATA_DIR = args.data
+    RESULTS = Path(args.results) if args.results else RESULTS
+    res = load_results()
+    if args.table_only:
+        print(table(res))
+        return
+    runs = ROOT / args.runs_dir
+    runs.mkdir(parents=True, exist_ok=True)
+    nparams = None
+    for n in _csv(args.baselines, int):
+        batch = BATCH * n
+        info = run_train(batch, args.steps, runs, args.force, args.threads)
+        model = load_trainer_model(ROOT / info["dir"])
+        nparams = sum(p.numel() for p in model.parameters())
+        key = f"train_b{batch}_s{args.steps}"
+        res["runs"][key] = dict(info, kind="train", n=n, batch=batch, steps=args.steps,
+                                tokens=batch * BLOCK * args.steps, params=nparams,
+                                val=fixed_val_loss(model, args.eval_batches), eval_batches=args.eval_batches)
+        save_results(res)
+        print(f"{key}: fixed-val {res['runs'][key]['val']:.4f}", flush=True)
+
+    outer = {}
+    if args.outer_kind:
+        outer["kind"] = args.outer_kind
+    if args.outer_lr > 0:
+        outer["lr"] = args.outer_lr
+    if args.outer_momentum >= 0:
+        outer["momentum"] = args.outer_momentum
+    for n in _csv(args.workers, int):
+        for h in _csv(args.round_steps, int):
+            for scheme in _csv(args.compression):
+                t0 = time.monotonic()
+                info = run_demo(n, h, scheme, args.steps, runs, args.force, outer, args.chunk or None, args.tag)
+                s = info["summary"]
+                model = load_coordinator_model(ROOT / info["dir"])
+                params = sum(p.numel() for p in model.parameters())
+                tokens = int(s["tokens"])
+                per_worker = (s["sent_bytes"] + s["received_bytes"]) / n
+                steps_per_worker = tokens / (n * BATCH * BLOCK)
+                ddp = 2 * 2 * (n - 1) / n * 4 * params * steps_per_worker  # sent + received per worker
+                key = f"demo_n{n}_h{h}_{scheme}_s{args.steps}" + (f"_{args.tag}" if args.tag else "")
+                desc = ",".join(f"{k}={v}" for k, v in outer.items()) or "default"
+                if args.chunk:
+                    desc += f",chunk={args.chunk}"
+                res["runs"][key] = dict(
+                    kind="demo", n=n, h=h, scheme=scheme, steps=args.steps, tokens=tokens, params=params,
+                    outer=outer, outer_desc=desc, chunk=args.chunk or None, dir=info["dir"], command=info["command"],
+                    coordinator_val_loss=s.get("val_loss"), val=fixed_val_loss(model, args.eval_batches),
+                    eval_batches=args.eval_batches, sent_bytes=s["sent_bytes"], received_bytes=s["received_bytes"],
+                    bytes_per_worker=per_worker, bytes_per_worker_per_token=per_worker / max(1, tokens / n),
+                    ddp_bytes_per_worker=ddp, ddp_ratio=(ddp / per_worker) if per_worker and n > 1 else None,
+                    wait_fraction=s.get("wait_fraction", 0.0), seconds=s.get("seconds", time.monotonic() - t0),
+                    model_version=s.get("model_version"),
+                )
+                save_results(res)
+                print(f"{key}: fixed-val {res['runs'][key]['val']:.4f} MB/worker {per_worker / 1e6:.2f} "
+                      f"wait {100 * s.get('wait_fraction', 0):.2f}%", flush=True)
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""Round simulator: N model replicas in ONE process, merged with the real coordinator/worker code.
+
+Each replica trains on its own deterministic stream (get_batch("train", 12, 64, seed=1000+rank,
+step=s)) with AdamW at lr_at(step, optim, steps). Every H steps (synchronous rounds):
+
+  uplink   delta_i = params_i - base; blob, dec_i = encode_tensors(delta_i, scheme)   (no feedback
+           buffer: as worker/runner.py, the compression error stays in params_i - base)
+  merge    mean = coordinator.merge.combine(...); U = OuterOptimizer.update(mean)
+  downlink blob, U_dec = encode_tensors(U, scheme, feedback=ErrorFeedback)  (as coordinator/state.py)
+           global += U_dec
+  rebase   params_i += U_dec - dec_i; base = global      (worker/runner.py::apply_update)
+
+With --delay D the update lands D inner steps after the push (the real worker keeps training while
+its push is merged); D = 0 is the synchronous case. --warmup-rounds W sends the first W rounds with
+--warmup-scheme (e.g. none or int8) before switching to --compression. Baselines: --mode single
+(one replica alone, batch 12) and --mode ddp (one model, batch 12 x N, the same tokens the N
+replicas see). The final global model is evaluated on fixed val batches (--eval-batches of 12 x 64).
+
+  .venv/bin/python benchmarks/sim_rounds.py --workers 2 --round-steps 50 --compression sign --steps 600
+  .venv/bin/python benchmarks/sim_rounds.py --sweep default --steps 600 --jobs 4 --out benchmarks/results/sim.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+BATCH, BLOCK = 12, 64
+EVAL_SEED = 0xBE7C4
+
+
+@dataclass
+class SimConfig:
+    mode: str = "diloco"  # diloco | single | ddp
+    workers: int = 2
+    round_steps: int = 50
+    steps: int = 600
+    compression: str = "none"
+    chunk: int = 256
+    sign_scale: str = "mean_abs"
+    outer_kind: str = "nesterov"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    warmup_rounds: int = 0
+    warmup_scheme: str = "none"
+    delay: int = 0
+    seed: int = 1337
+    eval_batches: int = 200
+
+    def name(self) -> str:
+        if self.mode != "diloco":
+            return f"{self.mode}_n{self.workers}_s{self.steps}"
+        outer = "avg" if self.outer_kind == "average" else f"nest{self.outer_momentum:g}"
+        s = f"n{self.workers}_h{self.round_steps}_{self.compression}_{outer}_lr{self.outer_lr:g}"
+        if self.compression == "sign" and self.sign_scale != "mean_abs":
+            s += f"_{self.sign_scale}"
+        if self.chunk != 256:
+            s += f"_c{self.chunk}"
+        if self.warmup_rounds:
+            s += f"_wu{self.warmup_rounds}{self.warmup_scheme}"
+        if self.delay:
+            s += f"_d{self.delay}"
+        return s + f"_s{self.steps}"
+
+
+_DATA = None
+
+
+def data():
+    global _DATA
+    if _DATA is None:
+        from common.data import TokenData, resolve_data_dir
+
+        _DATA = TokenData(resolve_data_dir(os.environ.get("GEOTRAIN_SIM_DATA") or None))
+    return _DATA
+
+
+@torch.no_grad()
+def val_loss(model, batches: int, device) -> float:
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(batches):
+        x, y = data().get_batch("val", BATCH, BLOCK, seed=EVAL_SEED, step=i, device=device)
+        _, loss = model(x, y)
+        total += loss.double()
+    model.train()
+    return float(total) / batches
+
+
+def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
+    from common.compression import ErrorFeedback, encode_tensors, get_codec
+    from common.config import OptimConfig, OuterConfig, model_config
+    from common.model import GPT, configure_optimizer
+    from common.tensors import model_tensors
+    from coordinator.merge import Contribution, OuterOptimizer, combine
+    from common.train import lr_at
+
+    t0 = time.monotonic()
+    dev = torch.device(device)
+    mcfg = model_config("nano", vocab_size=data().vocab_size)
+    optim = OptimConfig()
+    torch.manual_seed(cfg.seed)
+    init = GPT(mcfg)
+    glob = {n: t.detach().clone().contiguous() for n, t in model_tensors(init).items()}  # CPU fp32
+    n_rep = 1 if cfg.mode in ("single", "ddp") else cfg.workers
+    batch = BATCH * cfg.workers if cfg.mode == "ddp" else BATCH
+    models, opts = [], []
+    for _ in range(n_rep):
+        m = GPT(mcfg).to(dev)
+        m.load_state_dict(init.state_dict())
+        m.train()
+        models.append(m)
+        opts.append(configure_optimizer(m, optim.weight_decay, optim.lr, (optim.beta1, optim.beta2), dev))
+    params = [model_tensors(m) for m in models]
+
+    def train_step(i: int, step: int) -> float:
+        m, o = models[i], opts[i]
+        if cfg.mode == "ddp":  # the union of the N replicas' batches: the same tokens as N workers
+            xs, ys = zip(*(data().get_batch("train", BATCH, BLOCK, seed=1000 + r, step=step, device=dev)
+                           for r in range(cfg.workers)))
+            x, y = torch.cat(xs), torch.cat(ys)
+        else:
+            x, y = data().get_batch("train", batch, BLOCK, seed=1000 + i, step=step, device=dev)
+        lr = lr_at(step, optim, cfg.steps)
+        for g in o.param_groups:
+            g["lr"] = lr
+        _, loss = m(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), optim.grad_clip)
+        o.step()
+        o.zero_grad(set_to_none=True)
+        return float(loss.detach()) if step % 50 == 0 else float("nan")
+
+    up_bytes = down_bytes = 0
+    rounds = 0
+    curve = []
+    if cfg.mode != "diloco":
+        for s in range(cfg.steps):
+            train_step(0, s)
+        final = models[0]
+    else:
+        shapes = {n: tuple(t.shape) for n, t in glob.items()}
+        outer = OuterOptimizer(OuterConfig(cfg.outer_kind, cfg.outer_lr, cfg.outer_momentum), shapes)
+        feedback: dict[str, ErrorFeedback] = {}
+        base = {n: t.clone() for n, t in glob.items()}
+        H = cfg.round_steps
+
+        def push_and_merge(step: int) -> tuple:
+            nonlocal up_bytes, down_bytes, rounds
+            scheme = cfg.warmup_scheme if rounds < cfg.warmup_rounds else cfg.compression
+            contribs, decs = [], []
+            for i in range(n_rep):
+                delta = {n: (params[i][n].detach().float().cpu() - base[n]).contiguous() for n in glob}
+                blob, dec = encode_tensors(delta, scheme, cfg.chunk, sign_scale=cfg.sign_scale)
+                up_bytes += len(blob)
+                decs.append({n: t.clone() for n, t in dec.items()})
+                contribs.append(Contribution(f"p{rounds}-{i}", f"w{i}", rounds, BATCH * BLOCK * H, H, 0.0, decs[-1]))
+            U = outer.update(combine(contribs, rounds, 0.5))
+            fb = feedback.get(scheme)
+            if fb is None:
+                fb = feedback[scheme] = ErrorFeedback(get_codec(scheme, cfg.chunk, cfg.sign_scale))
+            blob, U_dec = encode_tensors(U, scheme, cfg.chunk, feedback=fb, sign_scale=cfg.sign_scale)
+            down_bytes += len(blob) * n_rep
+            U_dec = {n: t.clone() for n, t in U_dec.items()}
+            for n in glob:
+                glob[n].add_(U_dec[n])
+            rounds += 1
+            return U_dec, decs, step + cfg.delay
+
+        def apply(pending: tuple) -> None:
+            U, decs, _ = pending
+            with torch.no_grad():
+                for n in glob:
+                    for i in range(n_rep):
+                        params[i][n].add_((U[n] - decs[i][n]).to(dev))
+                    base[n].add_(U[n])
+
+        pending = None  # (update, each replica's own decoded push, step at which it lands)
+        last_push = 0
+        step = 0
+        while True:
+            if pending is not None and (step >= pending[2] or step >= cfg.steps):
+                apply(pending)
+                pending = None
+            if step >= cfg.steps:
+                if last_push < step:  # the final (possibly partial) round
+                    apply(push_and_merge(step))
+                break
+            for i in range(n_rep):
+                train_step(i, step)
+            step += 1
+            if step % H == 0 and step < cfg.steps:
+                if pending is not None:  # the worker pushes only once its last push is merged
+                    apply(pending)
+                pending = push_and_merge(step)
+                last_push = step
+        # the final global model
+        final = GPT(mcfg).to(dev)
+        with torch.no_grad():
+            for n, p in final.named_parameters():
+                p.copy_(glob[n].to(dev))
+    nparams = sum(t.numel() for t in glob.values())
+    loss = val_loss(final, cfg.eval_batches, dev)
+    tokens_per_worker = cfg.steps * BATCH * BLOCK
+    per_worker = (up_bytes + down_bytes) / max(1, n_rep) if cfg.mode == "diloco" else 0
+    n = cfg.workers
+    ddp = 2 * 2 * (n - 1) / n * 4 * nparams * cfg.steps
+    return dict(asdict(cfg), name=cfg.name(), val=loss, rounds=rounds, params=nparams,
+                tokens=tokens_per_worker * (n if cfg.mode != "single" else 1),
+                up_bytes=up_bytes, down_bytes=down_bytes, bytes_per_worker=per_worker,
+                ddp_bytes_per_worker=ddp, ddp_ratio=(ddp / per_worker) if per_worker and n > 1 else None,
+                seconds=time.monotonic() - t0, device=device)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def sweep(name: str, steps: int) -> list[SimConfig]:
+    C = SimConfig
+    out: list[SimConfig] = []
+    if name in ("default", "outer"):
+        for n in (2, 4):
+            out += [C("single", 1, steps=steps), C("ddp", n, steps=steps)] if n == 2 else [C("ddp", n, steps=steps)]
+            for h in (25, 50):
+                for kind, lr, mom in [("average", 1.0, 0.0), ("nesterov", 0.7, 0.9), ("nesterov", 0.5, 0.9),
+                                      ("nesterov", 0.7, 0.8), ("nesterov", 1.0, 0.6), ("nesterov", 0.4, 0.9)]:
+                    out.append(C(workers=n, round_steps=h, steps=steps, outer_kind=kind, outer_lr=lr, outer_momentum=mom))
+    if name in ("default", "compress"):
+        for n, h, scheme in itertools.product((2, 4), (10, 25, 50, 100), ("none", "int8", "int4", "sign")):
+            out.append(C(workers=n, round_steps=h, steps=steps, compression=scheme))
+    if name in ("signfix",):
+        for n, h in itertools.product((2, 4), (25, 50)):
+            for kind, lr, mom in [("nesterov", 0.7, 0.9), ("average", 1.0, 0.0), ("nesterov", 0.5, 0.9)]:
+                out.append(C(workers=n, round_steps=h, steps=steps, compression="sign", outer_kind=kind,
+                             outer_lr=lr, outer_momentum=mom))
+                out.append(C(workers=n, round_steps=h, steps=steps, compression="sign", outer_kind=kind,
+                             outer_lr=lr, outer_momentum=mom, sign_scale="rms"))
+            out.append(C(workers=n, round_steps=h, steps=steps, compression="sign", warmup_rounds=4, warmup_scheme="int8"))
+            out.append(C(workers=n, round_steps=h, steps=steps, compression="sign", delay=5))
+            out.append(C(workers=n, round_steps=h, steps=steps, compression="none", delay=5))
+    # dedupe, keep order
+    seen, uniq = set(), []
+    for c in out:
+        if c.name() not in seen:
+            seen.add(c.name())
+            uniq.append(c)
+    return uniq
+
+
+def _run_one(args: tuple[SimConfig, str, int]) -> dict:
+    cfg, device, threads = args
+    torch.set_num_threads(threads)
+    return simulate(cfg, device)
+
+
+def print_table(rows: list[dict]) -> None:
+    ref = {}
+    for r in rows:
+        if r["mode"] == "ddp":
+            ref[("ddp", r["workers"], r["steps"])] = r["val"]
+        if r["mode"] == "single":
+            ref[("single", r["steps"])] = r["val"]
+    print("| config | val | vs DDP | vs single | MB/worker | DDP/ours | s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["steps"], r["workers"], r["mode"] != "single", r["mode"] != "ddp", r["name"])):
+        a = ref.get(("ddp", r["workers"], r["steps"]))
+        b = ref.get(("single", r["steps"]))
+        va = f"{100 * (r['val'] / a - 1):+.2f}%" if a else ""
+        vb = f"{100 * (r['val'] / b - 1):+.2f}%" if b else ""
+        ratio = f"{r['ddp_ratio']:.0f}x" if r.get("ddp_ratio") else "-"
+        print(f"| {r['name']} | {r['val']:.4f} | {va} | {vb} | {r['bytes_per_worker'] / 1e6:.2f} | {ratio} | "
+              f"{r['seconds']:.0f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = SimConfig()
+    p.add_argument("--mode", default=d.mode, choices=["diloco", "single", "ddp"])
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--round-steps", type=int, default=d.round_steps)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--compression", default=d.compression)
+    p.add_argument("--chunk", type=int, default=d.chunk)
+    p.add_argument("--sign-scale", default=d.sign_scale)
+    p.add_argument("--outer-kind", default=d.outer_kind)
+    p.add_argument("--outer-lr", type=float, default=d.outer_lr)
+    p.add_argument("--outer-momentum", type=float, default=d.outer_momentum)
+    p.add_argument("--warmup-rounds", type=int, default=0)
+    p.add_argument("--warmup-scheme", default="none")
+    p.add_argument("--delay", type=int, default=0)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--sweep", default="", help="default | outer | compress | signfix (comma separated)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    p.add_argument("--jobs", type=int, default=1, help="processes for a sweep")
+    p.add_argument("--out", default="", help="JSON file; results are merged into it by name")
+    args = p.parse_args()
+
+    if args.sweep:
+        cfgs = [c for s in args.sweep.split(",") for c in sweep(s, args.steps)]
+        for c in cfgs:
+            c.eval_batches = args.eval_batches
+    else:
+        cfgs = [SimConfig(args.mode, args.workers, args.round_steps, args.steps, args.compression, args.chunk,
+                          args.sign_scale, args.outer_kind, args.outer_lr, args.outer_momentum, args.warmup_rounds,
+                          args.warmup_scheme, args.delay, eval_batches=args.eval_batches)]
+    existing = {}
+    if args.out and Path(args.out).exists():
+        existing = {r["name"]: r for r in json.loads(Path(args.out).read_text())["runs"]}
+    rows = []
+    work = [(c, args.device, args.threads) for c in cfgs]
+    if args.jobs > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
+            for r in ex.map(_run_one, work):
+                print(json.dumps({k: r[k] for k in ("name", "val", "bytes_per_worker", "seconds")}), flush=True)
+                rows.append(r)
+                if args.out:
+                    existing[r["name"]] = r
+                    Path(args.out).write_text(json.dumps({"runs": list(existing.values())}, indent=1) + "\n")
+    else:
+        for w in work:
+            r = _run_one(w)
+            print(json.dumps({k: r[k] for k in ("name", "val", "bytes_per_worker", "seconds")}), flush=True)
+            rows.append(r)
+            if args.out:
+                existing[r["name"]] = r
+                Path(args.out).write_text(json.dumps({"runs": list(existing.values())}, indent=1) + "\n")
+    print_table(list(existing.values()) if args.out else rows)
+
+
+if __name__ == "__main__":
+    main()
