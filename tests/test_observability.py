@@ -26,7 +26,7 @@ from common.rpc import PROTOCOL_VERSION
 from common.status import WORKER_COLUMNS, format_duration, render_status
 from coordinator import server as server_mod
 from coordinator.server import CoordinatorServer
-from tools import LiveRun, require_promtool, samples, scrape, tiny_data_dir, venv_tool
+from tools import LiveRun, require_promtool, require_tool, samples, scrape, tiny_data_dir, venv_tool
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -133,6 +133,30 @@ def test_status_command_table_json_and_token(coordinator, tmp_path):
 
     result = runner.invoke(cli, ["status", target], env={"GEOTRAIN_TOKEN": ""})
     assert result.exit_code == 2 and "UNAUTHENTICATED" in result.output
+
+
+def test_status_command_over_tls(data_dir, tmp_path):
+    openssl = require_tool("openssl")
+    key, cert = tmp_path / "c.key", tmp_path / "c.crt"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    srv = CoordinatorServer(small_run(), TokenData(data_dir), tmp_path / "run", host="127.0.0.1", port=0,
+                            token="secret", tls_cert=cert.read_bytes(), tls_key=key.read_bytes())
+    port = srv.start()
+    try:
+        env = {"GEOTRAIN_TOKEN": "secret"}
+        result = CliRunner().invoke(cli, ["status", f"localhost:{port}", "--tls-ca", str(cert), "--json"], env=env)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["run_id"] == srv.state.run_id
+        result = CliRunner().invoke(cli, ["status", f"localhost:{port}", "--timeout", "2"], env=env)  # plaintext
+        assert result.exit_code == 2 and "error:" in result.output
+        result = CliRunner().invoke(cli, ["status", f"localhost:{port}", "--tls-ca", str(tmp_path / "none.pem")])
+        assert result.exit_code == 2 and "none.pem" in result.output
+    finally:
+        srv.server.stop(0)
 
 
 def test_status_command_unreachable_coordinator_fails_cleanly():
