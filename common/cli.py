@@ -261,7 +261,8 @@ def health(target, service, timeout):
 
 @cli.command()
 @click.argument("target", metavar="HOST:PORT")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw status JSON (the Status RPC's status_json).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the Status RPC's status_json (strict JSON: NaN, e.g. no validation loss yet, as null).")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File with the run token (or GEOTRAIN_TOKEN).")
 @click.option("--tls-ca", type=click.Path(dir_okay=False), help="PEM CA certificate: talk TLS to the coordinator.")
 @click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Seconds.")
@@ -273,7 +274,7 @@ def status(target, as_json, token_file, tls_ca, timeout):
     import grpc
 
     from common.rpc import read_token
-    from common.status import fetch_status, render_status
+    from common.status import fetch_status, render_status, strict_json
 
     try:
         token = read_token(token_file, os.environ.get("GEOTRAIN_TOKEN"))
@@ -284,7 +285,7 @@ def status(target, as_json, token_file, tls_ca, timeout):
         snapshot = fetch_status(target, token=token, tls_ca=ca, timeout=timeout)
     except grpc.RpcError as exc:
         fail(f"{target}: {exc.code().name}: {exc.details()}")
-    click.echo(_json.dumps(snapshot, indent=2) if as_json else render_status(snapshot))
+    click.echo(_json.dumps(strict_json(snapshot), indent=2, allow_nan=False) if as_json else render_status(snapshot))
 
 
 @cli.command()

@@ -31,6 +31,18 @@ def fetch_status(target: str, token: str | None = None, tls_ca: bytes | None = N
     return json.loads(reply.status_json)
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with NaN/inf floats replaced by None, so json.dumps gives strict JSON (jq rejects the
+    NaN that status_json carries for a run not evaluated yet)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def _loss(value: Any) -> str:
     try:
         v = float(value)

@@ -123,7 +123,8 @@ def test_status_command_table_json_and_token(coordinator, tmp_path):
 
     result = runner.invoke(cli, ["status", target, "--json", "--token-file", str(token_file)])
     assert result.exit_code == 0, result.output
-    snapshot = json.loads(result.output)
+    snapshot = json.loads(result.output, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert snapshot["val_loss"] is None  # not evaluated yet: NaN in status_json, null here
     assert snapshot["run_id"] == srv.state.run_id
     assert [w["name"] for w in snapshot["worker_list"]] == ["obs-w"]
     assert snapshot["worker_list"][0]["stats"]["tokens_per_second"] == 1234.0
