@@ -78,7 +78,7 @@ class CoordinatorServer:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("geotrain.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
         if self.metrics_port:
-            self.metrics.serve(self.metrics_port)
+            self.metrics.serve(self.metrics_port, host=self.host)
         log.info(
             "coordinator listening on %s:%d (model %s, %d parameters, version %d)%s",
             self.host, self.bound_port, self.state.run.model.preset, self.state.num_params, self.state.version,
