@@ -303,7 +303,9 @@ class CoordinatorState:
             record.stats = stats
             if self.metrics is not None:
                 self.metrics.observe_worker(record.name, stats, record.merged_tokens)
-            stop = self.state == "finished" or (self.state == "finishing" and not self.ledger.held_by(worker_id))
+            # Only a finished run stops workers: while finishing, an idle worker stays (its lease
+            # requests get "ask again soon") so it can retrain tokens a dying worker gives back.
+            stop = self.state == "finished"
             return ("STOP" if stop else "CONTINUE"), self.version
 
     def leave(self, worker_id: str, session_id: str, reason: str) -> None:
@@ -342,11 +344,15 @@ class CoordinatorState:
         """(exhausted, range). exhausted=False with no range: nothing free now, ask again soon."""
         with self.lock:
             self._session(worker_id, session_id)
-            if self.state != "training":
+            if self.state == "finished":
                 return True, None
             r = self.ledger.lease(worker_id)
-            if r is None and self.ledger.remaining_budget() == 0:
-                return True, None
+            if r is None and self.ledger.finished():
+                return True, None  # budget spent and every leased token committed
+            if r is not None and self.state == "finishing":
+                # a dropped worker's tokens came back after the budget was leased out
+                log.info("leased tokens returned to the pool: training again")
+                self.state = "training"
             self._update_shard_gauge()
             return False, r
 

@@ -378,6 +378,8 @@ class WorkerRunner:
                     t0 = time.monotonic()
                     while not next_lease.done() and not (self._stop.is_set() or self._finish.is_set()):
                         self._drain_inbox()
+                        if self._inflight is None and len(self._pending) > self._sealed:
+                            self._start_push()  # idle until a lease comes: send what we have
                         time.sleep(0.05)
                     self._add_wait(time.monotonic() - t0)
                     if not next_lease.done():
@@ -434,9 +436,16 @@ class WorkerRunner:
 
     def _lease_and_fetch(self) -> _Lease | None:
         """Background: the next lease with its shard on disk; None when the run's data is spent."""
-        reply = self.client.lease_work()
-        if reply.exhausted:
-            return None
+        while True:
+            reply = self.client.lease_work()
+            if reply.exhausted:
+                return None
+            if reply.HasField("range"):
+                break
+            # Nothing free now: the rest is leased to others, who may still give it back (a
+            # dropped worker's range). Ask again soon; heartbeat STOP ends the wait.
+            if self._stop.wait(1.0) or self._finish.is_set() or self._abort.is_set():
+                return None
         r = reply.range
         self._ensure_shard(r.shard)
         return _Lease(r.unit_id, r.shard, r.start, r.end, r.epoch, pos=r.start, session=self.client.session_epoch)
