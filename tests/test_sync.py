@@ -78,7 +78,7 @@ def test_members_stay_bit_identical_and_initial_state_is_repaired(n):
     members, servers = start_group(n, compression="sign")
     try:
         # different initial weights on purpose: the first checksum round repairs ranks 1..n-1
-        trainers = make_trainers(members, init_seeds=range(n), check_every=5)
+        trainers = make_trainers(members, init_seeds=range(n), check_every=5, compression_warmup=4)
         seen = []
         trainers[0].on_metrics = seen.append
         train(trainers, steps=12)
@@ -97,7 +97,7 @@ def test_diverged_member_is_repaired_mid_run():
     torch.set_num_threads(1)
     members, servers = start_group(2, compression="sign")
     try:
-        trainers = make_trainers(members, init_seeds=[7, 7], check_every=4)
+        trainers = make_trainers(members, init_seeds=[7, 7], check_every=4, compression_warmup=2)
         train(trainers, steps=4)
         assert [t.repairs for t in trainers] == [0, 0]
         with torch.no_grad():  # silent corruption on rank 1 (a bit flip, a bad kernel, ...)
@@ -110,10 +110,10 @@ def test_diverged_member_is_repaired_mid_run():
         stop_group(members, servers)
 
 
-def _run(n: int, compression: str, steps: int) -> tuple[float, float]:
-    members, servers = start_group(n, compression=compression)
+def _run(n: int, compression: str, steps: int, chunk: int = 256, **kwargs) -> tuple[float, float]:
+    members, servers = start_group(n, compression=compression, chunk=chunk)
     try:
-        trainers = make_trainers(members, init_seeds=[0] * n, check_every=50, lr=3e-3)
+        trainers = make_trainers(members, init_seeds=[0] * n, check_every=50, lr=3e-3, total_steps=steps, **kwargs)
         losses = train(trainers, steps=steps)
         assert len({t.params_sha256() for t in trainers}) == 1
         return val_loss(trainers[0].model), sum(losses[0][-10:]) / 10
@@ -126,7 +126,8 @@ def sign_vs_fp32() -> tuple[float, float, float]:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     initial = val_loss(GPT(model_config("nano", **TINY)))
-    return _run(2, "sign", 100)[0], _run(2, "none", 100)[0], initial
+    # 1-bit: default mode ("update": 1-bit all-reduce of the Adam direction after 25 fp32 warmup steps)
+    return _run(2, "sign", 100, chunk=64)[0], _run(2, "none", 100)[0], initial
 
 
 def test_one_bit_sync_learns(sign_vs_fp32):
@@ -134,10 +135,17 @@ def test_one_bit_sync_learns(sign_vs_fp32):
     assert val_fp32 < 0.7 * initial and val_sign < 0.8 * initial, (val_sign, val_fp32, initial)
 
 
+def test_one_bit_sync_is_close_to_fp32_sync_loss(sign_vs_fp32):
+    """Compressed gradients into AdamW were 26% worse (2.24 vs 1.78); the default 1-bit mode
+    measured +2.9% (1.835 vs 1.784). Guard against regressions with some slack."""
+    val_sign, val_fp32, _ = sign_vs_fp32
+    assert (val_sign - val_fp32) / val_fp32 < 0.06, (val_sign, val_fp32)
+
+
 @pytest.mark.xfail(
-    reason="1-bit gradients + AdamW: measured val 2.24 (sign) vs 1.78 (fp32) after 100 steps; Adam's "
-    "second moment sees the quantization noise (scale^2), so low-SNR coordinates get a smaller "
-    "effective lr. Needs 1-bit-Adam style compression (frozen variance, compressed momentum).",
+    reason="measured +2.9% (1.835 vs 1.784) with the default 1-bit mode (fp32 warmup 25 steps, 1-bit "
+    "Adam direction, chunk 64): at the 3% line, no margin; at 300 steps +11% (0.641 vs 0.577), +8% "
+    "of it from per-member second moments (worker/sync.py docstring).",
     strict=False,
 )
 def test_one_bit_sync_matches_fp32_sync_loss(sign_vs_fp32):

@@ -1,8 +1,36 @@
 """Synchronous data-parallel training of one GPT across a power-of-two sync group.
 
-Every member computes gradients on its own batch; `CompressedAllReduce` averages them (1 bit per
-value with error feedback, or fp32); every member clips and applies the same AdamW step to the same
-parameters, so the parameters stay bit-identical. Every `check_every` steps (and before the first
+Every member computes gradients on its own batch; the members average them and every member applies
+the same AdamW step to the same parameters from the same decoded bytes, so the parameters stay
+bit-identical.
+
+What is averaged depends on the group's compression:
+  "none": fp32 gradients every step; clip the mean gradient; torch AdamW. Plain data parallel.
+  "sign" (1 bit per value + a scale per chunk, error feedback), in three modes:
+  - warmup (all modes but "gradient"): the first `warmup_steps` optimizer steps all-reduce fp32
+    gradients and take the torch AdamW step, exactly as "none" (a sibling fp32 CompressedAllReduce
+    on the same server, group_id + "/fp32"). Default: 25% of total_steps (DeepSpeed: 15-25%).
+  - "update" (default): each member keeps its own Adam moments from its LOCAL gradient
+    (m_i, v_i, bias-corrected), all-reduces the Adam direction u_i = m_i^ / (sqrt(v_i^) + eps) with
+    1 bit + error feedback, and every member applies p <- p * (1 - lr * wd) - lr * mean(u) from the
+    same decoded bytes. Adam directions are near +-1, which sign compression keeps well, and v
+    never sees quantization noise. Differs from fp32 AdamW in that v_i comes from one member's
+    batch (it also holds that batch's sampling noise, so noisy coordinates get a smaller step) and
+    the moments of the members differ (a repair copies rank 0's).
+  - "momentum" (DeepSpeed 1-bit Adam): v frozen after warmup, m_local = beta1 m + (1 - beta1) g_i
+    all-reduced with 1 bit, p <- p (1 - lr wd) - lr (m / bc1) / (sqrt(v / bc2) + eps) with bc2 at the
+    freeze step; `variance_refresh_every` N makes every Nth step an fp32 AdamW step (0/1 Adam).
+    Measured unusable for short, fast-moving runs: with v frozen at step 15-45 the nano model stalls
+    at the unigram plateau (val 2.8, even with exact fp32 momentum), because coordinates whose v
+    was tiny at the freeze take huge steps later. Kept for long runs where v has settled.
+  - "gradient": the old behaviour, compressed gradients into AdamW (measured 26%-150% worse).
+  After warmup the gradient clip applies to each member's LOCAL gradient (same global-norm
+  threshold) because the mean gradient is never materialised.
+
+Measured (tests/test_sync.py setup, 2 members, nano 1x32, lr 3e-3, val loss; fp32 sync = 1.784 at
+100 steps, 0.577 at 300): "gradient" 2.242 / 1.426; "update" W=25 1.847 (+3.6%), W=25 chunk 64
+1.835 (+2.9%), W=15 1.903; at 300 steps W=45 0.641 (+11%), of which +8% is the local-v effect
+alone (same mode without compression: 0.623). "momentum" W=15/30: 2.81/1.95. Every `check_every` steps (and before the first
 step of a group) the members compare a sha256 of their parameters with rank 0's; a member that
 differs fetches rank 0's full state (model + optimizer + step), logs it and counts it in `repairs`.
 
@@ -35,11 +63,35 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+import math
+
 from common.model import autocast_context, configure_optimizer
 from common.tensors import params_sha256
 from worker.allreduce import CompressedAllReduce, PeerFailure  # noqa: F401 - re-exported for callers
 
 log = logging.getLogger(__name__)
+
+MODES = ("momentum", "update", "gradient")
+DEFAULT_WARMUP_FRACTION = 0.25   # of total_steps, when the caller knows them (DeepSpeed: 15-25%)
+DEFAULT_WARMUP_STEPS = 100       # otherwise
+
+
+def warmup_steps_for(compression_warmup: int | float | None, total_steps: int | None) -> int:
+    """Steps of fp32 warmup: an int is a step count; a float in (0, 1) a fraction of total_steps;
+    None the default (DEFAULT_WARMUP_FRACTION of total_steps, or DEFAULT_WARMUP_STEPS)."""
+    if compression_warmup is None:
+        if total_steps:
+            return max(1, round(DEFAULT_WARMUP_FRACTION * total_steps))
+        return DEFAULT_WARMUP_STEPS
+    if isinstance(compression_warmup, float) and not compression_warmup.is_integer():
+        if not 0 < compression_warmup < 1:
+            raise ValueError(f"compression_warmup fraction must be in (0, 1), got {compression_warmup!r}")
+        if not total_steps:
+            raise ValueError("a fractional compression_warmup needs total_steps")
+        return max(1, round(compression_warmup * total_steps))
+    if compression_warmup < 1:
+        raise ValueError(f"compression_warmup must be >= 1 step (1-bit Adam needs a warmed-up v), got {compression_warmup!r}")
+    return int(compression_warmup)
 
 
 @dataclass
@@ -64,9 +116,13 @@ class SyncGroupTrainer:
     model: the GPT (any nn.Module whose forward(x, y) returns (logits, loss)) on `device`.
     allreduce: this member's CompressedAllReduce, already on the worker's server.
     lr, weight_decay, betas: AdamW (common.model.configure_optimizer); `lr_fn(step)` overrides lr.
-    grad_clip: global-norm clip after averaging (0 disables). check_every: steps between checksum
-    rounds (0 disables periodic checks; the initial one still runs). on_metrics: called after every
-    step with SyncStepMetrics.
+    grad_clip: global-norm clip after averaging (0 disables; after the warmup of 1-bit Adam: of the
+    local gradient). check_every: steps between checksum rounds (0 disables periodic checks; the
+    initial one still runs). on_metrics: called after every step with SyncStepMetrics.
+    compression_warmup / total_steps: fp32 warmup of 1-bit Adam (see warmup_steps_for); only used
+    when the all-reduce compresses. variance_refresh_every: after warmup, every Nth step is an fp32
+    AdamW step that also updates v (0: v stays frozen). mode: "momentum" (1-bit Adam) or "gradient"
+    (compressed gradients into AdamW, the old behaviour; for comparison).
     """
 
     def __init__(
@@ -82,7 +138,16 @@ class SyncGroupTrainer:
         device: torch.device | str = "cpu",
         lr_fn: Callable[[int], float] | None = None,
         on_metrics: Callable[[SyncStepMetrics], None] | None = None,
+        compression_warmup: int | float | None = None,
+        total_steps: int | None = None,
+        variance_refresh_every: int = 0,
+        eps: float = 1e-8,
+        mode: str = "update",
     ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if variance_refresh_every < 0:
+            raise ValueError(f"variance_refresh_every must be >= 0, got {variance_refresh_every!r}")
         if check_every < 0:
             raise ValueError(f"check_every must be >= 0, got {check_every!r}")
         if grad_clip < 0:
@@ -90,6 +155,12 @@ class SyncGroupTrainer:
         self.model = model
         self.device = torch.device(device)
         self.optimizer = configure_optimizer(model, weight_decay, lr, betas, self.device)
+        for group in self.optimizer.param_groups:
+            group["eps"] = eps
+        self.betas, self.eps, self.mode = betas, eps, mode
+        self.warmup_steps = warmup_steps_for(compression_warmup, total_steps)
+        self.variance_refresh_every = variance_refresh_every
+        self._fp32_ar: CompressedAllReduce | None = None  # the warmup / refresh sibling
         self.grad_clip, self.check_every = grad_clip, check_every
         self.lr_fn, self.on_metrics = lr_fn, on_metrics
         self.step_count = 0     # optimizer steps of this model (travels with a repair)
@@ -103,10 +174,30 @@ class SyncGroupTrainer:
 
     def set_group(self, allreduce: CompressedAllReduce) -> None:
         """Train with a (re-formed) group from now on; the next step starts with a checksum round."""
+        self._close_sibling()
         self.ar = allreduce
         self._group_calls = 0     # all-reduce calls in this group: the step key on the wire
         self._needs_check = True
         allreduce.serve_state(self._state_snapshot)
+        if allreduce.compression != "none" and self.mode != "gradient":
+            self._fp32_ar = _fp32_sibling(allreduce)
+
+    def close(self) -> None:
+        """Detach the fp32 sibling (the caller closes the CompressedAllReduce it passed in)."""
+        self._close_sibling()
+
+    def _close_sibling(self) -> None:
+        if self._fp32_ar is not None:
+            self._fp32_ar.close()
+            self._fp32_ar = None
+
+    def compressed_phase(self, step: int | None = None) -> bool:
+        """True when optimizer step `step` (default: the next one) all-reduces 1-bit momentum."""
+        step = self.step_count if step is None else step
+        if self.ar.compression == "none" or self.mode == "gradient" or step < self.warmup_steps:
+            return False
+        k = self.variance_refresh_every
+        return not (k and (step - self.warmup_steps + 1) % k == 0)
 
     @property
     def group_size(self) -> int:
@@ -126,31 +217,106 @@ class SyncGroupTrainer:
         loss.backward()
         params = dict(self.model.named_parameters())  # tied weights once
         grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
-        mean = self.ar.allreduce(grads, step=self._group_calls + 1)
-        with self._state_lock:  # counted only once done: rank 0 serves its state at the old key meanwhile
-            self._group_calls += 1
-            for name, p in params.items():
-                p.grad = mean[name]
-            if self.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            if self.lr_fn is not None:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.lr_fn(self.step_count)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step_count += 1
+        if self.compressed_phase():
+            ar = self.ar
+            if self.mode == "momentum":
+                self._momentum_step(params, grads)
+            else:
+                self._update_step(params, grads)
+        else:
+            ar = self._fp32_ar if self._fp32_ar is not None else self.ar
+            mean = ar.allreduce(grads, step=self._group_calls + 1)
+            with self._state_lock:  # counted only once done: rank 0 serves its state at the old key meanwhile
+                self._group_calls += 1
+                for name, p in params.items():
+                    p.grad = mean[name]
+                if self.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                self._set_lr()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step_count += 1
         checked = repaired = False
         if self.check_every and self._group_calls % self.check_every == 0:
             checked, repaired = True, self.check()
         metrics = SyncStepMetrics(
             step=self.step_count, loss=float(loss.detach()), step_seconds=time.perf_counter() - t0,
-            allreduce_seconds=self.ar.last.seconds, allreduce_bytes_sent=self.ar.last.bytes_sent,
-            allreduce_bytes_received=self.ar.last.bytes_received, group_size=self.group_size,
+            allreduce_seconds=ar.last.seconds, allreduce_bytes_sent=ar.last.bytes_sent,
+            allreduce_bytes_received=ar.last.bytes_received, group_size=self.group_size,
             residual_norm=self.ar.residual_norm(), checked=checked, repaired=repaired,
         )
         if self.on_metrics is not None:
             self.on_metrics(metrics)
         return metrics
+
+    def _set_lr(self) -> None:
+        if self.lr_fn is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_fn(self.step_count)
+
+    def _momentum_step(self, params: dict[str, nn.Parameter], grads: dict[str, torch.Tensor]) -> None:
+        """1-bit Adam after warmup: all-reduce 1-bit momentum, AdamW update with the frozen v."""
+        beta1, beta2 = self.betas
+        if self.grad_clip > 0:  # local clip: the mean gradient is never materialised
+            torch.nn.utils.clip_grad_norm_(list(grads.values()), self.grad_clip)
+        state = self.optimizer.state
+        with torch.no_grad():
+            m_local = {n: state[p]["exp_avg"] * beta1 + grads[n] * (1 - beta1) for n, p in params.items()}
+        m = self.ar.allreduce(m_local, step=self._group_calls + 1)
+        with self._state_lock, torch.no_grad():
+            self._group_calls += 1
+            self._set_lr()
+            by_param = {p: n for n, p in params.items()}
+            for group in self.optimizer.param_groups:
+                lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+                for p in group["params"]:
+                    st = state[p]
+                    st["step"] += 1
+                    t = float(st["step"])
+                    bc1 = 1 - beta1 ** t
+                    bc2 = 1 - beta2 ** min(t, float(self.warmup_steps))
+                    st["exp_avg"].copy_(m[by_param[p]])
+                    if wd:
+                        p.mul_(1 - lr * wd)
+                    denom = (st["exp_avg_sq"].sqrt() / math.sqrt(bc2)).add_(eps)
+                    p.addcdiv_(st["exp_avg"], denom, value=-lr / bc1)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step_count += 1
+
+    def _update_step(self, params: dict[str, nn.Parameter], grads: dict[str, torch.Tensor]) -> None:
+        """Local Adam moments, 1-bit all-reduce of the Adam direction, shared decoupled-decay step."""
+        beta1, beta2 = self.betas
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(grads.values()), self.grad_clip)
+        state = self.optimizer.state
+        eps = self.eps
+        with torch.no_grad():
+            directions, moments = {}, {}
+            for n, p in params.items():
+                st = state[p]
+                t = float(st["step"]) + 1
+                g = grads[n]
+                m = st["exp_avg"] * beta1 + g * (1 - beta1)
+                v = st["exp_avg_sq"] * beta2 + g * g * (1 - beta2)
+                directions[n] = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
+                moments[p] = (m, v)  # committed only if the all-reduce succeeds
+        u = self.ar.allreduce(directions, step=self._group_calls + 1)
+        with self._state_lock, torch.no_grad():
+            self._group_calls += 1
+            self._set_lr()
+            by_param = {p: n for n, p in params.items()}
+            for group in self.optimizer.param_groups:
+                lr, wd = group["lr"], group["weight_decay"]
+                for p in group["params"]:
+                    st = state[p]
+                    st["step"] += 1
+                    st["exp_avg"].copy_(moments[p][0])
+                    st["exp_avg_sq"].copy_(moments[p][1])
+                    if wd:
+                        p.mul_(1 - lr * wd)
+                    p.add_(u[by_param[p]], alpha=-lr)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step_count += 1
 
     # ------------------------------------------------------------------ checksums and repair
 
@@ -196,3 +362,18 @@ class SyncGroupTrainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step_count = int(state["step"])
+
+
+def _fp32_sibling(ar: CompressedAllReduce) -> CompressedAllReduce:
+    """An fp32 CompressedAllReduce with ar's members, deadlines and credentials, group_id + "/fp32",
+    routed by the same server (the warmup and variance-refresh steps of 1-bit Adam)."""
+    sibling = CompressedAllReduce(
+        ar.rank, ar.world_size, ar.peers, f"{ar.group_id}/fp32", epoch=ar.epoch, compression="none",
+        chunk=ar.chunk, algorithm=ar.algorithm, deadline_s=ar._fixed_deadline, min_deadline_s=ar.min_deadline_s,
+        tls_ca=ar._tls_ca,
+    )
+    sibling._metadata = ar._metadata
+    if ar._router is not None:
+        sibling._router = ar._router
+        ar._router.attach(sibling)
+    return sibling
