@@ -32,11 +32,22 @@ def _load(path: Path | str, device: torch.device | str = "cpu") -> tuple[GPT, Mo
         raise ValueError(f"checkpoint {ckpt}: model_config {saved} does not fit ModelConfig: {exc}") from exc
     model = GPT(cfg)
     try:
-        model.load_state_dict(tensors)
-    except RuntimeError as exc:
+        if any(name.startswith("model.") for name in tensors):
+            _load_global_weights(model, tensors)  # a coordinator checkpoint
+        else:
+            model.load_state_dict(tensors)
+    except (RuntimeError, KeyError) as exc:
         raise ValueError(f"checkpoint {ckpt}: tensors do not match model_config {saved}: {exc}") from exc
     model.to(device).eval()
     return model, cfg, state.get("tokenizer"), state, ckpt
+
+
+def _load_global_weights(model: GPT, tensors: dict[str, torch.Tensor]) -> None:
+    """A coordinator checkpoint holds the global weights as `model.<parameter name>` (tied weights
+    once) beside its outer-optimizer state; copy them into `model`."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(tensors[f"model.{name}"])
 
 
 def load_model_from_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[GPT, ModelConfig, dict | None]:
@@ -46,6 +57,12 @@ def load_model_from_checkpoint(path: Path | str, device: torch.device | str = "c
     """
     model, cfg, spec, _, _ = _load(path, device)
     return model, cfg, spec
+
+
+def load_model_and_tokenizer(path: Path | str, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer]:
+    """The model (eval mode) and the tokenizer it was trained with, from any geotrain checkpoint."""
+    model, _, _, state, _ = _load(path, device)
+    return model, checkpoint_tokenizer(state)
 
 
 def checkpoint_tokenizer(state: dict, data_dir: Path | str | None = None) -> Tokenizer:

@@ -668,6 +668,9 @@ class CoordinatorState:
                 "version": self.version,
                 "run_id": self.run_id,
                 "model": self.model_config.to_dict(),
+                "model_config": self.model_config.to_dict(),  # read by geotrain sample / eval
+                "tokenizer": self.data.manifest.tokenizer,
+                "data_dir": str(self.data.data_dir),
                 "ledger": self.ledger.state_dict(),
                 "seconds": self.elapsed(),
                 "train_loss": self.train_loss,
