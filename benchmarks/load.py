@@ -21,8 +21,8 @@ Deltas: each process encodes a pool of 8 random deltas once (encoding 100k+ para
 measure the client, not the coordinator); every push has a fresh push id.
 
 Measured: non-OK RPCs by method and code (must be zero), STALE pushes, coordinator VmRSS every 5 s
-(start, max, end, least-squares slope over the second half in MB/min: must stay under
---max-rss-slope), client latency p50/p99 of PushDelta / push->visible / Heartbeat / GetModel, the
+(start, max, end, least-squares slope over the second half in MB/min with its standard error:
+fails when it is above --max-rss-slope and more than 2 standard errors above 0; judged from 60 s), client latency p50/p99 of PushDelta / push->visible / Heartbeat / GetModel, the
 coordinator's geotrain_merge_seconds histogram (p50/p99 interpolated from buckets) and pushes/s.
 Results merge into benchmarks/results/load.json under the policy name. Exit 1 if a check fails.
 """
@@ -66,17 +66,21 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def slope_per_minute(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of (seconds, value) in value per minute (nan with < 2 points)."""
-    if len(points) < 2:
-        return float("nan")
+def slope_per_minute(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares slope of (seconds, value) in value per minute, and its standard error
+    (nan with too few points)."""
     n = len(points)
+    if n < 3:
+        return float("nan"), float("nan")
     mx = sum(t for t, _ in points) / n
     my = sum(v for _, v in points) / n
     den = sum((t - mx) ** 2 for t, _ in points)
     if den == 0:
-        return float("nan")
-    return 60.0 * sum((t - mx) * (v - my) for t, v in points) / den
+        return float("nan"), float("nan")
+    b = sum((t - mx) * (v - my) for t, v in points) / den
+    resid = sum((v - my - b * (t - mx)) ** 2 for t, v in points)
+    se = math.sqrt(resid / (n - 2) / den)
+    return 60.0 * b, 60.0 * se
 
 
 def vm_rss_mb(pid: int) -> float | None:
@@ -233,6 +237,7 @@ class SimWorker:
         self.version = 0
         self.range = None  # (unit_id, cursor, end, epoch)
         self.session_lock = threading.Lock()
+        self.hb_stop = threading.Event()  # ends this worker's heartbeat thread before Leave
 
     # ----- calls (each counts its own failure)
 
@@ -363,7 +368,7 @@ class SimWorker:
     def heartbeat_loop(self) -> None:
         pb = self.pb
         started = time.monotonic()
-        while not self.stop.wait(self.heartbeat_seconds * self.rng.uniform(0.9, 1.0)):
+        while not self.hb_stop.wait(self.heartbeat_seconds * self.rng.uniform(0.9, 1.0)):
             stats = pb.WorkerStats(tokens_per_second=100.0, step_seconds=0.01, loss=3.0,
                                    wall_seconds=time.monotonic() - started)
 
@@ -377,6 +382,7 @@ class SimWorker:
             self.call("Heartbeat", fn)
 
     def run(self, deadline: float) -> None:
+        hb = None
         try:
             self.call("Join", self.join)
             while not self.worker_id and not self.stop.is_set():
@@ -409,11 +415,15 @@ class SimWorker:
                         if self.version == 0:  # rejoined: the push is lost with the session
                             break
                     else:
-                        self.stats.count("never_visible")
+                        if not self.stop.is_set():  # gave up after 120 s (not: stopped meanwhile)
+                            self.stats.count("never_visible")
                         self.range = None
                 elif result == "stale":
                     self.get_model(0.0)
         finally:
+            self.hb_stop.set()
+            if hb is not None:
+                hb.join(timeout=15)
             try:
                 if self.worker_id:
                     self.stub.Leave(self.pb.LeaveRequest(worker_id=self.worker_id, session_id=self.session_id,
@@ -551,17 +561,16 @@ def run(args) -> dict:
     value = vm_rss_mb(coord.pid)
     if value is not None:
         rss.append((time.monotonic() - t0, value))
-    try:
-        metrics_text = scrape(metrics_url)
-    except OSError as exc:
-        metrics_text = ""
-        print(f"metrics scrape failed: {exc}", flush=True)
-
     for p, _ in procs:
         p.join(timeout=LONG_POLL_SECONDS + RPC_DEADLINE + 30)
         if p.is_alive():
             p.kill()
             p.join()
+    try:  # after the workers' last pushes
+        metrics_text = scrape(metrics_url)
+    except OSError as exc:
+        metrics_text = ""
+        print(f"metrics scrape failed: {exc}", flush=True)
     # coordinator: clean stop
     exit_code = coord.poll()
     if exit_code is None:
@@ -595,6 +604,7 @@ def run(args) -> dict:
     second_half = [(t, v) for t, v in rss if t >= half]
     rss_values = [v for _, v in rss if not math.isnan(v)]
     pushes = results["accepted"] + results["stale"]
+    slope, slope_se = slope_per_minute(second_half)
     merge_hist = histogram_quantiles(metrics_text, "geotrain_merge_seconds") if metrics_text else {}
     ms = lambda xs, q: round(1000 * percentile(xs, q), 2)  # noqa: E731
     report = {
@@ -627,7 +637,8 @@ def run(args) -> dict:
             "start": round(rss_values[0], 1) if rss_values else None,
             "max": round(max(rss_values), 1) if rss_values else None,
             "end": round(rss_values[-1], 1) if rss_values else None,
-            "slope_second_half_mb_per_min": round(slope_per_minute(second_half), 3),
+            "slope_second_half_mb_per_min": round(slope, 3),
+            "slope_stderr_mb_per_min": round(slope_se, 3),
             "samples": [(round(t, 1), round(v, 1)) for t, v in rss],
         },
         "coordinator_exit": exit_code,
@@ -640,7 +651,8 @@ def run(args) -> dict:
     checks = {
         "no_rpc_errors": report["errors_total"] == 0,
         # a slope over less than a minute of samples says nothing: only judged from 60 s up
-        "rss_flat": measured_seconds < 60 or not (report["rss_mb"]["slope_second_half_mb_per_min"] > args.max_rss_slope),
+        # fails when the slope is both above the limit and significantly positive (> 2 std errors)
+        "rss_flat": measured_seconds < 60 or not (slope > args.max_rss_slope and slope > 2 * slope_se),
         "pushes_happened": report["accepted"] > 0,
         "all_pushes_visible": report["never_visible"] == 0,
         "coordinator_clean_exit": exit_code == 0 and not coordinator_died,
@@ -661,7 +673,8 @@ def print_table(r: dict) -> None:
         ("RPC errors", f'{r["errors_total"]} {r["errors"] or ""}'),
         ("model replies", r["model_replies"]),
         ("coordinator RSS MB start/max/end", f'{r["rss_mb"]["start"]} / {r["rss_mb"]["max"]} / {r["rss_mb"]["end"]}'),
-        ("RSS slope 2nd half MB/min", r["rss_mb"]["slope_second_half_mb_per_min"]),
+        ("RSS slope 2nd half MB/min (+- std err)",
+         f'{r["rss_mb"]["slope_second_half_mb_per_min"]} +- {r["rss_mb"]["slope_stderr_mb_per_min"]}'),
     ]
     for kind, v in r["latency_ms"].items():
         rows.append((f"{kind} latency ms p50/p99/max (n)", f'{v["p50"]} / {v["p99"]} / {v["max"]} ({v["n"]})'))
