@@ -728,7 +728,17 @@ class WorkerRunner:
                 exc = msg[2]
                 code = exc.code().name if isinstance(exc, grpc.RpcError) else type(exc).__name__
                 details = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
-                log.error("push %s refused (%s: %s): keeping its progress, resyncing", push.push_id[:8], code, details)
+                if code == "INVALID_ARGUMENT" and self._inflight is push:
+                    # Refused for good: resending the same ranges is refused again, forever (e.g.
+                    # after a coordinator restart lost the merges before them, the ranges no longer
+                    # continue the committed cursor). Drop the ranges (the tokens are leased and
+                    # trained again); the weight progress stays and goes out with the next delta.
+                    log.error("push %s refused (%s: %s): dropping its %d range(s), resyncing",
+                              push.push_id[:8], code, details, push.n_ranges)
+                    del self._pending[: push.n_ranges]
+                    self._sealed = 0
+                else:
+                    log.error("push %s refused (%s: %s): keeping its progress, resyncing", push.push_id[:8], code, details)
                 self._need_full.set()
             self._resolve(push, merged=False)
         elif kind == "updates":
