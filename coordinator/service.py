@@ -102,10 +102,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if not math.isfinite(value):
                 raise InvalidArgument(f"stat {name} is not finite")
         action, version = self.state.heartbeat(request.worker_id, request.session_id, stats)
+        if request.HasField("group_failure"):
+            f = request.group_failure
+            self.state.report_group_failure(request.worker_id, request.session_id, f.group_id, f.epoch, list(f.survivor_ranks))
+        group = self.state.group_assignment(request.worker_id, request.active_group_id)
         return pb.HeartbeatReply(
             action=pb.HeartbeatReply.Action.Value(action),
             model_version=version,
             lease_seconds=self.state.run.workers.lease_seconds,
+            group=pb.GroupAssignment(
+                group_id=group.group_id, epoch=group.epoch, rank=group.rank, world_size=group.world_size, peers=list(group.peers)
+            ) if group is not None else None,
         )
 
     @_rpc

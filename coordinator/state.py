@@ -48,6 +48,7 @@ from common.data import TokenData
 from common.model import GPT
 from common.rpc import PROTOCOL_VERSION
 from common.tensors import add_, clone_tensors, model_tensors, params_sha256, tensor_spec
+from coordinator.groups import Assignment, GroupFormation
 from coordinator.ledger import Ledger, LedgerError, TrainedRange
 from coordinator.merge import Contribution, NormGate, OuterOptimizer, combine
 
@@ -161,6 +162,7 @@ class CoordinatorState:
         self.num_params = sum(t.numel() for t in self.global_params.values())
         self.outer = OuterOptimizer(run.outer, self.spec)
         self.gate = NormGate(run.merge)
+        self.groups = GroupFormation(clock=self.clock)  # sync groups (coordinator/groups.py)
         self.down_feedback = ErrorFeedback(get_codec(run.compression.scheme, run.compression.chunk))
         train_shards = [(s.name, s.tokens) for s in data.manifest.shards if s.split == "train"]
         self.ledger = Ledger(
@@ -284,6 +286,8 @@ class CoordinatorState:
                 merged_pushes=list(carried),
             )
             self.workers[record.worker_id] = record
+            if sync_group:
+                self.groups.add(record.worker_id, sync_group, fingerprint, advertise)
             self._update_worker_gauge()
             log.info("worker %s (%s, %s) joined at version %d", record.name, record.worker_id, device, self.version)
             return record, self.run_spec(self._step_offset())
@@ -308,6 +312,19 @@ class CoordinatorState:
             stop = self.state == "finished"
             return ("STOP" if stop else "CONTINUE"), self.version
 
+    def group_assignment(self, worker_id: str, active_group_id: str = "") -> Assignment | None:
+        """The worker's sync group now (None: train async). Forms pending groups first.
+        active_group_id: the group the worker reports training in (push rule of rank_of)."""
+        with self.lock:
+            self.groups.set_active(worker_id, active_group_id)
+            return self.groups.assignment(worker_id)
+
+    def report_group_failure(self, worker_id: str, session_id: str, group_id: str, epoch: int, survivor_ranks: list[int]) -> None:
+        """A member's all-reduce failed: dissolve the group so that the survivors re-form."""
+        with self.lock:
+            self._session(worker_id, session_id)
+            self.groups.report_failure(worker_id, group_id, epoch, survivor_ranks)
+
     def leave(self, worker_id: str, session_id: str, reason: str) -> None:
         with self.lock:
             record = self._session(worker_id, session_id)
@@ -321,6 +338,7 @@ class CoordinatorState:
     def _drop(self, worker_id: str, why: str) -> None:
         """Forget a worker: discard its pending delta, return its leased tokens."""
         record = self.workers.pop(worker_id, None)
+        self.groups.remove(worker_id, why)
         if record is not None and record.stats:
             self.departed_stats[worker_id] = record.stats
         if record is not None and record.merged_pushes:
@@ -420,6 +438,9 @@ class CoordinatorState:
         """Validate a delta and queue it (semi-sync) or merge it (async)."""
         with self.lock:
             self._session(worker_id, session_id)
+            rank = self.groups.rank_of(worker_id)
+            if rank:  # only rank 0 speaks for a sync group
+                raise FailedPrecondition(f"worker {worker_id} is rank {rank} of a sync group: only rank 0 pushes")
             self._check_push_header(push_id, base_version, tokens, ranges, worker_id)
             staleness = self.version - base_version
             if staleness > self.run.merge.max_staleness:

@@ -82,17 +82,47 @@ class WorkerStats(_message.Message):
     def __init__(self, tokens_per_second: _Optional[float] = ..., step_seconds: _Optional[float] = ..., loss: _Optional[float] = ..., sent_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., gpu_utilization: _Optional[float] = ..., residual_norm: _Optional[float] = ..., data_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "session_id", "stats")
+    __slots__ = ("worker_id", "session_id", "stats", "group_failure", "active_group_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session_id: str
     stats: WorkerStats
-    def __init__(self, worker_id: _Optional[str] = ..., session_id: _Optional[str] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ...) -> None: ...
+    group_failure: GroupFailure
+    active_group_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., session_id: _Optional[str] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ..., group_failure: _Optional[_Union[GroupFailure, _Mapping]] = ..., active_group_id: _Optional[str] = ...) -> None: ...
+
+class GroupAssignment(_message.Message):
+    __slots__ = ("group_id", "epoch", "rank", "world_size", "peers")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    epoch: int
+    rank: int
+    world_size: int
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group_id: _Optional[str] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GroupFailure(_message.Message):
+    __slots__ = ("group_id", "epoch", "survivor_ranks", "reason")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SURVIVOR_RANKS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    epoch: int
+    survivor_ranks: _containers.RepeatedScalarFieldContainer[int]
+    reason: str
+    def __init__(self, group_id: _Optional[str] = ..., epoch: _Optional[int] = ..., survivor_ranks: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("action", "model_version", "lease_seconds")
+    __slots__ = ("action", "model_version", "lease_seconds", "group")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         CONTINUE: _ClassVar[HeartbeatReply.Action]
@@ -102,10 +132,12 @@ class HeartbeatReply(_message.Message):
     ACTION_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     action: HeartbeatReply.Action
     model_version: int
     lease_seconds: float
-    def __init__(self, action: _Optional[_Union[HeartbeatReply.Action, str]] = ..., model_version: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    group: GroupAssignment
+    def __init__(self, action: _Optional[_Union[HeartbeatReply.Action, str]] = ..., model_version: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., group: _Optional[_Union[GroupAssignment, _Mapping]] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("worker_id", "session_id", "reason")
