@@ -111,10 +111,11 @@ class CoordinatorServer:
 
     def stop(self) -> None:
         self.health.enter_graceful_shutdown()
+        # Stop accepting before the final checkpoint: a push merged after it would be counted in
+        # summary.json but missing from the checkpoint a restart resumes from.
+        self.server.stop(STOP_GRACE_SECONDS).wait(STOP_GRACE_SECONDS + 1)
         try:
             if self.state.final_summary is None:
                 self.state.finish(eval_iters=self.state.run.eval.iters)  # evaluates, checkpoints, summary.json
         except OSError as exc:
             log.error("final checkpoint failed: %s", exc)
-        finally:
-            self.server.stop(STOP_GRACE_SECONDS).wait(STOP_GRACE_SECONDS + 1)
