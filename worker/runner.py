@@ -774,8 +774,25 @@ class WorkerRunner:
             if reply.run_id != self.run_id:
                 raise _NewRun()
             log.warning("session renewed: dropping the current lease")
+            self._drop_unmerged()
             if reply.model_version < self.base_version:
                 self._need_full.set()
+
+    def _drop_unmerged(self) -> None:
+        """After a rejoin: the coordinator released every range leased in the old session (or
+        restarted from a checkpoint), so pending ranges can never be committed and pushing them
+        is refused forever. Drop them and the progress they carry (params back to base); those
+        tokens are retrained by whoever leases them. An in-flight push is no longer ours to
+        subtract: if it still merges, its update arrives like any other."""
+        steps = sum(p[5] for p in self._pending)
+        if steps:
+            log.warning("dropping %d unmerged local steps of the old session; their tokens are retrained", steps)
+        if self._inflight is not None:
+            self._inflight.resolved = True  # the comm thread stops waiting for its merge
+        self._pending, self._sealed, self._inflight = [], 0, None
+        with torch.no_grad():
+            for n, t in self.params.items():
+                t.copy_(self.base[n].to(t.device, t.dtype))
 
     def _after_rebase(self) -> None:
         if not all_finite(self.params):
