@@ -124,6 +124,7 @@ def test_no_token_trained_twice(finished_run):
 # --------------------------------------------------------------------------- 2: worker SIGKILL
 
 
+@pytest.mark.slow  # 25-50 s on 2 cores; run with -m slow
 @pytest.mark.timeout(200)
 def test_worker_sigkill_loses_no_shard(data_dir, tmp_path):
     budget = 40_960
@@ -196,6 +197,7 @@ def test_coordinator_sigkill_restart_resumes(data_dir, tmp_path):
 # --------------------------------------------------------------------------- 4: late joiner
 
 
+@pytest.mark.slow  # 25-50 s on 2 cores; run with -m slow
 @pytest.mark.timeout(200)
 def test_late_worker_starts_from_current_model(data_dir, tmp_path):
     """The late worker's first push is accepted with staleness <= max_staleness = 2 while the
