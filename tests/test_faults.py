@@ -48,10 +48,9 @@ def assert_budget_committed(run_dir: Path, budget: int) -> None:
 def test_worker_sigkill_mid_upload(data_dir, tmp_path):
     """The victim talks through a proxy that lets 20 KB/s upstream, so its ~87 KB delta is in
     flight for seconds; it is SIGKILLed then. The coordinator refuses the truncated stream (the
-    victim's accepted pushes stay as they were, nothing merges from it), drops it when its lease
-    expires, and the other worker finishes the budget."""
-    budget = 40_960
-    cfg = tiny_config(plan__max_tokens=budget, workers__lease_seconds=8.0)
+    victim's accepted pushes and merged tokens stay as they were), drops it when its lease
+    expires (its leased tokens go back to the pool), and the other worker goes on."""
+    cfg = tiny_config(plan__max_tokens=0, workers__lease_seconds=8.0)
     with Cluster(tmp_path, data_dir, cfg) as c, Proxy(0) as proxy:
         coord = c.start_coordinator()
         proxy.target = ("127.0.0.1", c.port)
@@ -64,25 +63,24 @@ def test_worker_sigkill_mid_upload(data_dir, tmp_path):
         assert proxy.upload_seen.wait(60), "no upload from the victim"
         before = worker_row(c.status(), "victim")
         assert before is not None
-        victim.kill()
         mark = len(coord.log())
-        # the truncated stream is refused, not merged
-        c.wait_for(lambda: "PushDelta ->" in coord.log()[mark:] or "dropped" in coord.log()[mark:], 20,
-                   "the coordinator to notice the cut upload")
+        victim.kill()
+        c.wait_for(lambda: "delta stream refused: stream truncated" in coord.log()[mark:], 20,
+                   "the coordinator to refuse the cut upload", fail_if_dead=[coord])
         row = worker_row(c.status(), "victim")
-        if row is not None:
+        if row is not None:  # not dropped yet: the refused stream changed nothing
             assert row["pushes"] == before["pushes"], "a truncated upload counted as a push"
             assert row["merged_tokens"] == before["merged_tokens"]
-        c.wait_for(lambda: (c.run_dir / "summary.json").exists(), 150, "the run to finish", fail_if_dead=[coord])
-        assert c.wait_exit(other, 30) == 0
-        assert c.wait_exit(coord, 30) == 0
+        c.wait_for(lambda: re.search(r"worker victim dropped \(no heartbeat", coord.log()[mark:]), 30,
+                   "the victim's lease to expire", fail_if_dead=[coord])
+        v = c.status()["model_version"]
+        c.wait_status(lambda s: s["model_version"] >= v + 3, 60, "the run to go on", fail_if_dead=[coord, other])
         after = coord.log()[mark:]
-        assert re.search(r"worker victim dropped \(no heartbeat", after)
         refused = re.findall(r"PushDelta -> (\w+): (.*)", after)
         print("refusals after the kill:", refused)
-        assert all(code in ("INVALID_ARGUMENT", "CANCELLED", "UNAVAILABLE") for code, _ in refused)
-        assert c.summary()["tokens"] == budget
-        assert_budget_committed(c.run_dir, budget)
+        assert refused and all(code == "INVALID_ARGUMENT" for code, _ in refused), refused
+        m = re.search(r"worker victim dropped \(no heartbeat for \d+s\); (\d+) leased tokens return", after)
+        assert m and int(m.group(1)) > 0, "the victim held no lease"
 
 
 # --------------------------------------------------------------------------- coordinator killed mid-checkpoint
@@ -91,10 +89,10 @@ def test_worker_sigkill_mid_upload(data_dir, tmp_path):
 @pytest.mark.slow  # 25-50 s on 2 cores; run with -m slow
 @pytest.mark.timeout(280)
 def test_coordinator_sigkill_during_checkpoints(data_dir, tmp_path):
-    """A checkpoint every version of a ~0.4 M-parameter model, the coordinator SIGKILLed at random
-    moments 5 times: after each kill the newest checkpoint loads and verifies, is not older than
+    """A checkpoint every version of a ~1.6 M-parameter model, the coordinator SIGKILLed 5 times,
+    at random moments and as soon as a checkpoint directory is being written: after each kill the newest checkpoint loads and verifies, is not older than
     the one before, and the restarted coordinator resumes from it; the same workers go on."""
-    cfg = tiny_config(plan__max_tokens=0, model__n_layer=2, model__n_embd=128, model__n_head=4,
+    cfg = tiny_config(plan__max_tokens=0, model__n_layer=2, model__n_embd=256, model__n_head=4,
                       checkpoint__keep=2, eval__every_versions=1000)
     rng = random.Random(7)
     with Cluster(tmp_path, data_dir, cfg) as c:
@@ -105,9 +103,14 @@ def test_coordinator_sigkill_during_checkpoints(data_dir, tmp_path):
         for kill in range(5):
             c.wait_status(lambda s: s["model_version"] >= last_version + 3, 90,
                           f"progress before kill {kill}", fail_if_dead=[c.coordinator, *workers])
-            time.sleep(rng.uniform(0.0, 1.0))
-            c.coordinator.kill()
             root = c.run_dir / "checkpoints"
+            if kill % 2:  # aim: kill as soon as a checkpoint is being written
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not any(n.startswith(".tmp-ckpt-") for n in os.listdir(root)):
+                    time.sleep(0.001)
+            else:  # a random moment
+                time.sleep(rng.uniform(0.0, 1.0))
+            c.coordinator.kill()
             mid_write += any(p.name.startswith(".tmp-ckpt-") for p in root.iterdir())
             loaded = load_latest_checkpoint(root)  # raises if nothing verifies
             assert loaded is not None
