@@ -122,8 +122,10 @@ def run_train(batch: int, steps: int, runs: Path, force: bool, threads: int) -> 
             "command": f"geotrain train --model nano --max-iters {steps} --batch-size {batch} --out {out.relative_to(ROOT)}"}
 
 
-def write_config(path: Path, outer: dict, chunk: int | None) -> None:
+def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 0) -> None:
     lines = []
+    if unit_tokens:
+        lines += ["[plan]", f"unit_tokens = {unit_tokens}"]
     if outer:
         lines.append("[outer]")
         for k, v in outer.items():
@@ -134,7 +136,7 @@ def write_config(path: Path, outer: dict, chunk: int | None) -> None:
 
 
 def run_demo(n: int, h: int, scheme: str, steps: int, runs: Path, force: bool, outer: dict, chunk: int | None,
-             tag: str) -> dict:
+             tag: str, unit_tokens: int = 0) -> dict:
     name = f"demo_n{n}_h{h}_{scheme}_s{steps}" + (f"_{tag}" if tag else "")
     run_dir = runs / name
     cmd = [
@@ -143,10 +145,10 @@ def run_demo(n: int, h: int, scheme: str, steps: int, runs: Path, force: bool, o
     ]
     if DATA_DIR:
         cmd += ["--data", DATA_DIR]
-    if outer or chunk:
+    if outer or chunk or unit_tokens:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = runs / f"{name}.toml"
-        write_config(cfg, outer, chunk)
+        write_config(cfg, outer, chunk, unit_tokens)
         cmd += ["--config", str(cfg)]
     if force or not (run_dir / "summary.json").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -174,10 +176,10 @@ def table(res: dict) -> str:
     rows = ["| run | N | H | scheme | outer | tokens | fixed-val loss | vs (b) one worker | vs (a) DDP batch 12N | "
             "MB/worker (sent+recv) | DDP fp32 MB/worker | DDP/ours | wait % | seconds |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    b = runs.get("train_b12_s2000", {}).get("val")
-    for key in sorted(runs, key=lambda k: (runs[k].get("n", 0), runs[k].get("kind") != "train", k)):
+    for key in sorted(runs, key=lambda k: (runs[k].get("steps", 0), runs[k].get("n", 0), runs[k].get("kind") != "train", k)):
         r = runs[key]
         n = r.get("n", 1)
+        b = runs.get(f"train_b12_s{r.get('steps', 2000)}", {}).get("val")
         a = runs.get(f"train_b{12 * n}_s{r.get('steps', 2000)}", {}).get("val")
         rel_b = f"{100 * (r['val'] / b - 1):+.2f}%" if b else ""
         rel_a = f"{100 * (r['val'] / a - 1):+.2f}%" if a else ""
@@ -215,6 +217,7 @@ def main() -> None:
     p.add_argument("--outer-lr", type=float, default=0.0)
     p.add_argument("--outer-momentum", type=float, default=-1.0)
     p.add_argument("--chunk", type=int, default=0, help="compression.chunk override")
+    p.add_argument("--unit-tokens", type=int, default=0, help="plan.unit_tokens override (tokens per lease)")
     p.add_argument("--tag", default="", help="suffix for the run names (use with outer/chunk overrides)")
     p.add_argument("--eval-batches", type=int, default=200)
     p.add_argument("--runs-dir", default="runs/bench")
@@ -223,11 +226,17 @@ def main() -> None:
     p.add_argument("--data", default="", help="prepared data directory for every run and the evaluation")
     p.add_argument("--results", default="", help="JSON file the results merge into (default: benchmarks/results/async.json)")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--merge", default="", help="comma-separated result files to merge into --results, then exit")
     global DATA_DIR, RESULTS
     args = p.parse_args()
     DATA_DIR = args.data
     RESULTS = Path(args.results) if args.results else RESULTS
     res = load_results()
+    if args.merge:
+        for f in _csv(args.merge):
+            res["runs"].update(json.loads(Path(f).read_text())["runs"])
+        save_results(res)
+        args.table_only = True
     if args.table_only:
         print(table(res))
         return
@@ -257,7 +266,8 @@ def main() -> None:
         for h in _csv(args.round_steps, int):
             for scheme in _csv(args.compression):
                 t0 = time.monotonic()
-                info = run_demo(n, h, scheme, args.steps, runs, args.force, outer, args.chunk or None, args.tag)
+                info = run_demo(n, h, scheme, args.steps, runs, args.force, outer, args.chunk or None, args.tag,
+                                args.unit_tokens)
                 s = info["summary"]
                 model = load_coordinator_model(ROOT / info["dir"])
                 params = sum(p.numel() for p in model.parameters())
@@ -269,6 +279,8 @@ def main() -> None:
                 desc = ",".join(f"{k}={v}" for k, v in outer.items()) or "default"
                 if args.chunk:
                     desc += f",chunk={args.chunk}"
+                if args.unit_tokens:
+                    desc += f",unit_tokens={args.unit_tokens}"
                 res["runs"][key] = dict(
                     kind="demo", n=n, h=h, scheme=scheme, steps=args.steps, tokens=tokens, params=params,
                     outer=outer, outer_desc=desc, chunk=args.chunk or None, dir=info["dir"], command=info["command"],

@@ -56,12 +56,15 @@ class SimConfig:
     warmup_rounds: int = 0
     warmup_scheme: str = "none"
     delay: int = 0
+    data_order: str = "random"  # random: get_batch windows; units: contiguous rows inside shuffled leases
+    unit_tokens: int = 65536
     seed: int = 1337
     eval_batches: int = 200
 
     def name(self) -> str:
         if self.mode != "diloco":
-            return f"{self.mode}_n{self.workers}_s{self.steps}"
+            u = f"_{self.data_order}{self.unit_tokens}" if self.data_order != "random" else ""
+            return f"{self.mode}_n{self.workers}{u}_s{self.steps}"
         outer = "avg" if self.outer_kind == "average" else f"nest{self.outer_momentum:g}"
         s = f"n{self.workers}_h{self.round_steps}_{self.compression}_{outer}_lr{self.outer_lr:g}"
         if self.compression == "sign" and self.sign_scale != "mean_abs":
@@ -72,6 +75,8 @@ class SimConfig:
             s += f"_wu{self.warmup_rounds}{self.warmup_scheme}"
         if self.delay:
             s += f"_d{self.delay}"
+        if self.data_order != "random":
+            s += f"_{self.data_order}{self.unit_tokens}"
         return s + f"_s{self.steps}"
 
 
@@ -97,6 +102,48 @@ def val_loss(model, batches: int, device) -> float:
         total += loss.double()
     model.train()
     return float(total) / batches
+
+
+class UnitStream:
+    """As the coordinator's ledger + worker: shuffled units of unit_tokens, read front to back in
+    batches of consecutive rows (worker/runner.py::_train_step); replica r takes units r, r+N, ..."""
+
+    def __init__(self, cfg: SimConfig, rank: int, n: int):
+        import random
+
+        self.units = []
+        for info in data().manifest.split("train"):
+            usable = info.tokens - 1 if hasattr(info, "tokens") else len(data().tokens(info.name)) - 1
+            for start in range(0, usable, cfg.unit_tokens):
+                self.units.append((info.name, start, min(start + cfg.unit_tokens, usable)))
+        random.Random(cfg.seed).shuffle(self.units)
+        self.units = self.units[rank::n]
+        self.k, self.pos = 0, self.units[0][1]
+        self.shuffle_rows = cfg.data_order == "units-shuffled"
+        self.rng = __import__("numpy").random.default_rng([cfg.seed, rank])
+
+    def next(self, batch: int, dev):
+        if self.shuffle_rows:  # same tokens per unit, but each batch's rows at random places in it
+            name, start, end = self.units[self.k]
+            if end - self.pos < batch * BLOCK:
+                self.k = (self.k + 1) % len(self.units)
+                self.pos = self.units[self.k][1]
+                name, start, end = self.units[self.k]
+            self.pos += batch * BLOCK
+            arr = data().tokens(name)
+            starts = self.rng.integers(start, end - BLOCK, size=batch)
+            buf = torch.from_numpy(__import__("numpy").stack([arr[a : a + BLOCK + 1] for a in starts]).astype("int64"))
+            return buf[:, :-1].contiguous().to(dev), buf[:, 1:].contiguous().to(dev)
+        name, _, end = self.units[self.k]
+        n = min(batch, (end - self.pos) // BLOCK)
+        if n < 1:
+            self.k = (self.k + 1) % len(self.units)
+            self.pos = self.units[self.k][1]
+            return self.next(batch, dev)
+        arr = data().tokens(name)
+        buf = torch.from_numpy(arr[self.pos : self.pos + n * BLOCK + 1].astype("int64"))
+        self.pos += n * BLOCK
+        return buf[:-1].view(n, BLOCK).to(dev), buf[1:].view(n, BLOCK).to(dev)
 
 
 def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
@@ -125,9 +172,13 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
         opts.append(configure_optimizer(m, optim.weight_decay, optim.lr, (optim.beta1, optim.beta2), dev))
     params = [model_tensors(m) for m in models]
 
+    streams = [UnitStream(cfg, r, n_rep if cfg.mode == "diloco" else 1) for r in range(n_rep)]
+
     def train_step(i: int, step: int) -> float:
         m, o = models[i], opts[i]
-        if cfg.mode == "ddp":  # the union of the N replicas' batches: the same tokens as N workers
+        if cfg.data_order != "random":
+            x, y = streams[i].next(batch, dev)
+        elif cfg.mode == "ddp":  # the union of the N replicas' batches: the same tokens as N workers
             xs, ys = zip(*(data().get_batch("train", BATCH, BLOCK, seed=1000 + r, step=step, device=dev)
                            for r in range(cfg.workers)))
             x, y = torch.cat(xs), torch.cat(ys)
@@ -300,6 +351,8 @@ def main() -> None:
     p.add_argument("--warmup-rounds", type=int, default=0)
     p.add_argument("--warmup-scheme", default="none")
     p.add_argument("--delay", type=int, default=0)
+    p.add_argument("--data-order", default="random", choices=["random", "units", "units-shuffled"])
+    p.add_argument("--unit-tokens", type=int, default=65536)
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
     p.add_argument("--sweep", default="", help="default | outer | compress | signfix (comma separated)")
     p.add_argument("--device", default="cpu")
@@ -315,7 +368,8 @@ def main() -> None:
     else:
         cfgs = [SimConfig(args.mode, args.workers, args.round_steps, args.steps, args.compression, args.chunk,
                           args.sign_scale, args.outer_kind, args.outer_lr, args.outer_momentum, args.warmup_rounds,
-                          args.warmup_scheme, args.delay, eval_batches=args.eval_batches)]
+                          args.warmup_scheme, args.delay, args.data_order, args.unit_tokens,
+                          eval_batches=args.eval_batches)]
     existing = {}
     if args.out and Path(args.out).exists():
         existing = {r["name"]: r for r in json.loads(Path(args.out).read_text())["runs"]}
