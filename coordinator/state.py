@@ -176,7 +176,7 @@ class CoordinatorState:
         self.run_id = uuid.uuid4().hex[:12]
         self.version = 1  # the initial model; have_version 0 on the wire means "nothing yet"
         self.params_sha = params_sha256(self.global_params)
-        self.history: deque[UpdateRecord] = deque(maxlen=max(1, run.workers.history_versions))
+        self.history: deque[UpdateRecord] = deque()  # trimmed in _merge: see _history_limit
         self.full_blob_cache: tuple[int, bytes] | None = None
         self.workers: dict[str, WorkerRecord] = {}
         self.pending: list[Contribution] = []
@@ -516,6 +516,13 @@ class CoordinatorState:
     def _expected_workers(self) -> set[str]:
         return {w.worker_id for w in self.workers.values() if w.pushes > 0 and not w.left}
 
+    def _history_limit(self) -> int:
+        """Updates kept for workers catching up: at least workers.history_versions, and two per
+        live worker, so under the async policy (a version per push) a worker a round behind still
+        gets small updates instead of the full model."""
+        live = sum(1 for w in self.workers.values() if not w.left)
+        return max(1, self.run.workers.history_versions, 2 * live)
+
     def semi_sync_timeout(self) -> float:
         if self.run.merge.semi_sync_timeout > 0:
             return self.run.merge.semi_sync_timeout
@@ -565,6 +572,8 @@ class CoordinatorState:
         self._write_version_mark()
         self.params_sha = params_sha256(self.global_params)
         self.history.append(UpdateRecord(self.version, blob, [c.push_id for c in valid], self.params_sha))
+        while len(self.history) > self._history_limit():
+            self.history.popleft()
         tokens = 0
         for c in valid:
             committed = self.ledger.commit(c.worker_id, c.ranges)
@@ -731,6 +740,12 @@ class CoordinatorState:
     def _restore(self) -> None:
         loaded = load_latest_checkpoint(self.ckpt_root)
         if loaded is None:
+            mark = self._read_version_mark()
+            if mark >= self.version:  # died after publishing versions but before any checkpoint
+                log.warning("no checkpoint in %s but versions up to %d were published: starting over at %d",
+                            self.ckpt_root, mark, mark + 1)
+                self.version = mark + 1
+                self._write_version_mark()
             return
         tensors, state, path = loaded
         if state.get("model") != self.model_config.to_dict():
@@ -777,7 +792,10 @@ class CoordinatorState:
         if self.final_summary is not None:
             return self.final_summary
         val = self.evaluate(eval_iters or max(self.run.eval.iters, 50))
-        self.checkpoint()
+        try:
+            self.checkpoint()
+        except OSError as exc:  # disk full at the end: say so loudly, still write the summary
+            log.error("final checkpoint failed, the previous checkpoint stays: %s", exc)
         summary = self.summary()
         summary["val_loss"] = val
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
