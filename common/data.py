@@ -43,6 +43,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -969,3 +970,28 @@ class TokenData:
         x = buf[:-1].reshape(batch_size, block_size)
         y = buf[1:].reshape(batch_size, block_size)
         return self._to_torch(np.ascontiguousarray(x), np.ascontiguousarray(y), device)
+
+
+# --------------------------------------------------------------------------- leased ranges
+
+
+def sequence_order(shard: str, shard_tokens: int, block_size: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which an async run visits one shard's sequences in one epoch.
+
+    A shard of n tokens holds S = (n - 1) // block_size sequence slots (slot s: inputs
+    tokens[s*T : s*T + T], targets shifted by one). The ledger leases *positions* p (token offsets,
+    multiples of T, in [0, S*T)); position p trains slot order[p // T]. The permutation is a pure
+    function of (shard name, size, block size, seed, epoch), so coordinator and workers agree on it
+    without sending it, and every slot is visited exactly once per epoch while each batch mixes
+    sequences from all over the shard. Returns int64 (S,).
+    """
+    slots = (shard_tokens - 1) // block_size
+    mix = (seed * 1_000_003 + epoch * 7919 + zlib.crc32(shard.encode())) % (2**63)
+    return np.random.default_rng(mix).permutation(slots).astype(np.int64)
+
+
+def gather_sequences(tokens: np.ndarray, slots: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets of the given slots: two int64 arrays (len(slots), block_size)."""
+    index = slots[:, None] * block_size + np.arange(block_size + 1)[None, :]  # (n, T + 1)
+    rows = np.asarray(tokens[index], dtype=np.int64)
+    return rows[:, :-1], rows[:, 1:]

@@ -540,3 +540,15 @@ def test_output_inside_input_dir_is_not_read_back(tmp_path):
     m2 = prepare([tmp_path / "data"], out, progress=False)
     assert [s.sha256 for s in m1.shards] == [s.sha256 for s in m2.shards]
     assert m2.sources == [str(tmp_path / "data" / "a.txt")]
+
+
+def test_sequence_order_is_a_deterministic_permutation_per_epoch():
+    from common.data import gather_sequences, sequence_order
+
+    a = sequence_order("train_000000.bin", 6401, 64, seed=3, epoch=0)
+    assert sorted(a.tolist()) == list(range(100))
+    assert np.array_equal(a, sequence_order("train_000000.bin", 6401, 64, seed=3, epoch=0))
+    assert not np.array_equal(a, sequence_order("train_000000.bin", 6401, 64, seed=3, epoch=1))
+    tokens = np.arange(6401, dtype=np.uint16)
+    x, y = gather_sequences(tokens, a[:2], 64)
+    assert x.shape == (2, 64) and x[0, 0] == a[0] * 64 and np.array_equal(y, x + 1)

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from common.config import ModelConfig, RunConfig, run_config_from_dict
+from common.data import gather_sequences, sequence_order
 from common.tensors import (
     add_,
     all_finite,
@@ -307,6 +308,7 @@ class WorkerRunner:
         self.shard_dir = cache / self.run_id
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         self._shards: dict[str, np.ndarray] = {}
+        self._order_cache: dict = {}
         self._shard_lock = threading.Lock()
         log.info("joined run %s as %s: model %s, batch %d, device %s", self.run_id, reply.worker_id,
                  self.model_cfg, self.batch_size, self.device)
@@ -520,6 +522,17 @@ class WorkerRunner:
 
     # ------------------------------------------------------------------ training
 
+    def _sequence_order(self, lease: _Lease) -> np.ndarray:
+        """The shard's visiting order for the lease's epoch (common/data.py::sequence_order), cached."""
+        key = (lease.shard, lease.epoch)
+        if self._order_cache.get("key") != key:
+            self._order_cache = {
+                "key": key,
+                "order": sequence_order(lease.shard, len(self._shards[lease.shard]),
+                                        self.model_cfg.block_size, self.run_cfg.train.seed, lease.epoch),
+            }
+        return self._order_cache["order"]
+
     def _train_step(self, lease: _Lease) -> None:
         from common.model import autocast_context
         from common.train import lr_at
@@ -527,9 +540,10 @@ class WorkerRunner:
         T = self.model_cfg.block_size
         n = min(self.batch_size, (self._usable_end(lease) - lease.pos) // T)
         arr = self._shards[lease.shard]
-        buf = np.asarray(arr[lease.pos : lease.pos + n * T + 1], dtype=np.int64)
-        x = torch.from_numpy(np.ascontiguousarray(buf[:-1].reshape(n, T)))
-        y = torch.from_numpy(np.ascontiguousarray(buf[1:].reshape(n, T)))
+        order = self._sequence_order(lease)
+        slots = order[lease.pos // T : lease.pos // T + n]  # positions -> shuffled sequence slots
+        xs, ys = gather_sequences(arr, slots, T)
+        x, y = torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(np.ascontiguousarray(ys))
         if self.device.type == "cuda":
             x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         elif self.device.type != "cpu":
