@@ -37,6 +37,8 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from common.fsutil import fsync_dir
+
 log = logging.getLogger("geotrain.checkpoint")
 
 TENSORS_FILE = "model.safetensors"
@@ -48,20 +50,6 @@ _ALIASES_KEY = "geotrain.aliases"  # safetensors metadata: JSON {dropped name: k
 
 
 # --------------------------------------------------------------------------- atomic files
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename/creation inside it is durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -77,7 +65,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -209,7 +197,7 @@ def save_checkpoint(
             files[fname] = sha256_bytes(blob)
         meta = json.dumps({"step": step, "files": files, "created": time.time()}, indent=1).encode()
         atomic_write_bytes(tmp / META_FILE, meta)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. after a resume): move the old one aside
             trash = root / f".old-{name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, trash)
@@ -217,7 +205,7 @@ def save_checkpoint(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from common.fsutil import fsync_dir
 from common.tokenizer import (
     BPE_FILE,
     MIN_BPE_VOCAB,
@@ -104,19 +105,6 @@ def _np_dtype(dtype: str) -> np.dtype:
 # --------------------------------------------------------------------------- shards
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_shard(path: Path, tokens: np.ndarray, dtype: str) -> str:
     """Write ``tokens`` (1-D) as a shard file atomically; return the sha256 of the whole file."""
     path = Path(path)
@@ -146,7 +134,7 @@ def write_shard(path: Path, tokens: np.ndarray, dtype: str) -> str:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return h.hexdigest()
 
 
@@ -310,7 +298,7 @@ class Manifest:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(data_dir)
+        fsync_dir(data_dir)
 
 
 # --------------------------------------------------------------------------- sources
@@ -820,7 +808,7 @@ def default_data_dir(max_bytes: int | None = None) -> Path:
         for _ in range(3):
             try:
                 os.rename(tmp, target)
-                _fsync_dir(base)
+                fsync_dir(base)
                 return target
             except OSError:
                 if _verified(target):  # another process finished first
