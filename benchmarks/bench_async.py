@@ -171,8 +171,20 @@ def save_results(res: dict) -> None:
     RESULTS.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
 
 
+def actual_outer(r: dict) -> str:
+    """The outer optimizer the coordinator really ran (its run.json), not the flags we passed."""
+    try:
+        o = json.loads((ROOT / r["dir"] / "run.json").read_text())["run"]["outer"]
+    except (OSError, KeyError, ValueError):
+        return r.get("outer_desc", "?")
+    return "average lr 1" if o["kind"] == "average" and o["lr"] == 1.0 else f"{o['kind']} lr {o['lr']:g} mom {o['momentum']:g}"
+
+
 def table(res: dict) -> str:
     runs = res["runs"]
+    for r in runs.values():
+        if r.get("kind") == "demo":
+            r["outer_actual"] = actual_outer(r)
     rows = ["| run | N | H | scheme | outer | tokens | fixed-val loss | vs (b) one worker | vs (a) DDP batch 12N | "
             "MB/worker (sent+recv) | DDP fp32 MB/worker | DDP/ours | wait % | seconds |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -183,16 +195,19 @@ def table(res: dict) -> str:
         a = runs.get(f"train_b{12 * n}_s{r.get('steps', 2000)}", {}).get("val")
         rel_b = f"{100 * (r['val'] / b - 1):+.2f}%" if b else ""
         rel_a = f"{100 * (r['val'] / a - 1):+.2f}%" if a else ""
+        unit = f", unit_tokens {r['unit_tokens']}" if r.get("unit_tokens") else ""
+        if not unit and "unit_tokens=" in r.get("outer_desc", ""):
+            unit = ", unit_tokens " + r["outer_desc"].split("unit_tokens=")[1]
         if r["kind"] == "train":
             rows.append(f"| {key} | {n} (batch {r['batch']}) | - | - | - | {r['tokens']:,} | {r['val']:.4f} | {rel_b} | "
                         f"{rel_a} | - | - | - | - | {r.get('seconds') or 0:.0f} |")
         else:
             rows.append(
-                f"| {key} | {n} | {r['h']} | {r['scheme']} | {r.get('outer_desc', 'default')} | {r['tokens']:,} | "
+                f"| {key} | {n} | {r['h']} | {r['scheme']} | {r['outer_actual']}{unit} | {r['tokens']:,} | "
                 f"{r['val']:.4f} | {rel_b} | {rel_a} | {r['bytes_per_worker'] / 1e6:.2f} | "
                 f"{r['ddp_bytes_per_worker'] / 1e6:.0f} | {r['ddp_ratio']:.0f}x | {100 * r['wait_fraction']:.2f} | "
                 f"{r['seconds']:.0f} |" if n > 1 else
-                f"| {key} | {n} | {r['h']} | {r['scheme']} | {r.get('outer_desc', 'default')} | {r['tokens']:,} | "
+                f"| {key} | {n} | {r['h']} | {r['scheme']} | {r['outer_actual']}{unit} | {r['tokens']:,} | "
                 f"{r['val']:.4f} | {rel_b} | {rel_a} | {r['bytes_per_worker'] / 1e6:.2f} | 0 | - | "
                 f"{100 * r['wait_fraction']:.2f} | {r['seconds']:.0f} |"
             )
@@ -283,7 +298,7 @@ def main() -> None:
                     desc += f",unit_tokens={args.unit_tokens}"
                 res["runs"][key] = dict(
                     kind="demo", n=n, h=h, scheme=scheme, steps=args.steps, tokens=tokens, params=params,
-                    outer=outer, outer_desc=desc, chunk=args.chunk or None, dir=info["dir"], command=info["command"],
+                    outer=outer, outer_desc=desc, unit_tokens=args.unit_tokens or None, chunk=args.chunk or None, dir=info["dir"], command=info["command"],
                     coordinator_val_loss=s.get("val_loss"), val=fixed_val_loss(model, args.eval_batches),
                     eval_batches=args.eval_batches, sent_bytes=s["sent_bytes"], received_bytes=s["received_bytes"],
                     bytes_per_worker=per_worker, bytes_per_worker_per_token=per_worker / max(1, tokens / n),
@@ -295,6 +310,7 @@ def main() -> None:
                 print(f"{key}: fixed-val {res['runs'][key]['val']:.4f} MB/worker {per_worker / 1e6:.2f} "
                       f"wait {100 * s.get('wait_fraction', 0):.2f}%", flush=True)
     print(table(res))
+    save_results(res)
 
 
 if __name__ == "__main__":

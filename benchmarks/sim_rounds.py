@@ -321,7 +321,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if r["mode"] == "ddp":
             ref[("ddp", r["workers"], r["steps"])] = r["val"]
-        if r["mode"] == "single":
+        if r["mode"] == "single" and r.get("data_order", "random") == "random":
             ref[("single", r["steps"])] = r["val"]
     print("| config | val | vs DDP | vs single | MB/worker | DDP/ours | s |")
     print("|---|---|---|---|---|---|---|")
