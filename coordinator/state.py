@@ -514,7 +514,10 @@ class CoordinatorState:
     # ------------------------------------------------------------------ merging
 
     def _expected_workers(self) -> set[str]:
-        return {w.worker_id for w in self.workers.values() if w.pushes > 0 and not w.left}
+        """Workers a semi-sync merge waits for: those training leased data (they will push).
+        A worker still downloading, or one whose data ran out at the end of the run, is not
+        waited for."""
+        return {w.worker_id for w in self.workers.values() if not w.left and self.ledger.held_by(w.worker_id)}
 
     def _history_limit(self) -> int:
         """Updates kept for workers catching up: at least workers.history_versions, and two per

@@ -105,19 +105,16 @@ def test_nesterov_outer_step_sign_and_momentum(data, tmp_path):
     assert torch.allclose(moved, torch.full_like(moved, 0.0095), atol=1e-7)
 
 
-def test_semi_sync_waits_for_every_worker_that_pushed_before(data, tmp_path):
+def test_semi_sync_waits_for_every_worker_holding_data(data, tmp_path):
     state = CoordinatorState(small_run(merge__policy="semi-sync"), data, tmp_path)
     a, ra = join(state, "a")
     b, rb = join(state, "b")
+    state.join("c", "cpu", 0, "0", PROTOCOL_VERSION, "fp", "", "")  # no lease yet: not waited for
     push(state, a, ra, delta_like(state, 0.01), "a1")
-    assert state.version == 2  # b had never pushed: not waited for
-    push(state, b, rb, delta_like(state, 0.01), "b1", base=1)
-    assert state.version == 2 and len(state.pending) == 1  # now a has pushed before: wait for it
-    ra2 = TrainedRange(ra.unit_id, ra.start + 64, ra.start + 128, ra.epoch)
-    blob, _ = encode_tensors(delta_like(state, 0.02), "none")
-    state.push(a.worker_id, a.session_id, "a2", 2, 64, 1, 2.0, [ra2], blob)
-    assert state.version == 3 and not state.pending
-    assert state.history[-1].merged_push_ids == ["b1", "a2"]
+    assert state.version == 1 and len(state.pending) == 1  # b trains leased data: wait for it
+    push(state, b, rb, delta_like(state, 0.01), "b1")
+    assert state.version == 2 and not state.pending
+    assert state.history[-1].merged_push_ids == ["a1", "b1"]
 
 
 def test_semi_sync_timeout_merges_without_a_straggler(data, tmp_path):
@@ -127,17 +124,16 @@ def test_semi_sync_timeout_merges_without_a_straggler(data, tmp_path):
     a, ra = join(state, "a")
     b, rb = join(state, "b")
     push(state, a, ra, delta_like(state, 0.0), "a1")
-    push(state, b, rb, delta_like(state, 0.0), "b1", base=1)
+    push(state, b, rb, delta_like(state, 0.0), "b1")
+    assert state.version == 2
     push(state, a, TrainedRange(ra.unit_id, ra.start + 64, ra.start + 128, ra.epoch), delta_like(state, 0.0), "a2")
-    assert state.version == 3
-    push(state, a, TrainedRange(ra.unit_id, ra.start + 128, ra.start + 192, ra.epoch), delta_like(state, 0.0), "a3")
-    assert state.version == 3  # waiting for b
+    assert state.version == 2  # waiting for b
     now[0] += 4.0
     state.tick()
-    assert state.version == 3
+    assert state.version == 2
     now[0] += 2.0
     state.tick()
-    assert state.version == 4
+    assert state.version == 3
 
 
 def test_hostile_pushes_are_refused_and_change_nothing(data, tmp_path):
