@@ -97,10 +97,21 @@ class CoordinatorServer:
                 last_status = time.monotonic()
                 self.log_status()
             if self.state.final_summary is not None:
-                linger = linger if linger is not None else 0
-                linger += 1
-                if linger * TICK_SECONDS >= self.state.run.workers.heartbeat_seconds * 2 + 1:
+                linger = (linger or 0) + TICK_SECONDS
+                if self._done_lingering(linger):
                     break
+
+    def _done_lingering(self, seconds: float) -> bool:
+        """After the run finished, keep answering STOP until every worker has left (a worker that
+        was reconnecting must learn the run is over rather than retry forever), at least two
+        heartbeat intervals and at most one lease period more."""
+        cfg = self.state.run.workers
+        minimum = 2 * cfg.heartbeat_seconds + 1
+        if seconds < minimum:
+            return False
+        with self.state.lock:
+            live = [w for w in self.state.workers.values() if not w.left]
+        return not live or seconds >= minimum + cfg.lease_seconds
 
     def log_status(self) -> None:
         """One compact block: the same table `geotrain status` prints."""
