@@ -67,10 +67,12 @@ def _batch_size(ctx, param, value):
 @click.option("--threads", type=click.IntRange(0), default=0, show_envvar=True,
               help="torch intra-op threads (0 = torch's default).")
 @click.option("--sync-group", default="", show_envvar=True, help="Sync group name or 'auto' ('' = async worker).")
+@click.option("--sync-compression", type=click.Choice(["", "none", "sign"]), default="", show_envvar=True,
+              help="Sync-group all-reduce compression (default: sign when the run compresses with sign, else none).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               default="info", show_default=True, show_envvar=True)
 def main(port, coordinator, name, device, batch_size, advertise_host, advertise_port, metrics_port, cache_dir,
-         token, token_file, tls_ca, threads, sync_group, log_level) -> None:
+         token, token_file, tls_ca, threads, sync_group, sync_compression, log_level) -> None:
     """Join the coordinator at HOST:PORT and train until the run ends or a signal arrives.
 
     The first SIGTERM or Ctrl+C finishes the current step, pushes the pending delta if the
@@ -93,6 +95,7 @@ def main(port, coordinator, name, device, batch_size, advertise_host, advertise_
         sys.exit(EXIT_USAGE)
 
     from worker.runner import WorkerConfig, WorkerRunner
+    from worker.group_runner import GroupWorkerRunner
 
     config = WorkerConfig(
         coordinator=coordinator, port=port, name=name, device=device, batch_size=batch_size, threads=threads,
@@ -100,7 +103,7 @@ def main(port, coordinator, name, device, batch_size, advertise_host, advertise_
         advertise_host=advertise_host, advertise_port=advertise_port, sync_group=sync_group,
     )
     try:
-        runner = WorkerRunner(config)
+        runner = GroupWorkerRunner(config, sync_compression) if sync_group else WorkerRunner(config)
     except ValueError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)

@@ -30,6 +30,26 @@ class WorkerMetrics:
         self._last_received = 0
         self._last_wait = 0.0
 
+    def enable_sync(self) -> None:
+        """Register the sync-group metrics (only workers that trained in a sync group export them)."""
+        if getattr(self, "sync_allreduce_seconds", None) is not None:
+            return
+        r = self.registry
+        self.sync_allreduce_seconds = Histogram(mn.SYNC_ALLREDUCE_SECONDS, "Seconds per sync-group all-reduce.",
+                                                buckets=STEP_BUCKETS, registry=r)
+        self.sync_allreduce_bytes = Counter(mn.SYNC_ALLREDUCE_BYTES, "Bytes this worker sent in sync-group all-reduces.", registry=r)
+        self.sync_group_size = Gauge(mn.SYNC_GROUP_SIZE, "Members of this worker's sync group.", registry=r)
+        self.sync_residual_norm = Gauge(mn.SYNC_RESIDUAL_NORM, "L2 norm of the 1-bit compression error-feedback residual.", registry=r)
+
+    def observe_sync(self, m) -> None:
+        """One worker.sync.SyncStepMetrics."""
+        self.enable_sync()
+        self.sync_allreduce_seconds.observe(m.allreduce_seconds)
+        if m.allreduce_bytes_sent > 0:
+            self.sync_allreduce_bytes.inc(m.allreduce_bytes_sent)
+        self.sync_group_size.set(m.group_size)
+        self.sync_residual_norm.set(m.residual_norm)
+
     def set_cumulative(self, sent_bytes: int, received_bytes: int, wait_seconds: float) -> None:
         """Advance the counters to cumulative totals kept elsewhere (never backwards)."""
         if sent_bytes > self._last_sent:

@@ -226,6 +226,10 @@ class WorkerRunner:
             from worker.service import WorkerServer
 
             self.server = WorkerServer(self.config.port, self._describe)
+            if self.config.sync_group:  # the Peer service must be registered before start()
+                from worker.allreduce import router_for
+
+                router_for(self.server.server)
             self.server.start()
         if self.metrics is None:
             from worker.metrics import WorkerMetrics
@@ -373,12 +377,16 @@ class WorkerRunner:
                 if self._finish.is_set():
                     reason = "run finished (coordinator STOP)"
                     break
+                if self._group_turn(lease):
+                    continue  # a sync-group step of a rank > 0 member (worker/group_runner.py)
                 self._drain_inbox()
                 if lease is not None and lease.session != self.client.session_epoch:
                     lease = None  # leased in a session the coordinator forgot
                 if lease is None or self._range_done(lease):
                     t0 = time.monotonic()
                     while not next_lease.done() and not (self._stop.is_set() or self._finish.is_set()):
+                        if self._group_turn(None):
+                            continue
                         self._drain_inbox()
                         if self._inflight is None and len(self._pending) > self._sealed:
                             self._start_push()  # idle until a lease comes: send what we have
@@ -415,6 +423,19 @@ class WorkerRunner:
         self._finish_up(reason, patience)
         self._bg.shutdown(wait=False, cancel_futures=True)
         return 0
+
+    # ------------------------------------------------------------------ sync-group hooks (worker/group_runner.py)
+
+    def _group_turn(self, lease: _Lease | None) -> bool:
+        """At a step boundary: True when the hook used this boundary for a sync-group step that
+        needs no lease (ranks > 0). Async workers: never."""
+        return False
+
+    def _send_heartbeat(self, stats: pb.WorkerStats) -> pb.HeartbeatReply:
+        return self.client.heartbeat(stats)
+
+    def _on_heartbeat_reply(self, reply: pb.HeartbeatReply) -> None:
+        """Heartbeat thread: what the reply says besides STOP (the sync-group assignment)."""
 
     def _progress_bar(self):
         from tqdm import tqdm
@@ -857,7 +878,7 @@ class WorkerRunner:
                 self.metrics.gpu_memory_bytes.set(stats.gpu_memory_bytes)
                 self.metrics.gpu_utilization_ratio.set(stats.gpu_utilization)
             try:
-                reply = self.client.heartbeat(stats)
+                reply = self._send_heartbeat(stats)
             except FatalError as exc:
                 self._inbox.put(("fatal", exc))
                 return
@@ -868,6 +889,7 @@ class WorkerRunner:
             if reply.action == pb.HeartbeatReply.STOP:
                 log.info("coordinator says the run is finished")
                 self._finish.set()
+            self._on_heartbeat_reply(reply)
 
     # ------------------------------------------------------------------ the way out
 

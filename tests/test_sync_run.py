@@ -1,0 +1,79 @@
+"""Real processes: workers with `--sync-group` form a sync group and train synchronously
+(worker/group_runner.py); a member SIGKILLed mid-run leaves a survivor that trains on async.
+
+Config: procs.TINY_CONFIG with the async merge policy (a rank > 0 never pushes while in the group,
+so semi-sync would wait its timeout for it every round) and a small budget.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import pytest
+
+from procs import Cluster, prepare_corpus, tiny_config
+
+GROUP_RE = re.compile(r"sync group (\S+) \(epoch (\d+)\): rank (\d+) of (\d+)")
+IDENTICAL_RE = re.compile(r"sync group (\S+) rank (\d+): checksum round at step \d+: parameters identical to rank 0")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_corpus(tmp_path_factory.mktemp("corpus"), n_bytes=400_000)
+
+
+def _config(budget: int, **changes):
+    return tiny_config(plan__max_tokens=budget, train__max_iters=1600, merge__policy="async", **changes)
+
+
+def _ranks(c: Cluster, workers) -> dict[str, int]:
+    out = {}
+    for w in workers:
+        m = GROUP_RE.findall(w.log())
+        if m:
+            out[w.name] = int(m[-1][2])
+    return out
+
+
+def test_two_workers_sync_group_train_and_finish(data_dir, tmp_path):
+    budget = 131_072  # 1024 steps of 4 x 32 tokens
+    with Cluster(tmp_path, data_dir, _config(budget)) as c:
+        coord = c.start_coordinator()
+        workers = [c.start_worker(f"s{i}", extra=["--sync-group", "g", "--advertise-host", "127.0.0.1"]) for i in range(2)]
+        c.wait_for(lambda: len(_ranks(c, workers)) == 2, 40, "the sync group to form", fail_if_dead=[coord, *workers])
+        c.wait_for(lambda: (c.run_dir / "summary.json").exists(), 90, "the run to finish", fail_if_dead=[coord])
+        for w in workers:
+            assert c.wait_exit(w, 60) == 0, f"{w.name} exited with {w.returncode}"
+        assert c.wait_exit(coord, 30) == 0
+        summary = c.summary()
+        assert summary["state"] == "finished" and summary["tokens"] == budget
+        ranks = _ranks(c, workers)
+        assert sorted(ranks.values()) == [0, 1], ranks
+        member = next(w for w in workers if ranks[w.name] == 1)
+        log = member.log()
+        assert "repaired from rank 0" in log  # the first checksum round gives it rank 0's state
+        assert IDENTICAL_RE.search(log), "no checksum round with identical parameters on rank 1"
+
+
+@pytest.mark.slow
+def test_member_sigkill_survivor_finishes(data_dir, tmp_path):
+    budget = 196_608
+    with Cluster(tmp_path, data_dir, _config(budget)) as c:
+        coord = c.start_coordinator()
+        workers = [c.start_worker(f"k{i}", extra=["--sync-group", "g", "--advertise-host", "127.0.0.1"]) for i in range(2)]
+        c.wait_for(lambda: len(_ranks(c, workers)) == 2, 40, "the sync group to form", fail_if_dead=[coord, *workers])
+        c.wait_for(lambda: any(IDENTICAL_RE.search(w.log()) for w in workers), 40, "a checksum round")
+        ranks = _ranks(c, workers)
+        victim = next(w for w in workers if ranks[w.name] == 1)
+        survivor = next(w for w in workers if w is not victim)
+        victim.signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        c.wait_for(lambda: "peer failure" in survivor.log(), 40, "the survivor to see the failure",
+                   fail_if_dead=[coord, survivor])
+        assert time.monotonic() - t0 < 40
+        c.wait_for(lambda: (c.run_dir / "summary.json").exists(), 120, "the run to finish", fail_if_dead=[coord])
+        assert c.wait_exit(survivor, 60) == 0
+        summary = c.summary()
+        assert summary["state"] == "finished" and summary["tokens"] == budget

@@ -1,0 +1,396 @@
+"""A worker that trains in a synchronous sync group when the coordinator forms one (`--sync-group`).
+
+`GroupWorkerRunner` is the async `WorkerRunner` (worker/runner.py) plus the sync-group mode:
+
+- Assignment: the heartbeat thread keeps the newest `HeartbeatReply.group`. At its next step
+  boundary the training loop switches when (group_id, epoch) is new and world_size >= 2: it builds a
+  `CompressedAllReduce` on the worker's own gRPC server (the PeerRouter is registered before the
+  server starts) and a `SyncGroupTrainer` around the worker's model, and from then on every
+  heartbeat carries `active_group_id` (the coordinator then refuses pushes from ranks > 0).
+  All-reduce compression: `sign` when the run's compression.scheme is sign, else `none`;
+  `--sync-compression` / GEOTRAIN_SYNC_COMPRESSION overrides it. The trainer's step counter is the
+  worker's absolute step (step_offset + local steps; lr schedule and 1-bit warmup follow it) and it
+  starts from the worker's AdamW state; the first checksum round gives every member rank 0's
+  parameters, optimizer state and step.
+- Rank 0 runs the normal async round protocol with the group's synchronized steps: it leases,
+  trains each step on B sequences of its lease (the all-reduced step), pushes `params - base`
+  every round and rebases on merged updates.
+- Ranks > 0 neither lease nor push while in the group. Each step a member trains on B random
+  windows of one train shard of the manifest (it downloads that shard once), drawn with a seed of
+  (group_id, rank, step). ACCOUNTING: only rank 0's tokens are ledger-accounted (its leased ranges
+  go out with its pushes); the members' tokens only add gradient samples to rank 0's steps. The
+  worker's stats (steps, tokens) count every member's own steps. A member that switched while it
+  held a lease or unpushed ranges keeps them: before switching it tries (5 s at most) to push what it
+  has; what is left is trained and pushed when it is async again (at the latest when rank 0 leaves
+  at the end of the run and its all-reduce fails), so the run's ledger can always finish.
+- Rebases: a merged update changes rank 0's parameters outside the optimizer, so the group
+  diverges. Rank 0 applies what the comm thread received only right before a step that ends with
+  the group's checksum round (`check_every` = round.steps, or 10 for time-based rounds; and before
+  the first step of a group): that step's checksum round repairs every member from rank 0.
+- Failure: a `PeerFailure` (all-reduce, checksum or state fetch; every wait has a deadline) is
+  sent with the next heartbeat as `group_failure` (group_id, epoch, survivors, reason); the group
+  is dropped (never re-entered under the same group_id/epoch) and the worker trains async until a
+  new assignment arrives. A member > 0 that leaves its group resets its weights to its basepoint
+  and resyncs the full model: its weights were rank 0's, whose progress rank 0 pushes itself.
+  The optimizer state goes back to the worker's AdamW.
+- Metrics: every SyncStepMetrics feeds the worker's geotrain_sync_* metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from protos import geotrain_pb2 as pb
+from worker.client import HEARTBEAT_DEADLINE_S
+from worker.runner import WorkerConfig, WorkerRunner, _Lease
+
+log = logging.getLogger(__name__)
+
+SYNC_COMPRESSIONS = ("none", "sign")
+FLUSH_BEFORE_MEMBER_S = 5.0  # a rank > 0: how long to try pushing its async progress before switching
+DEFAULT_CHECK_EVERY = 10
+PEER_WAIT_EXTRA_S = 10.0  # entry barrier: one all-reduce deadline plus this
+
+
+@dataclass
+class _Group:
+    group_id: str
+    epoch: int
+    rank: int
+    world_size: int
+    ar: object       # CompressedAllReduce
+    trainer: object  # SyncGroupTrainer
+    steps: int = 0
+
+
+class GroupWorkerRunner(WorkerRunner):
+    """WorkerRunner that joins the sync group the coordinator assigns (see the module docstring)."""
+
+    def __init__(self, config: WorkerConfig, sync_compression: str = ""):
+        super().__init__(config)
+        sync_compression = sync_compression or os.environ.get("GEOTRAIN_SYNC_COMPRESSION", "")
+        if sync_compression and sync_compression not in SYNC_COMPRESSIONS:
+            raise ValueError(f"sync compression must be one of {SYNC_COMPRESSIONS}, got {sync_compression!r}")
+        self.sync_compression = sync_compression
+        self._group_lock = threading.Lock()
+        self._assigned: pb.GroupAssignment | None = None  # newest assignment (heartbeat thread)
+        self._active_group_id = ""                        # sent with every heartbeat
+        self._failure: pb.GroupFailure | None = None      # sent once with the next heartbeat
+        self._failed: set[tuple[str, int]] = set()        # groups dropped after a failure
+        self._group: _Group | None = None                 # training thread only
+        self._last_hb_stats = pb.WorkerStats()
+        self.group_checks = 0
+        self.group_repairs = 0
+
+    # ------------------------------------------------------------------ heartbeat thread
+
+    def _send_heartbeat(self, stats: pb.WorkerStats, patience: float | None = None) -> pb.HeartbeatReply:
+        client = self.client
+        self._last_hb_stats = stats
+        with self._group_lock:
+            failure, active = self._failure, self._active_group_id
+
+        def call() -> pb.HeartbeatReply:
+            req = pb.HeartbeatRequest(worker_id=client.worker_id, session_id=client.session_id, stats=stats,
+                                      active_group_id=active)
+            if failure is not None:
+                req.group_failure.CopyFrom(failure)
+            client._count(sent=req.ByteSize())
+            reply = client._stub.Heartbeat(req, timeout=HEARTBEAT_DEADLINE_S, metadata=client._metadata)
+            client._count(received=reply.ByteSize())
+            return reply
+
+        reply = client._session_call("Heartbeat", call, patience)
+        if failure is not None:
+            with self._group_lock:
+                if self._failure is failure:
+                    self._failure = None
+        return reply
+
+    def _on_heartbeat_reply(self, reply: pb.HeartbeatReply) -> None:
+        group = reply.group if reply.HasField("group") and reply.group.world_size >= 2 else None
+        with self._group_lock:
+            self._assigned = group
+
+    # ------------------------------------------------------------------ switching (training thread)
+
+    def _group_turn(self, lease: _Lease | None) -> bool:
+        self._maybe_switch(holding_lease=lease is not None)
+        g = self._group
+        if g is None or g.rank == 0:
+            return False
+        self._member_step(g)
+        return True
+
+    def _member_assigned(self) -> bool:
+        """A rank > 0 assignment is pending or active: lease nothing new."""
+        g = self._group
+        if g is not None:
+            return g.rank > 0
+        with self._group_lock:
+            want = self._assigned
+            return want is not None and want.rank > 0 and (want.group_id, int(want.epoch)) not in self._failed
+
+    def _lease_and_fetch(self) -> _Lease | None:
+        while self._member_assigned():
+            if self._stop.wait(0.2) or self._finish.is_set() or self._abort.is_set():
+                return None
+        return super()._lease_and_fetch()
+
+    def _maybe_switch(self, holding_lease: bool) -> None:
+        with self._group_lock:
+            want = self._assigned
+        key = (want.group_id, int(want.epoch)) if want is not None else None
+        g = self._group
+        if g is not None and key == (g.group_id, g.epoch):
+            return
+        if key is not None and key in self._failed:
+            key = None
+        if key is not None and g is None and want.rank > 0 and holding_lease:
+            return  # a rank > 0 first trains out the leases it holds (no new ones: _lease_and_fetch)
+        if g is not None:
+            log.info("sync group %s: the coordinator %s; leaving it", g.group_id,
+                     "assigned another group" if key else "dissolved it")
+            self._leave_group()
+        if key is not None:
+            self._enter_group(want)
+
+    def _enter_group(self, a: pb.GroupAssignment) -> None:
+        from common.train import lr_at
+        from worker.allreduce import CompressedAllReduce
+        from worker.sync import SyncGroupTrainer
+
+        scheme = self.sync_compression or ("sign" if self.run_cfg.compression.scheme == "sign" else "none")
+        if a.rank > 0:
+            self._flush_before_member()
+        ar = CompressedAllReduce(
+            int(a.rank), int(a.world_size), list(a.peers), a.group_id, epoch=int(a.epoch), compression=scheme,
+            token=self.config.token, min_deadline_s=max(10.0, 3.0 * self.heartbeat_seconds),
+        )
+        ar.add_to_server(self.server.server)
+        o, max_iters = self.run_cfg.optim, self.run_cfg.train.max_iters
+        r = self.run_cfg.round
+        check_every = r.steps if r.steps > 0 else DEFAULT_CHECK_EVERY
+        trainer = SyncGroupTrainer(
+            self.model, ar, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), grad_clip=o.grad_clip,
+            check_every=check_every, device=self.device, lr_fn=lambda s: lr_at(s, o, max_iters),
+            total_steps=max_iters, mode="update",
+        )
+        if self.optimizer.state:
+            try:
+                trainer.optimizer.load_state_dict(self.optimizer.state_dict())
+            except (ValueError, KeyError) as exc:
+                log.warning("sync group %s: could not carry the AdamW state over (%s)", a.group_id, exc)
+        _ensure_adam_state(trainer.optimizer)
+        trainer.step_count = self.step_offset + self.local_step
+        self._group = _Group(a.group_id, int(a.epoch), int(a.rank), int(a.world_size), ar, trainer)
+        with self._group_lock:
+            self._active_group_id = a.group_id
+        if self.metrics is not None:
+            self.metrics.enable_sync()
+            self.metrics.sync_group_size.set(a.world_size)
+        log.info("sync group %s (epoch %d): rank %d of %d, peers %s, compression %s, checksum round every %d steps",
+                 a.group_id, a.epoch, a.rank, a.world_size, ",".join(a.peers), scheme, check_every)
+        self._wait_for_peers(self._group)
+
+    def _wait_for_peers(self, g: _Group) -> None:
+        """Barrier at entry: every member serves the group (Status answers) before anyone sends,
+        else the first exchange would find NOT_FOUND. Bounded: a member still stuck in the old
+        group's all-reduce needs up to one deadline to give up on it."""
+        from protos import peer_pb2
+        from worker.allreduce import PeerFailure
+
+        ar = g.ar
+        give_up = time.monotonic() + ar.deadline_s + PEER_WAIT_EXTRA_S
+        waiting = set(range(g.world_size)) - {g.rank}
+        request = peer_pb2.PeerStatusRequest(group_id=g.group_id, sender=g.rank)
+        while waiting:
+            for r in sorted(waiting):
+                try:
+                    reply = ar._stub(r).Status(request, timeout=2.0, metadata=ar._metadata)
+                except Exception:  # noqa: BLE001 - not there yet
+                    continue
+                if reply.epoch == g.epoch:
+                    waiting.discard(r)
+            if not waiting:
+                return
+            with self._group_lock:
+                want = self._assigned
+            if want is None or (want.group_id, int(want.epoch)) != (g.group_id, g.epoch) or self._stop.is_set() \
+                    or self._finish.is_set():
+                log.info("sync group %s: assignment changed while waiting for the peers", g.group_id)
+                self._leave_group()
+                return
+            if time.monotonic() > give_up:
+                self._group_failed(g, PeerFailure(min(waiting), f"peers {sorted(waiting)} never served the group",
+                                                  sorted(set(range(g.world_size)) - waiting)))
+                return
+            time.sleep(0.1)
+
+    def _flush_before_member(self) -> None:
+        """A rank > 0 may no longer push once it confirmed the group: send what it trained async."""
+        give_up = time.monotonic() + FLUSH_BEFORE_MEMBER_S
+        while time.monotonic() < give_up and not self._stop.is_set():
+            if self._inflight is None:
+                if len(self._pending) <= self._sealed:
+                    return
+                self._start_push()
+            try:
+                msg = self._inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self._handle(msg)
+        if self._pending:
+            log.warning("joining the sync group with %d unpushed range(s): they go out when this worker is async again",
+                        len(self._pending))
+
+    def _leave_group(self) -> None:
+        g, self._group = self._group, None
+        if g is None:
+            return
+        with self._group_lock:
+            self._active_group_id = ""
+        try:
+            g.trainer.close()
+        finally:
+            g.ar.close()
+        try:
+            self.optimizer.load_state_dict(g.trainer.optimizer.state_dict())
+        except (ValueError, KeyError) as exc:
+            log.warning("could not carry the sync group's AdamW state back (%s)", exc)
+        if g.rank > 0:
+            try:  # tell the coordinator now, before async pushes that it would refuse from a rank > 0
+                reply = self._send_heartbeat(self._last_hb_stats, patience=3.0)
+                self._on_heartbeat_reply(reply)
+            except Exception as exc:  # noqa: BLE001 - the heartbeat thread tells it soon anyway
+                log.warning("heartbeat after leaving the group failed: %s", exc)
+            # The weights were rank 0's: their progress is rank 0's to push. Back to the basepoint,
+            # then the newest full model.
+            self.local_step = max(self.local_step, g.trainer.step_count - self.step_offset)
+            if self._inflight is not None:
+                self._resolve(self._inflight, merged=False)
+            with torch.no_grad():
+                for n, t in self.params.items():
+                    t.copy_(self.base[n].to(t.device, t.dtype))
+            self._need_full.set()
+        if self.metrics is not None and getattr(self.metrics, "sync_group_size", None) is not None:
+            self.metrics.sync_group_size.set(0)
+        log.info("sync group %s: left after %d steps; training async", g.group_id, g.steps)
+
+    def _group_failed(self, g: _Group, exc) -> None:
+        survivors = [int(r) for r in (getattr(exc, "survivors", None) or [])]
+        log.warning("sync group %s (epoch %d) rank %d: peer failure: %s; survivors %s; reporting it and training async",
+                    g.group_id, g.epoch, g.rank, exc, survivors)
+        with self._group_lock:
+            self._failure = pb.GroupFailure(group_id=g.group_id, epoch=g.epoch, survivor_ranks=survivors,
+                                            reason=str(exc)[:500])
+            self._failed.add((g.group_id, g.epoch))
+        self._leave_group()
+
+    def _reset_for_new_run(self) -> None:
+        self._leave_group()
+        with self._group_lock:
+            self._assigned, self._failure = None, None
+            self._failed.clear()
+        super()._reset_for_new_run()
+
+    def _finish_up(self, reason: str, patience: float) -> None:
+        if self._group is not None:  # close it so the peers' next exchange fails at once
+            self._leave_group()
+        super()._finish_up(reason, patience)
+
+    # ------------------------------------------------------------------ stepping
+
+    def _drain_inbox(self) -> None:
+        g = self._group
+        if g is not None:
+            t = g.trainer
+            # Rebase only before a step that ends with a checksum round (or starts with one).
+            if not (t._needs_check or (t.check_every and (t._group_calls + 1) % t.check_every == 0)):
+                return
+        super()._drain_inbox()
+
+    def _train_step(self, lease: _Lease) -> None:
+        g = self._group
+        if g is None or g.rank != 0:
+            return super()._train_step(lease)
+        T = self.model_cfg.block_size
+        n = min(self.batch_size, (self._usable_end(lease) - lease.pos) // T)
+        arr = self._shards[lease.shard]
+        buf = np.asarray(arr[lease.pos : lease.pos + n * T + 1], dtype=np.int64)
+        x = torch.from_numpy(np.ascontiguousarray(buf[:-1].reshape(n, T)))
+        y = torch.from_numpy(np.ascontiguousarray(buf[1:].reshape(n, T)))
+        loss = self._sync_step(g, x, y)
+        if loss is None:
+            return  # no step taken: the tokens stay in the lease, trained again async
+        start = lease.pos
+        lease.pos += n * T
+        self.local_step += 1
+        self.round_steps += 1
+        self._record_range(lease, start, lease.pos, loss)
+
+    def _member_step(self, g: _Group) -> None:
+        x, y = self._member_batch(g)
+        if self._sync_step(g, x, y) is not None:
+            self.local_step += 1
+
+    def _member_batch(self, g: _Group) -> tuple[torch.Tensor, torch.Tensor]:
+        shards = [s for s in self.manifest.shards if getattr(s, "split", "train") == "train"] or list(self.manifest.shards)
+        shards.sort(key=lambda s: s.name)
+        info = shards[(zlib.crc32(g.group_id.encode()) + g.rank) % len(shards)]
+        arr = self._ensure_shard(info.name)
+        T, B = self.model_cfg.block_size, self.batch_size
+        high = max(1, len(arr) - T - 1)
+        rng = np.random.default_rng([zlib.crc32(g.group_id.encode()), g.epoch, g.rank, g.steps])
+        starts = rng.integers(0, high, size=B)
+        buf = np.stack([np.asarray(arr[s : s + T + 1], dtype=np.int64) for s in starts])
+        return torch.from_numpy(np.ascontiguousarray(buf[:, :-1])), torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
+
+    def _sync_step(self, g: _Group, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        """One step of the group; its loss, or None after a PeerFailure (the group is dropped)."""
+        from worker.allreduce import PeerFailure
+
+        if self.device.type != "cpu":
+            x, y = x.to(self.device), y.to(self.device)
+        try:
+            m = g.trainer.step(x, y)
+        except PeerFailure as exc:
+            self._group_failed(g, exc)
+            return None
+        g.steps += 1
+        with self._stats_lock:
+            self._stats.steps += 1
+            self._stats.tokens += x.numel()
+            self._stats.loss_sum += m.loss
+            self._stats.step_seconds += m.step_seconds
+        if self.metrics is not None:
+            self.metrics.step_seconds.observe(m.step_seconds)
+            self.metrics.observe_sync(m)
+        if m.checked:
+            self.group_checks += 1
+            if m.repaired:
+                self.group_repairs += 1
+            elif g.rank > 0 and (self.group_checks - self.group_repairs) % 20 == 1:
+                log.info("sync group %s rank %d: checksum round at step %d: parameters identical to rank 0 "
+                         "(%d checks, %d repairs)", g.group_id, g.rank, m.step, self.group_checks, self.group_repairs)
+        return m.loss
+
+
+def _ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Zero AdamW moments for parameters without state (the 1-bit "update" step reads them)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state[p]
+            if "exp_avg" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
