@@ -208,7 +208,8 @@ def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens, work
 @click.option("--run-dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=1337, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def demo(workers, model, data, config, steps, tokens, minutes, compression, round_steps, run_dir, seed, as_json):
+@click.option("--sync", is_flag=True, help="Train the workers as one sync group (--workers a power of two).")
+def demo(workers, model, data, config, steps, tokens, minutes, compression, round_steps, run_dir, seed, as_json, sync):
     """Train on loopback: a coordinator and N worker processes, to a token budget."""
     import json as _json
 
@@ -216,7 +217,7 @@ def demo(workers, model, data, config, steps, tokens, minutes, compression, roun
 
     opts = DemoOptions(
         workers=workers, model=model, data=data, config=config, steps=steps, tokens=tokens, minutes=minutes,
-        compression=compression, round_steps=round_steps, run_dir=run_dir, seed=seed,
+        compression=compression, round_steps=round_steps, run_dir=run_dir, seed=seed, sync=sync,
     )
     try:
         summary = run_demo(opts)

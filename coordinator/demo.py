@@ -46,6 +46,7 @@ class DemoOptions:
     batch_size: int = 12
     extra_coordinator_args: list[str] = field(default_factory=list)
     quiet: bool = False
+    sync: bool = False  # all workers in one sync group "demo" (workers must be a power of two >= 2)
 
 
 def wait_for_port_file(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> int:
@@ -109,6 +110,8 @@ def run_demo(opts: DemoOptions) -> dict:
 
     if opts.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {opts.workers}")
+    if opts.sync and (opts.workers < 2 or opts.workers & (opts.workers - 1)):
+        raise ValueError(f"--sync needs a power of two >= 2 of --workers (2, 4, 8, ...), got {opts.workers}")
     data_dir = resolve_data_dir(opts.data or None)  # prepares the embedded corpus once, here
     data = TokenData(data_dir)
     block = model_config(opts.model, vocab_size=data.vocab_size).block_size
@@ -136,7 +139,11 @@ def run_demo(opts: DemoOptions) -> dict:
         coord_args += ["--compression", opts.compression]
     if opts.round_steps:
         coord_args += ["--round-steps", str(opts.round_steps)]
+    if opts.sync and "--merge-policy" not in opts.extra_coordinator_args:
+        # Only rank 0 of a sync group pushes: semi-sync would wait out its timeout for the others.
+        coord_args += ["--merge-policy", "async"]
     coord_args += opts.extra_coordinator_args
+    sync_args = ["--sync-group", "demo", "--advertise-host", "127.0.0.1"] if opts.sync else []
     procs: list[subprocess.Popen] = []
     started = time.monotonic()
     try:
@@ -152,7 +159,7 @@ def run_demo(opts: DemoOptions) -> dict:
                         [
                             sys.executable, "-m", "worker.cli", "--port", "0", "--coordinator", target,
                             "--name", f"demo-{i}", "--threads", str(threads), "--metrics-port", "0",
-                            "--cache-dir", str(run_dir / "cache"), "--device", "cpu",
+                            "--cache-dir", str(run_dir / "cache"), "--device", "cpu", *sync_args,
                         ],
                         stdout=out, stderr=subprocess.STDOUT, env=env,
                     )

@@ -19,14 +19,21 @@
   windows of one train shard of the manifest (it downloads that shard once), drawn with a seed of
   (group_id, rank, step). ACCOUNTING: only rank 0's tokens are ledger-accounted (its leased ranges
   go out with its pushes); the members' tokens only add gradient samples to rank 0's steps. The
-  worker's stats (steps, tokens) count every member's own steps. A member that switched while it
-  held a lease or unpushed ranges keeps them: before switching it tries (5 s at most) to push what it
-  has; what is left is trained and pushed when it is async again (at the latest when rank 0 leaves
-  at the end of the run and its all-reduce fails), so the run's ledger can always finish.
+  worker's stats (steps, tokens) count every member's own steps. A worker assigned rank > 0 first
+  trains out the leases it holds (it leases nothing new meanwhile), pushes its ranges (5 s at most
+  waiting for the merge) and only then enters the group, so no lease of a rank > 0 blocks the
+  ledger; ranges still unpushed then go out when it is async again (refused meanwhile).
+- Entry barrier: every member polls the others' Peer Status until all serve the new group
+  (bounded: one all-reduce deadline + 10 s, then a PeerFailure), since an exchange that reaches a
+  member before it attached fails with NOT_FOUND. Rank 0 waits idle while a rank > 0 trains out
+  its leases (one or two work units).
 - Rebases: a merged update changes rank 0's parameters outside the optimizer, so the group
   diverges. Rank 0 applies what the comm thread received only right before a step that ends with
   the group's checksum round (`check_every` = round.steps, or 10 for time-based rounds; and before
-  the first step of a group): that step's checksum round repairs every member from rank 0.
+  the first step of a group): that step's checksum round repairs every member from rank 0 (a full
+  state transfer: model + AdamW moments, i.e. about once per round). While rank 0 waits for a
+  lease (no step to take; e.g. the run is finishing) it applies them at once; the next checksum
+  round repairs the members.
 - Failure: a `PeerFailure` (all-reduce, checksum or state fetch; every wait has a deadline) is
   sent with the next heartbeat as `group_failure` (group_id, epoch, survivors, reason); the group
   is dropped (never re-entered under the same group_id/epoch) and the worker trains async until a
@@ -88,6 +95,7 @@ class GroupWorkerRunner(WorkerRunner):
         self._failed: set[tuple[str, int]] = set()        # groups dropped after a failure
         self._group: _Group | None = None                 # training thread only
         self._last_hb_stats = pb.WorkerStats()
+        self._idle = False
         self.group_checks = 0
         self.group_repairs = 0
 
@@ -125,6 +133,7 @@ class GroupWorkerRunner(WorkerRunner):
 
     def _group_turn(self, lease: _Lease | None) -> bool:
         self._maybe_switch(holding_lease=lease is not None)
+        self._idle = lease is None  # rank 0 waiting for a lease: rebase now (the run may be finishing)
         g = self._group
         if g is None or g.rank == 0:
             return False
@@ -312,7 +321,7 @@ class GroupWorkerRunner(WorkerRunner):
 
     def _drain_inbox(self) -> None:
         g = self._group
-        if g is not None:
+        if g is not None and not self._idle:
             t = g.trainer
             # Rebase only before a step that ends with a checksum round (or starts with one).
             if not (t._needs_check or (t.check_every and (t._group_calls + 1) % t.check_every == 0)):
