@@ -38,7 +38,7 @@ def _ranks(c: Cluster, workers) -> dict[str, int]:
 
 
 def test_two_workers_sync_group_train_and_finish(data_dir, tmp_path):
-    budget = 131_072  # 1024 steps of 4 x 32 tokens
+    budget = 98_304  # 768 steps of 4 x 32 tokens
     with Cluster(tmp_path, data_dir, _config(budget)) as c:
         coord = c.start_coordinator()
         workers = [c.start_worker(f"s{i}", extra=["--sync-group", "g", "--advertise-host", "127.0.0.1"]) for i in range(2)]
@@ -81,3 +81,31 @@ def test_member_sigkill_survivor_finishes(data_dir, tmp_path, victim_rank):
         assert "training async" in survivor.log()
         summary = c.summary()
         assert summary["state"] == "finished" and summary["tokens"] == budget
+
+
+def test_sync_step_metrics_feed_the_worker_metrics():
+    from common import metric_names as mn
+    from worker.metrics import WorkerMetrics
+    from worker.sync import SyncStepMetrics
+
+    m = WorkerMetrics()
+    assert b"geotrain_sync_" not in m.scrape()  # only workers in a sync group export them
+    step = SyncStepMetrics(step=3, loss=2.0, step_seconds=0.05, allreduce_seconds=0.01, allreduce_bytes_sent=1000,
+                           allreduce_bytes_received=1000, group_size=2, residual_norm=0.5, checked=False, repaired=False)
+    m.observe_sync(step)
+    m.observe_sync(step)
+    text = m.scrape().decode()
+    assert "geotrain_sync_allreduce_seconds_count 2.0" in text
+    assert "geotrain_sync_allreduce_bytes_total 2000.0" in text
+    assert "geotrain_sync_group_size 2.0" in text
+    assert "geotrain_sync_residual_norm 0.5" in text
+    families = {(metric.name, metric.type) for metric in m.registry.collect()}
+    assert families <= {(s.name, s.kind) for s in mn.WORKER_METRICS}
+
+
+def test_demo_sync_needs_a_power_of_two_workers():
+    from coordinator.demo import DemoOptions, run_demo
+
+    for n in (1, 3, 6):
+        with pytest.raises(ValueError, match="power of two"):
+            run_demo(DemoOptions(workers=n, sync=True))

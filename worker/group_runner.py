@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 SYNC_COMPRESSIONS = ("none", "sign")
 FLUSH_BEFORE_MEMBER_S = 5.0  # a rank > 0: how long to try pushing its async progress before switching
 DEFAULT_CHECK_EVERY = 10
+MIN_DEADLINE_S = 5.0  # all-reduce deadline floor (it grows to 5 x p99 of the exchanges)
 PEER_WAIT_EXTRA_S = 10.0  # entry barrier: one all-reduce deadline plus this
 
 
@@ -183,7 +184,7 @@ class GroupWorkerRunner(WorkerRunner):
             self._flush_before_member()
         ar = CompressedAllReduce(
             int(a.rank), int(a.world_size), list(a.peers), a.group_id, epoch=int(a.epoch), compression=scheme,
-            token=self.config.token, min_deadline_s=max(10.0, 3.0 * self.heartbeat_seconds),
+            token=self.config.token, min_deadline_s=max(MIN_DEADLINE_S, 3.0 * self.heartbeat_seconds),
         )
         ar.add_to_server(self.server.server)
         o, max_iters = self.run_cfg.optim, self.run_cfg.train.max_iters
@@ -276,12 +277,13 @@ class GroupWorkerRunner(WorkerRunner):
             self.optimizer.load_state_dict(g.trainer.optimizer.state_dict())
         except (ValueError, KeyError) as exc:
             log.warning("could not carry the sync group's AdamW state back (%s)", exc)
-        if g.rank > 0:
+        if g.rank > 0 and not (self._finish.is_set() or self._stop.is_set() or self._abort.is_set()):
             try:  # tell the coordinator now, before async pushes that it would refuse from a rank > 0
                 reply = self._send_heartbeat(self._last_hb_stats, patience=3.0)
                 self._on_heartbeat_reply(reply)
             except Exception as exc:  # noqa: BLE001 - the heartbeat thread tells it soon anyway
                 log.warning("heartbeat after leaving the group failed: %s", exc)
+        if g.rank > 0:
             # The weights were rank 0's: their progress is rank 0's to push. Back to the basepoint,
             # then the newest full model.
             self.local_step = max(self.local_step, g.trainer.step_count - self.step_offset)
