@@ -38,10 +38,22 @@ def _ranks(c: Cluster, workers) -> dict[str, int]:
 
 
 def test_two_workers_sync_group_train_and_finish(data_dir, tmp_path):
+    _two_workers_train(data_dir, tmp_path, [])
+
+
+@pytest.mark.slow
+def test_two_workers_sync_group_sign_compression(data_dir, tmp_path):
+    log = _two_workers_train(data_dir, tmp_path, ["--sync-compression", "sign"])
+    assert "compression sign" in log
+
+
+def _two_workers_train(data_dir, tmp_path, extra: list[str]) -> str:
+    """2 workers in sync group g train to the budget; returns rank 1's log."""
     budget = 98_304  # 768 steps of 4 x 32 tokens
     with Cluster(tmp_path, data_dir, _config(budget)) as c:
         coord = c.start_coordinator()
-        workers = [c.start_worker(f"s{i}", extra=["--sync-group", "g", "--advertise-host", "127.0.0.1"]) for i in range(2)]
+        workers = [c.start_worker(f"s{i}", extra=["--sync-group", "g", "--advertise-host", "127.0.0.1", *extra])
+                   for i in range(2)]
         c.wait_for(lambda: len(_ranks(c, workers)) == 2, 40, "the sync group to form", fail_if_dead=[coord, *workers])
         c.wait_for(lambda: (c.run_dir / "summary.json").exists(), 90, "the run to finish", fail_if_dead=[coord])
         for w in workers:
@@ -55,6 +67,7 @@ def test_two_workers_sync_group_train_and_finish(data_dir, tmp_path):
         log = member.log()
         assert "repaired from rank 0" in log  # the first checksum round gives it rank 0's state
         assert IDENTICAL_RE.search(log), "no checksum round with identical parameters on rank 1"
+        return log
 
 
 @pytest.mark.slow
