@@ -70,8 +70,7 @@ def _two_workers_train(data_dir, tmp_path, extra: list[str]) -> str:
         return log
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("victim_rank", [1, 0])
+@pytest.mark.parametrize("victim_rank", [1, pytest.param(0, marks=pytest.mark.slow)])
 def test_member_sigkill_survivor_finishes(data_dir, tmp_path, victim_rank):
     """SIGKILL one member of a group of 2 mid-run: the survivor reports the failure within one
     all-reduce deadline (never hangs), trains async and the run finishes with its whole budget."""
