@@ -23,10 +23,12 @@
   trains out the leases it holds (it leases nothing new meanwhile), pushes its ranges (5 s at most
   waiting for the merge) and only then enters the group, so no lease of a rank > 0 blocks the
   ledger; ranges still unpushed then go out when it is async again (refused meanwhile).
-- Entry barrier: every member polls the others' Peer Status until all serve the new group
-  (bounded: one all-reduce deadline + 10 s, then a PeerFailure), since an exchange that reaches a
-  member before it attached fails with NOT_FOUND. Rank 0 waits idle while a rank > 0 trains out
-  its leases (one or two work units).
+- Entry barrier (an exchange that reaches a member before it attached fails with NOT_FOUND): each
+  member attaches its all-reduce to its server as soon as it enters; the synchronous steps start
+  once every member's Peer Status answers for the group. Rank 0 keeps training async meanwhile
+  (a rank > 0 may still be training out its leases) and asks every PEER_POLL_S; a rank > 0 waits
+  idle, bounded (rank 0 must answer within one all-reduce deadline + 10 s, the others within
+  PEER_WAIT_MAX_S; else a PeerFailure), and stops waiting when its assignment changes.
 - Rebases: a merged update changes rank 0's parameters outside the optimizer, so the group
   diverges. Rank 0 applies what the comm thread received only right before a step that ends with
   the group's checksum round (`check_every` = round.steps, or 10 for time-based rounds; and before
@@ -66,7 +68,9 @@ SYNC_COMPRESSIONS = ("none", "sign")
 FLUSH_BEFORE_MEMBER_S = 5.0  # a rank > 0: how long to try pushing its async progress before switching
 DEFAULT_CHECK_EVERY = 10
 MIN_DEADLINE_S = 5.0  # all-reduce deadline floor (it grows to 5 x p99 of the exchanges)
-PEER_WAIT_EXTRA_S = 10.0  # entry barrier: one all-reduce deadline plus this
+PEER_WAIT_EXTRA_S = 10.0
+PEER_WAIT_MAX_S = 300.0  # a rank > 0: how long it waits for the other members to serve the group
+PEER_POLL_S = 0.5  # rank 0: how often it asks whether every member serves a new group  # entry barrier: one all-reduce deadline plus this
 
 
 @dataclass
@@ -76,8 +80,9 @@ class _Group:
     rank: int
     world_size: int
     ar: object       # CompressedAllReduce
-    trainer: object  # SyncGroupTrainer
+    trainer: object = None  # SyncGroupTrainer, once every member serves the group
     steps: int = 0
+    next_poll: float = 0.0  # rank 0: when to ask the peers' Status again
 
 
 class GroupWorkerRunner(WorkerRunner):
@@ -136,6 +141,8 @@ class GroupWorkerRunner(WorkerRunner):
         self._maybe_switch(holding_lease=lease is not None)
         self._idle = lease is None  # rank 0 waiting for a lease: rebase now (the run may be finishing)
         g = self._group
+        if g is not None and g.rank == 0 and g.trainer is None:
+            self._poll_peers(g)
         if g is None or g.rank == 0:
             return False
         self._member_step(g)
@@ -175,9 +182,7 @@ class GroupWorkerRunner(WorkerRunner):
             self._enter_group(want)
 
     def _enter_group(self, a: pb.GroupAssignment) -> None:
-        from common.train import lr_at
         from worker.allreduce import CompressedAllReduce
-        from worker.sync import SyncGroupTrainer
 
         scheme = self.sync_compression or ("sign" if self.run_cfg.compression.scheme == "sign" else "none")
         if a.rank > 0:
@@ -187,9 +192,28 @@ class GroupWorkerRunner(WorkerRunner):
             token=self.config.token, min_deadline_s=max(MIN_DEADLINE_S, 3.0 * self.heartbeat_seconds),
         )
         ar.add_to_server(self.server.server)
+        g = self._group = _Group(a.group_id, int(a.epoch), int(a.rank), int(a.world_size), ar)
+        with self._group_lock:
+            self._active_group_id = a.group_id
+        if self.metrics is not None:
+            self.metrics.enable_sync()
+            self.metrics.sync_group_size.set(a.world_size)
+        log.info("sync group %s (epoch %d): rank %d of %d, peers %s, compression %s", a.group_id, a.epoch, a.rank,
+                 a.world_size, ",".join(a.peers), scheme)
+        if g.rank > 0:
+            self._wait_for_peers(g)
+            if self._group is g:
+                self._start_training(g)
+
+    def _start_training(self, g: _Group) -> None:
+        """Every member serves the group: build the SyncGroupTrainer around the worker's model."""
+        from common.train import lr_at
+        from worker.sync import SyncGroupTrainer
+
         o, max_iters = self.run_cfg.optim, self.run_cfg.train.max_iters
         r = self.run_cfg.round
         check_every = r.steps if r.steps > 0 else DEFAULT_CHECK_EVERY
+        ar = g.ar
         trainer = SyncGroupTrainer(
             self.model, ar, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), grad_clip=o.grad_clip,
             check_every=check_every, device=self.device, lr_fn=lambda s: lr_at(s, o, max_iters),
@@ -199,40 +223,58 @@ class GroupWorkerRunner(WorkerRunner):
             try:
                 trainer.optimizer.load_state_dict(self.optimizer.state_dict())
             except (ValueError, KeyError) as exc:
-                log.warning("sync group %s: could not carry the AdamW state over (%s)", a.group_id, exc)
+                log.warning("sync group %s: could not carry the AdamW state over (%s)", g.group_id, exc)
         _ensure_adam_state(trainer.optimizer)
         trainer.step_count = self.step_offset + self.local_step
-        self._group = _Group(a.group_id, int(a.epoch), int(a.rank), int(a.world_size), ar, trainer)
-        with self._group_lock:
-            self._active_group_id = a.group_id
-        if self.metrics is not None:
-            self.metrics.enable_sync()
-            self.metrics.sync_group_size.set(a.world_size)
-        log.info("sync group %s (epoch %d): rank %d of %d, peers %s, compression %s, checksum round every %d steps",
-                 a.group_id, a.epoch, a.rank, a.world_size, ",".join(a.peers), scheme, check_every)
-        self._wait_for_peers(self._group)
+        g.trainer = trainer
+        log.info("sync group %s: all %d members serve it: training synchronously (rank %d, checksum round every %d steps)",
+                 g.group_id, g.world_size, g.rank, check_every)
+
+    def _waiting_peers(self, g: _Group, ranks) -> set[int]:
+        """The ranks among `ranks` whose Peer Status does not answer for this group yet."""
+        from protos import peer_pb2
+
+        request = peer_pb2.PeerStatusRequest(group_id=g.group_id, sender=g.rank)
+        waiting = set()
+        for r in sorted(ranks):
+            try:
+                reply = g.ar._stub(r).Status(request, timeout=2.0, metadata=g.ar._metadata)
+            except Exception:  # noqa: BLE001 - not there yet
+                waiting.add(r)
+                continue
+            if reply.epoch != g.epoch:
+                waiting.add(r)
+        return waiting
+
+    def _poll_peers(self, g: _Group) -> None:
+        """Rank 0, at a step boundary (at most every PEER_POLL_S): start the synchronous steps once
+        every member serves the group. Meanwhile rank 0 trains async (a member may still be
+        training out its leases), so this needs no deadline."""
+        now = time.monotonic()
+        if now < g.next_poll:
+            return
+        g.next_poll = now + PEER_POLL_S
+        if not self._waiting_peers(g, set(range(g.world_size)) - {g.rank}):
+            self._start_training(g)
 
     def _wait_for_peers(self, g: _Group) -> None:
-        """Barrier at entry: every member serves the group (Status answers) before anyone sends,
-        else the first exchange would find NOT_FOUND. Bounded: a member still stuck in the old
-        group's all-reduce needs up to one deadline to give up on it."""
-        from protos import peer_pb2
+        """A rank > 0 at entry: wait until every member serves the group (Status answers) before
+        sending, else the first exchange would find NOT_FOUND. Bounded: rank 0 must serve within one
+        deadline + PEER_WAIT_EXTRA_S (a member still stuck in the old group's all-reduce needs up to
+        one deadline to give up on it); the others (which may be training out their leases) within
+        PEER_WAIT_MAX_S; an assignment change or a stop ends the wait at once."""
         from worker.allreduce import PeerFailure
 
-        ar = g.ar
-        give_up = time.monotonic() + ar.deadline_s + PEER_WAIT_EXTRA_S
+        start = time.monotonic()
+        give_up = start + PEER_WAIT_MAX_S
+        rank0_deadline = start + g.ar.deadline_s + PEER_WAIT_EXTRA_S
         waiting = set(range(g.world_size)) - {g.rank}
-        request = peer_pb2.PeerStatusRequest(group_id=g.group_id, sender=g.rank)
         while waiting:
-            for r in sorted(waiting):
-                try:
-                    reply = ar._stub(r).Status(request, timeout=2.0, metadata=ar._metadata)
-                except Exception:  # noqa: BLE001 - not there yet
-                    continue
-                if reply.epoch == g.epoch:
-                    waiting.discard(r)
+            waiting = self._waiting_peers(g, waiting)
             if not waiting:
                 return
+            if 0 not in waiting:
+                rank0_deadline = float("inf")
             with self._group_lock:
                 want = self._assigned
             if want is None or (want.group_id, int(want.epoch)) != (g.group_id, g.epoch) or self._stop.is_set() \
@@ -240,7 +282,7 @@ class GroupWorkerRunner(WorkerRunner):
                 log.info("sync group %s: assignment changed while waiting for the peers", g.group_id)
                 self._leave_group()
                 return
-            if time.monotonic() > give_up:
+            if time.monotonic() > min(give_up, rank0_deadline):
                 self._group_failed(g, PeerFailure(min(waiting), f"peers {sorted(waiting)} never served the group",
                                                   sorted(set(range(g.world_size)) - waiting)))
                 return
@@ -270,20 +312,22 @@ class GroupWorkerRunner(WorkerRunner):
         with self._group_lock:
             self._active_group_id = ""
         try:
-            g.trainer.close()
+            if g.trainer is not None:
+                g.trainer.close()
         finally:
             g.ar.close()
-        try:
-            self.optimizer.load_state_dict(g.trainer.optimizer.state_dict())
-        except (ValueError, KeyError) as exc:
-            log.warning("could not carry the sync group's AdamW state back (%s)", exc)
+        if g.trainer is not None:
+            try:
+                self.optimizer.load_state_dict(g.trainer.optimizer.state_dict())
+            except (ValueError, KeyError) as exc:
+                log.warning("could not carry the sync group's AdamW state back (%s)", exc)
         if g.rank > 0 and not (self._finish.is_set() or self._stop.is_set() or self._abort.is_set()):
             try:  # tell the coordinator now, before async pushes that it would refuse from a rank > 0
                 reply = self._send_heartbeat(self._last_hb_stats, patience=3.0)
                 self._on_heartbeat_reply(reply)
             except Exception as exc:  # noqa: BLE001 - the heartbeat thread tells it soon anyway
                 log.warning("heartbeat after leaving the group failed: %s", exc)
-        if g.rank > 0:
+        if g.rank > 0 and g.trainer is not None:
             # The weights were rank 0's: their progress is rank 0's to push. Back to the basepoint,
             # then the newest full model.
             self.local_step = max(self.local_step, g.trainer.step_count - self.step_offset)
@@ -323,7 +367,7 @@ class GroupWorkerRunner(WorkerRunner):
 
     def _drain_inbox(self) -> None:
         g = self._group
-        if g is not None and not self._idle:
+        if g is not None and g.trainer is not None and not self._idle:
             t = g.trainer
             # Rebase only before a step that ends with a checksum round (or starts with one).
             if not (t._needs_check or (t.check_every and (t._group_calls + 1) % t.check_every == 0)):
@@ -332,7 +376,7 @@ class GroupWorkerRunner(WorkerRunner):
 
     def _train_step(self, lease: _Lease) -> None:
         g = self._group
-        if g is None or g.rank != 0:
+        if g is None or g.rank != 0 or g.trainer is None:
             return super()._train_step(lease)
         T = self.model_cfg.block_size
         n = min(self.batch_size, (self._usable_end(lease) - lease.pos) // T)
