@@ -192,3 +192,17 @@ def test_outlier_delta_norm_is_refused_or_clipped(server):
     srv.state.gate.clip = True
     assert _push(stub, reply, header_rng, blob, push_id="huge-clipped").result == pb.PushReply.ACCEPTED
     assert srv.state.version == version + 1
+
+
+def test_worker_endpoint_requires_the_run_token():
+    from worker.service import WorkerServer
+    from common.rpc import TokenAuthInterceptor
+
+    server = WorkerServer(0, lambda: ("w", "id", "training"), interceptors=[TokenAuthInterceptor(TOKEN)])
+    server.start()
+    try:
+        stub = pb_grpc.WorkerStub(make_channel(f"127.0.0.1:{server.port}"))
+        assert code_of(lambda: stub.Ping(pb.PingRequest(), timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.Ping(pb.PingRequest(), metadata=auth_metadata(TOKEN), timeout=5).name == "w"
+    finally:
+        server.stop()

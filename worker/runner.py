@@ -225,7 +225,11 @@ class WorkerRunner:
         if self.config.serve and self.server is None:
             from worker.service import WorkerServer
 
-            self.server = WorkerServer(self.config.port, self._describe)
+            from common.rpc import TokenAuthInterceptor
+
+            # Peer traffic of sync groups needs the same run token as the coordinator's RPCs.
+            auth = [TokenAuthInterceptor(self.config.token)] if self.config.token else []
+            self.server = WorkerServer(self.config.port, self._describe, interceptors=auth)
             if self.config.sync_group:  # the Peer service must be registered before start()
                 from worker.allreduce import router_for
 
