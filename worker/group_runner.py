@@ -31,9 +31,11 @@
   PEER_WAIT_MAX_S; else a PeerFailure), and stops waiting when its assignment changes.
 - Rebases: a merged update changes rank 0's parameters outside the optimizer, so the group
   diverges. Rank 0 applies what the comm thread received only right before a step that ends with
-  the group's checksum round (`check_every` = round.steps, or 10 for time-based rounds; and before
-  the first step of a group): that step's checksum round repairs every member from rank 0 (a full
-  state transfer: model + AdamW moments, i.e. about once per round). While rank 0 waits for a
+  the group's checksum round (`check_every` = round.steps, or 10 for time-based rounds), at every
+  REBASE_EVERY_CHECKS-th one (and before the first step of a group): that step's checksum round
+  repairs every member from rank 0 (a full state transfer: model + AdamW moments, about once per
+  two rounds), and the rounds in between check that the synchronous steps kept every member
+  bit-identical (logged: "parameters identical to rank 0"). Rebases thus lag up to two rounds. While rank 0 waits for a
   lease (no step to take; e.g. the run is finishing) it applies them at once; the next checksum
   round repairs the members.
 - Failure: a `PeerFailure` (all-reduce, checksum or state fetch; every wait has a deadline) is
@@ -70,7 +72,8 @@ DEFAULT_CHECK_EVERY = 10
 MIN_DEADLINE_S = 5.0  # all-reduce deadline floor (it grows to 5 x p99 of the exchanges)
 PEER_WAIT_EXTRA_S = 10.0
 PEER_WAIT_MAX_S = 300.0  # a rank > 0: how long it waits for the other members to serve the group
-PEER_POLL_S = 0.5  # rank 0: how often it asks whether every member serves a new group  # entry barrier: one all-reduce deadline plus this
+PEER_POLL_S = 0.5
+REBASE_EVERY_CHECKS = 2  # rank 0 rebases before every 2nd checksum round; the others must find no difference  # rank 0: how often it asks whether every member serves a new group  # entry barrier: one all-reduce deadline plus this
 
 
 @dataclass
@@ -369,8 +372,10 @@ class GroupWorkerRunner(WorkerRunner):
         g = self._group
         if g is not None and g.trainer is not None and not self._idle:
             t = g.trainer
-            # Rebase only before a step that ends with a checksum round (or starts with one).
-            if not (t._needs_check or (t.check_every and (t._group_calls + 1) % t.check_every == 0)):
+            # Rebase only before a step that ends with a checksum round (or starts with one), and
+            # only at every REBASE_EVERY_CHECKS-th one: the others verify the synchronous steps.
+            period = t.check_every * REBASE_EVERY_CHECKS
+            if not (t._needs_check or (period and (t._group_calls + 1) % period == 0)):
                 return
         super()._drain_inbox()
 
