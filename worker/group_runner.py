@@ -384,11 +384,7 @@ class GroupWorkerRunner(WorkerRunner):
         if g is None or g.rank != 0 or g.trainer is None:
             return super()._train_step(lease)
         T = self.model_cfg.block_size
-        n = min(self.batch_size, (self._usable_end(lease) - lease.pos) // T)
-        arr = self._shards[lease.shard]
-        buf = np.asarray(arr[lease.pos : lease.pos + n * T + 1], dtype=np.int64)
-        x = torch.from_numpy(np.ascontiguousarray(buf[:-1].reshape(n, T)))
-        y = torch.from_numpy(np.ascontiguousarray(buf[1:].reshape(n, T)))
+        x, y, n = self._lease_batch(lease)  # the same tokens an async step would take
         loss = self._sync_step(g, x, y)
         if loss is None:
             return  # no step taken: the tokens stay in the lease, trained again async

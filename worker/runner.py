@@ -558,17 +558,22 @@ class WorkerRunner:
             }
         return self._order_cache["order"]
 
-    def _train_step(self, lease: _Lease) -> None:
-        from common.model import autocast_context
-        from common.train import lr_at
-
+    def _lease_batch(self, lease: _Lease) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The next batch of the lease (CPU tensors) and its number of sequences n (n x T tokens)."""
         T = self.model_cfg.block_size
         n = min(self.batch_size, (self._usable_end(lease) - lease.pos) // T)
         arr = self._shards[lease.shard]
         order = self._sequence_order(lease)
         slots = order[lease.pos // T : lease.pos // T + n]  # positions -> shuffled sequence slots
         xs, ys = gather_sequences(arr, slots, T)
-        x, y = torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(np.ascontiguousarray(ys))
+        return torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(np.ascontiguousarray(ys)), n
+
+    def _train_step(self, lease: _Lease) -> None:
+        from common.model import autocast_context
+        from common.train import lr_at
+
+        T = self.model_cfg.block_size
+        x, y, n = self._lease_batch(lease)
         if self.device.type == "cuda":
             x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         elif self.device.type != "cpu":
