@@ -513,6 +513,10 @@ class CoordinatorState:
 
     # ------------------------------------------------------------------ merging
 
+    def _participants(self) -> int:
+        """Live workers that push: a sync group counts once (its rank 0); caller holds the lock."""
+        return sum(1 for w in self.workers.values() if not w.left and not self.groups.rank_of(w.worker_id))
+
     def _expected_workers(self) -> set[str]:
         """Workers a semi-sync merge waits for: those training leased data (they will push).
         A worker still downloading, or one whose data ran out at the end of the run, is not
@@ -562,8 +566,7 @@ class CoordinatorState:
             return
         scale = 1.0
         if self.run.merge.policy == "async":
-            live = max(1, sum(1 for w in self.workers.values() if not w.left))
-            scale = 1.0 / live  # one delta at a time moves the model by its share of the group
+            scale = 1.0 / max(1, self._participants())  # one delta moves the model by its share
         mean_delta = combine(valid, self.version, self.run.merge.staleness_power, scale)
         update = self.outer.update(mean_delta)
         blob, decoded = encode_tensors(
