@@ -176,6 +176,9 @@ class CoordinatorState:
         self.run_id = uuid.uuid4().hex[:12]
         self.version = 1  # the initial model; have_version 0 on the wire means "nothing yet"
         self.params_sha = params_sha256(self.global_params)
+        # Version 1 is built from the seed: a worker that rebuilds it bit-identically (same seed,
+        # same torch init) skips the first full download (run_spec "initial_sha256").
+        self.initial_sha = self.params_sha
         self.history: deque[UpdateRecord] = deque()  # trimmed in _merge: see _history_limit
         self.full_blob_cache: tuple[int, bytes] | None = None
         self.workers: dict[str, WorkerRecord] = {}
@@ -234,6 +237,7 @@ class CoordinatorState:
                 "manifest": json.loads(self.data.manifest.to_json()),
                 "batch_tokens": self.run.train.batch_size * self.model_config.block_size,
                 "step_offset": step_offset,
+                "initial_sha256": self.initial_sha,
             }
         )
 
@@ -407,8 +411,10 @@ class CoordinatorState:
             if not force_full and have_version == self.version:
                 return ModelReply("UNCHANGED", self.version, b"", self.params_sha, [])
             oldest = self.history[0].version if self.history else self.version + 1
-            if not force_full and 0 < have_version < self.version and have_version + 1 >= oldest:
-                records = [u for u in self.history if u.version > have_version]
+            records = [u for u in self.history if u.version > have_version]
+            # Updates only while they are smaller than the full fp32 weights would be.
+            cheaper = sum(len(u.blob) for u in records) < 4 * self.num_params
+            if not force_full and 0 < have_version < self.version and have_version + 1 >= oldest and cheaper:
                 offsets, blob = [], bytearray()
                 for u in records:
                     offsets.append(len(blob))

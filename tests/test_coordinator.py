@@ -279,3 +279,47 @@ def test_grpc_auth_push_and_truncated_stream(server):
     assert parts[0].header.kind == pb.ModelHeader.UPDATES
     assert list(parts[0].header.updates[0].merged_push_ids) == ["p1"]
     assert parts[0].header.params_sha256 == srv.state.params_sha
+
+
+def test_worker_rebuilds_the_initial_model_from_the_seed(data, tmp_path):
+    """Version 1 is reproducible from the run spec: a worker rebuilds it, checks the announced
+    sha256, then needs only the updates since version 1 (or nothing). A different seed or a
+    wrong checksum gives None (the worker downloads instead)."""
+    import json
+
+    from common.config import ModelConfig, run_config_from_dict
+    from worker.runner import initial_weights_from_seed
+
+    state = CoordinatorState(small_run(), data, tmp_path)
+    spec = json.loads(state.run_spec(0))
+    run, model = run_config_from_dict(spec["run"]), ModelConfig(**spec["model"])
+    rng = torch.get_rng_state()
+    weights = initial_weights_from_seed(run, model, spec["initial_sha256"])
+    assert torch.equal(torch.get_rng_state(), rng), "the caller's RNG stream must not move"
+    assert weights is not None and params_sha256(weights) == state.params_sha
+    assert initial_weights_from_seed(run, model, "0" * 64) is None
+    assert initial_weights_from_seed(run, model, "") is None
+    run.train.seed += 1
+    assert initial_weights_from_seed(run, model, spec["initial_sha256"]) is None
+
+    assert state.model_reply(1, False, 0.0).kind == "UNCHANGED"
+    record, r = join(state)
+    push(state, record, r, delta_like(state, 0.01))
+    reply = state.model_reply(1, False, 0.0)
+    assert reply.kind == "UPDATES" and reply.version == 2
+    # a later restart keeps announcing version 1's checksum (the seed's model), not the current one
+    state.checkpoint()
+    again = CoordinatorState(small_run(), data, tmp_path)
+    assert json.loads(again.run_spec(0))["initial_sha256"] == spec["initial_sha256"] != again.params_sha
+
+
+def test_updates_larger_than_the_weights_come_as_the_full_model(data, tmp_path):
+    """fp32 updates of random values are about as large as the weights: past the size of the
+    weights, a worker catching up gets the full model instead."""
+    state = CoordinatorState(small_run(), data, tmp_path)
+    for i in range(3):
+        record, r = join(state, f"w{i}")
+        push(state, record, r, {n: torch.randn_like(t) * 0.01 for n, t in state.global_params.items()}, f"p{i}")
+    assert state.version == 4
+    assert state.model_reply(3, False, 0.0).kind == "UPDATES"
+    assert state.model_reply(1, False, 0.0).kind == "FULL"

@@ -102,6 +102,10 @@ def test_three_workers_train_loss_falls(finished_run, data_dir):
     assert summary["val_loss"] < threshold, (summary["val_loss"], unigram)
     # the history is not noise: the last evaluation is well below the first
     assert history[-1]["val_loss"] < first["val_loss"] - 2.0
+    # the first worker to join (the model is still at version 1) rebuilt it from the seed,
+    # checksum verified, instead of downloading it
+    logs = [w.log() for w in c.workers()]
+    assert any("initial model rebuilt from the seed" in log for log in logs), logs[0][-2000:]
 
 
 @pytest.mark.timeout(280)

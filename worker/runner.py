@@ -108,6 +108,26 @@ def rebase_full(
         add_(params, own_decoded, alpha=-1.0)
 
 
+def initial_weights_from_seed(run: RunConfig, model: ModelConfig, initial_sha: str) -> dict[str, torch.Tensor] | None:
+    """The run's version 1, built exactly as the coordinator builds it (fp32 on CPU after
+    torch.manual_seed(run.train.seed)), or None when `initial_sha` is empty or the checksum
+    differs (another torch version may initialise differently). The global RNG state is kept."""
+    from common.model import GPT
+
+    if not initial_sha:
+        return None
+    rng = torch.get_rng_state()
+    try:
+        torch.manual_seed(run.train.seed)
+        weights = clone_tensors(model_tensors(GPT(model)), "cpu")
+    finally:
+        torch.set_rng_state(rng)
+    if params_sha256(weights) != initial_sha:
+        log.info("the seed does not reproduce the initial model here: downloading it")
+        return None
+    return weights
+
+
 def full_contains_push(version: int, base_version: int, push_id: str, merged_push_ids) -> bool | None:
     """Whether a FULL model at `version` contains our push: True, False (not yet), or None (lost:
     the model is older than the push's base, so the coordinator restarted without it)."""
@@ -322,24 +342,49 @@ class WorkerRunner:
                  self.model_cfg, self.batch_size, self.device)
         # The first model: the training loop waits for it.
         t0 = time.monotonic()
-        rep = self.client.get_model(0, self.model_bytes, self.max_blob_bytes)
-        if rep.header.kind != pb.ModelHeader.FULL:
-            rep = self.client.get_model(0, self.model_bytes, self.max_blob_bytes, force_full=True)
-        full = self._decode(rep.blob)
-        if params_sha256(full) != rep.header.params_sha256:
-            log.error("model checksum mismatch on the first download; fetching it again")
-            rep = self.client.get_model(0, self.model_bytes, self.max_blob_bytes, force_full=True)
-            full = self._decode(rep.blob)
+        version, full = self._first_model(spec.get("initial_sha256", ""))
         self._add_wait(time.monotonic() - t0)
         self.base = clone_tensors(full, "cpu")
         with torch.no_grad():
             for name, t in self.params.items():
                 t.copy_(full[name].to(t.device, t.dtype))
-        self.base_version = rep.header.version
+        self.base_version = version
         self.comm_version = self.base_version
         self.local_step = 0
         self.round_steps = 0
         self.round_start = time.monotonic()
+
+    def _first_model(self, initial_sha: str) -> tuple[int, dict[str, torch.Tensor]]:
+        """(version, fp32 CPU weights) to start from. The run's version 1 is rebuilt from the seed
+        when it reproduces the coordinator's checksum (then only the updates since version 1 are
+        fetched, if the coordinator holds them and they are smaller than the weights); otherwise,
+        or on any checksum mismatch, the full model is downloaded."""
+        initial = initial_weights_from_seed(self.run_cfg, self.model_cfg, initial_sha)
+        if initial is not None:
+            rep = self.client.get_model(1, self.model_bytes, self.max_blob_bytes)
+            h = rep.header
+            if h.kind == pb.ModelHeader.UNCHANGED:
+                log.info("initial model rebuilt from the seed (checksum verified): nothing to download")
+                return h.version, initial
+            if h.kind == pb.ModelHeader.UPDATES:
+                for u in h.updates:
+                    update = self._decode(rep.blob[u.offset : u.offset + u.size])
+                    for name, t in initial.items():
+                        t.add_(update[name])
+                if params_sha256(initial) == h.params_sha256:
+                    log.info("initial model rebuilt from the seed plus %d update(s) to version %d",
+                             len(h.updates), h.version)
+                    return h.version, initial
+                log.error("seed model plus updates does not match version %d's checksum: downloading it", h.version)
+            elif params_sha256(full := self._decode(rep.blob)) == h.params_sha256:
+                return h.version, full
+        rep = self.client.get_model(0, self.model_bytes, self.max_blob_bytes, force_full=True)
+        full = self._decode(rep.blob)
+        if params_sha256(full) != rep.header.params_sha256:
+            log.error("model checksum mismatch on the first download; fetching it again")
+            rep = self.client.get_model(0, self.model_bytes, self.max_blob_bytes, force_full=True)
+            full = self._decode(rep.blob)
+        return rep.header.version, full
 
     def _reset_for_new_run(self) -> None:
         self._inflight = None
