@@ -323,3 +323,24 @@ def test_updates_larger_than_the_weights_come_as_the_full_model(data, tmp_path):
     assert state.version == 4
     assert state.model_reply(3, False, 0.0).kind == "UPDATES"
     assert state.model_reply(1, False, 0.0).kind == "FULL"
+
+
+def test_finish_folds_the_downlink_residual_into_the_final_model(data, tmp_path):
+    """With 1-bit updates the global model lags the exact sum of merged updates by the downlink
+    residual; finish() applies it as one last version, so the final model is exact."""
+    state = CoordinatorState(small_run(compression__scheme="sign"), data, tmp_path)
+    before = clone_tensors(state.global_params)
+    record, r = join(state)
+    torch.manual_seed(3)
+    delta = {n: torch.randn_like(t) * 0.01 for n, t in state.global_params.items()}
+    push(state, record, r, delta, scheme="none")
+    assert state.version == 2
+    name = next(iter(before))
+    lag = (state.global_params[name] - before[name] - delta[name]).abs().max()
+    assert lag > 1e-4, "1-bit downlink should not be exact"
+    state.finish()
+    assert state.version == 3 and state.history[-1].version == 3
+    for n, t in state.global_params.items():
+        assert torch.allclose(t - before[n], delta[n], atol=1e-6), n
+    assert state.down_feedback.residual_norm() == 0.0
+    assert state.finish() is state.final_summary and state.version == 3  # idempotent

@@ -127,6 +127,36 @@ def test_no_token_trained_twice(finished_run):
     assert sum(w["merged_tokens"] for w in seen.values()) <= BUDGET_FULL
 
 
+# --------------------------------------------------------------------------- 1-bit both ways
+
+
+@pytest.mark.timeout(200)
+def test_sign_compressed_run_learns_and_delivers_its_residuals(data_dir, tmp_path):
+    """1-bit deltas up and 1-bit updates down: the run still learns well below the unigram
+    entropy; a worker left without data sends its pending steps at 8 bits (carrying the error
+    feedback residual left in its weights) and the coordinator folds its own downlink residual
+    into the final model as one last version."""
+    cfg = tiny_config(compression__scheme="sign", plan__max_tokens=40_960)
+    with Cluster(tmp_path, data_dir, cfg) as c:
+        coord = c.start_coordinator()
+        workers = [c.start_worker(f"s{i}") for i in range(2)]
+        c.wait_for(lambda: (c.run_dir / "summary.json").exists(), 150, "the run to finish", fail_if_dead=[coord])
+        for w in workers:
+            assert c.wait_exit(w, 30) == 0, f"{w.name} exited with {w.returncode}"
+        assert c.wait_exit(coord, 30) == 0
+        summary, log = c.summary(), c.coordinator_log()
+        assert summary["tokens"] == 40_960
+        assert summary["val_loss"] < unigram_entropy(data_dir) - 0.3, summary["val_loss"]
+        flushed = re.findall(r"version (\d+): the downlink compression residual", log)
+        assert flushed and int(flushed[-1]) == summary["model_version"], (flushed, summary["model_version"])
+        logs = [w.log() for w in workers]
+        idle = [re.findall(r"waiting for data: sending \d+ pending step\(s\) at (\w+)", text) for text in logs]
+        finals = [re.findall(r"final push \((\w+)\): (\w+)", text) for text in logs]
+        assert any(idle) or any(finals), "no worker sent its last steps"
+        assert all(s == "int8" for found in idle for s in found), idle
+        assert all(f == ("int8", "ACCEPTED") for found in finals for f in found), finals
+
+
 # --------------------------------------------------------------------------- 2: worker SIGKILL
 
 

@@ -108,6 +108,9 @@ def rebase_full(
         add_(params, own_decoded, alpha=-1.0)
 
 
+FINAL_PUSH_SCHEME = "int8"  # a worker's last delta of the run (see WorkerRunner._finish_up)
+
+
 def initial_weights_from_seed(run: RunConfig, model: ModelConfig, initial_sha: str) -> dict[str, torch.Tensor] | None:
     """The run's version 1, built exactly as the coordinator builds it (fp32 on CPU after
     torch.manual_seed(run.train.seed)), or None when `initial_sha` is empty or the checksum
@@ -438,7 +441,7 @@ class WorkerRunner:
                             continue
                         self._drain_inbox()
                         if self._inflight is None and len(self._pending) > self._sealed:
-                            self._start_push()  # idle until a lease comes: send what we have
+                            self._push_while_idle()
                         time.sleep(0.05)
                     self._add_wait(time.monotonic() - t0)
                     if not next_lease.done():
@@ -667,12 +670,15 @@ class WorkerRunner:
 
     # ------------------------------------------------------------------ pushes
 
-    def _make_push(self) -> tuple[_Push, pb.DeltaHeader, bytes]:
+    def _make_push(self, scheme: str | None = None) -> tuple[_Push, pb.DeltaHeader, bytes]:
+        """The delta since the basepoint, encoded with `scheme` (default: the run's). The
+        compression error stays in params - base, so the next push carries it (implicit error
+        feedback)."""
         from common.compression import encode_tensors
 
         c = self.run_cfg.compression
         delta = sub(self.params, self.base)
-        blob, decoded = encode_tensors(delta, c.scheme, c.chunk, feedback=None, zstd_level=c.zstd_level)
+        blob, decoded = encode_tensors(delta, scheme or c.scheme, c.chunk, feedback=None, zstd_level=c.zstd_level)
         decoded = {n: t.detach().float().cpu() for n, t in decoded.items()}
         residual = global_norm(sub(delta, decoded))
         ranges = [pb.TokenRange(unit_id=p[0], shard=p[1], start=p[2], end=p[3], epoch=p[4]) for p in self._pending]
@@ -687,10 +693,10 @@ class WorkerRunner:
             self._stats.pushes += 1
         return push, header, blob
 
-    def _start_push(self) -> None:
+    def _start_push(self, scheme: str | None = None) -> None:
         if not self._pending:
             return
-        push, header, blob = self._make_push()
+        push, header, blob = self._make_push(scheme)
         self._sealed = len(self._pending)
         self._inflight = push
         self.round_steps = 0
@@ -947,6 +953,19 @@ class WorkerRunner:
 
     # ------------------------------------------------------------------ the way out
 
+    def _push_while_idle(self) -> None:
+        """No data to train on until a lease comes: send the pending steps now. This is
+        usually the end of the run (the budget is leased out), so the push goes at 8 bits when
+        the run's scheme is coarser: it carries the error feedback residual that earlier 1-bit
+        or 4-bit pushes left in params - base, which would otherwise never reach the model."""
+        scheme = FINAL_PUSH_SCHEME if self._coarser_than_final() else None
+        log.info("waiting for data: sending %d pending step(s) at %s",
+                 sum(p[5] for p in self._pending[self._sealed:]), scheme or self.run_cfg.compression.scheme)
+        self._start_push(scheme)
+
+    def _coarser_than_final(self) -> bool:
+        return self.run_cfg.compression.scheme in ("sign", "int4")
+
     def _finish_up(self, reason: str, patience: float) -> None:
         give_up = time.monotonic() + patience
         while self._inflight is not None and time.monotonic() < give_up:
@@ -960,10 +979,15 @@ class WorkerRunner:
             log.warning("the last push was not merged within %.0fs: %d local steps are not sent",
                         patience, sum(p[5] for p in self._pending))
         elif self._pending:
-            push, header, blob = self._make_push()
+            # The data is used up: this is the worker's last delta. It goes at 8 bits (or the
+            # run's scheme if that is finer), so the error feedback residual that 1-bit and 4-bit
+            # pushes leave in params - base reaches the global model instead of being dropped.
+            scheme = FINAL_PUSH_SCHEME if reason == "data exhausted" and self._coarser_than_final() else None
+            push, header, blob = self._make_push(scheme)
             try:
                 reply = self.client.push_delta(header, blob, patience=max(1.0, give_up - time.monotonic()))
-                log.info("final push: %s", pb.PushReply.Result.Name(reply.result))
+                log.info("final push (%s): %s", scheme or self.run_cfg.compression.scheme,
+                         pb.PushReply.Result.Name(reply.result))
             except (grpc.RpcError, FatalError) as exc:
                 log.warning("final push failed: %s", exc)
         self._abort.set()
