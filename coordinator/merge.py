@@ -7,7 +7,9 @@ the negative of the weighted mean delta, so a positive outer learning rate moves
 
 - `combine`: weighted mean of deltas; weight = tokens x (1 + staleness) ** -staleness_power.
 - `OuterOptimizer`: "average" (update = lr * mean delta) or "nesterov" (SGD with Nesterov momentum
-  on the outer gradient, DiLoCo style: m = mu*m + D; update = lr * (D + mu*m)).
+  on the outer gradient, DiLoCo style: m = mu*m + D; update = lr * (D + mu*m)); a merge that
+  carries only a fraction f of a typical merge's tokens gets m = mu**f * m + D and
+  update = lr * (D + f * mu * m), so partial merges move the model by about their share.
 - `NormGate`: refuses (or clips) a delta whose norm is far above the recent median.
 
 Plain module: torch only, no gRPC. coordinator/state.py calls these under its lock.
@@ -70,23 +72,46 @@ def combine(
 
 
 class OuterOptimizer:
+    """The coordinator's outer step. `update` is called once per merge, under the state lock."""
+
+    RECENT_MERGES = 16  # merges whose token counts define a "typical" merge
+
     def __init__(self, config: OuterConfig, shapes: Mapping[str, tuple[int, ...]]):
         self.config = config.validate()
         self.momentum: dict[str, torch.Tensor] = (
             {n: torch.zeros(s) for n, s in shapes.items()} if config.kind == "nesterov" else {}
         )
+        self.recent_tokens: deque[int] = deque(maxlen=self.RECENT_MERGES)
 
-    def update(self, mean_delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The change to apply to the global model for this merge (not applied here)."""
+    def round_fraction(self, tokens: int) -> float:
+        """`tokens` as a fraction of the median of the recent merges' tokens, at most 1 (1 when
+        unknown: tokens <= 0 or no merge yet)."""
+        if tokens <= 0 or not self.recent_tokens:
+            return 1.0
+        return min(1.0, tokens / statistics.median(self.recent_tokens))
+
+    def update(self, mean_delta: Mapping[str, torch.Tensor], tokens: int = 0) -> dict[str, torch.Tensor]:
+        """The change to apply to the global model for this merge (not applied here).
+
+        tokens: the tokens the merged deltas carry (0: treat as a typical merge). With nesterov, a
+        merge carrying a fraction f < 1 of a typical merge (a worker's last few steps at the end of
+        the run, a straggler merged alone) decays the momentum by mu**f and looks ahead by f * mu * m
+        instead of a full momentum step, which would overshoot just as the inner learning rate has
+        decayed. With f = 1 this is DiLoCo's m = mu * m + D; update = lr * (D + mu * m).
+        """
         lr = self.config.lr
+        f = self.round_fraction(tokens)
+        if tokens > 0:
+            self.recent_tokens.append(tokens)
         if self.config.kind == "average":
             return {n: d * lr for n, d in mean_delta.items()}
         mu = self.config.momentum
+        decay = mu**f
         out = {}
         for n, d in mean_delta.items():
             m = self.momentum[n]
-            m.mul_(mu).add_(d)
-            out[n] = (d + mu * m) * lr
+            m.mul_(decay).add_(d)
+            out[n] = (d + f * mu * m) * lr
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

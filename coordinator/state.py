@@ -47,7 +47,7 @@ from common.config import ModelConfig, RunConfig
 from common.data import TokenData
 from common.model import GPT
 from common.rpc import PROTOCOL_VERSION
-from common.tensors import add_, clone_tensors, global_norm, model_tensors, params_sha256, tensor_spec
+from common.tensors import add_, clone_tensors, model_tensors, params_sha256, tensor_spec
 from coordinator.groups import Assignment, GroupFormation
 from coordinator.ledger import Ledger, LedgerError, TrainedRange
 from coordinator.merge import Contribution, NormGate, OuterOptimizer, combine
@@ -574,7 +574,7 @@ class CoordinatorState:
         if self.run.merge.policy == "async":
             scale = 1.0 / max(1, self._participants())  # one delta moves the model by its share
         mean_delta = combine(valid, self.version, self.run.merge.staleness_power, scale)
-        update = self.outer.update(mean_delta)
+        update = self.outer.update(mean_delta, tokens=sum(c.tokens for c in valid))
         blob, decoded = encode_tensors(
             update, self.run.compression.scheme, self.run.compression.chunk, feedback=self.down_feedback,
             zstd_level=self.run.compression.zstd_level,
@@ -803,7 +803,6 @@ class CoordinatorState:
         """Final evaluation, checkpoint and summary.json. Idempotent."""
         if self.final_summary is not None:
             return self.final_summary
-        self._flush_downlink()
         val = self.evaluate(eval_iters or max(self.run.eval.iters, 50))
         try:
             self.checkpoint()
@@ -815,25 +814,6 @@ class CoordinatorState:
         self.final_summary = summary
         log.info("run finished: version %d, %d tokens, validation loss %.4f", self.version, summary["tokens"], val)
         return summary
-
-    def _flush_downlink(self) -> None:
-        """At the end of the run, the downlink error-feedback residual (what compressing the
-        merged updates has dropped so far) goes into the global model as one last, lossless
-        version, so the final model holds every merged update exactly. No-op without residual."""
-        with self.lock:
-            residual = self.down_feedback.state_dict()
-            if not residual or self.down_feedback.residual_norm() == 0.0:
-                return
-            update = {n: residual.get(n, torch.zeros_like(t)) for n, t in self.global_params.items()}
-            blob, decoded = encode_tensors(update, "none", zstd_level=self.run.compression.zstd_level)
-            add_(self.global_params, decoded)
-            self.down_feedback.reset()
-            self.version += 1
-            self._write_version_mark()
-            self.params_sha = params_sha256(self.global_params)
-            self.history.append(UpdateRecord(self.version, blob, [], self.params_sha))
-            log.info("version %d: the downlink compression residual (norm %.4g) applied to the final model",
-                     self.version, global_norm(update))
 
     def summary(self) -> dict:
         with self.lock:

@@ -13,11 +13,12 @@ import torch
 import zstandard
 
 from common.compression import encode_tensors
-from common.config import RunConfig
+from common.config import OuterConfig, RunConfig
 from common.data import TokenData, prepare
 from common.rpc import PROTOCOL_VERSION, iter_chunks, make_channel
 from common.tensors import clone_tensors, params_sha256
 from coordinator.ledger import TrainedRange
+from coordinator.merge import OuterOptimizer
 from coordinator.server import CoordinatorServer
 from coordinator.state import (
     AlreadyExists,
@@ -103,6 +104,22 @@ def test_nesterov_outer_step_sign_and_momentum(data, tmp_path):
     name = next(iter(before))
     moved = state.global_params[name] - before[name]
     assert torch.allclose(moved, torch.full_like(moved, 0.0095), atol=1e-7)
+
+
+def test_nesterov_partial_merge_moves_by_its_share():
+    """A merge carrying a quarter of a typical merge's tokens and no new progress moves the model
+    by a quarter of the momentum lookahead (not a full momentum step) and decays m by mu**0.25."""
+    opt = OuterOptimizer(OuterConfig(kind="nesterov", lr=0.5, momentum=0.8), {"w": (3,)})
+    full = {"w": torch.full((3,), 0.01)}
+    first = opt.update(full, tokens=400)["w"]
+    assert torch.allclose(first, torch.full((3,), 0.5 * (0.01 + 0.8 * 0.01)))  # DiLoCo step
+    same = opt.update(full, tokens=400)["w"]  # m = 0.8 * 0.01 + 0.01 = 0.018
+    assert torch.allclose(same, torch.full((3,), 0.5 * (0.01 + 0.8 * 0.018)))
+    assert opt.round_fraction(100) == 0.25 and opt.round_fraction(4000) == 1.0
+    tail = opt.update({"w": torch.zeros(3)}, tokens=100)["w"]
+    m = 0.8**0.25 * 0.018
+    assert torch.allclose(opt.momentum["w"], torch.full((3,), m))
+    assert torch.allclose(tail, torch.full((3,), 0.5 * 0.25 * 0.8 * m))
 
 
 def test_semi_sync_waits_for_every_worker_holding_data(data, tmp_path):
@@ -323,24 +340,3 @@ def test_updates_larger_than_the_weights_come_as_the_full_model(data, tmp_path):
     assert state.version == 4
     assert state.model_reply(3, False, 0.0).kind == "UPDATES"
     assert state.model_reply(1, False, 0.0).kind == "FULL"
-
-
-def test_finish_folds_the_downlink_residual_into_the_final_model(data, tmp_path):
-    """With 1-bit updates the global model lags the exact sum of merged updates by the downlink
-    residual; finish() applies it as one last version, so the final model is exact."""
-    state = CoordinatorState(small_run(compression__scheme="sign"), data, tmp_path)
-    before = clone_tensors(state.global_params)
-    record, r = join(state)
-    torch.manual_seed(3)
-    delta = {n: torch.randn_like(t) * 0.01 for n, t in state.global_params.items()}
-    push(state, record, r, delta, scheme="none")
-    assert state.version == 2
-    name = next(iter(before))
-    lag = (state.global_params[name] - before[name] - delta[name]).abs().max()
-    assert lag > 1e-4, "1-bit downlink should not be exact"
-    state.finish()
-    assert state.version == 3 and state.history[-1].version == 3
-    for n, t in state.global_params.items():
-        assert torch.allclose(t - before[n], delta[n], atol=1e-6), n
-    assert state.down_feedback.residual_norm() == 0.0
-    assert state.finish() is state.final_summary and state.version == 3  # idempotent
