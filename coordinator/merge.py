@@ -114,6 +114,13 @@ class OuterOptimizer:
             out[n] = (d + f * mu * m) * lr
         return out
 
+    def lookahead(self) -> dict[str, torch.Tensor] | None:
+        """Nesterov's lookahead lr * mu * m, the part of the last updates that anticipates the
+        next ones (the global model minus it is the classical-momentum iterate); None for "average"."""
+        if self.config.kind != "nesterov":
+            return None
+        return {n: m * (self.config.lr * self.config.momentum) for n, m in self.momentum.items()}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"outer_momentum.{n}": m for n, m in self.momentum.items()}
 

@@ -106,6 +106,24 @@ def test_nesterov_outer_step_sign_and_momentum(data, tmp_path):
     assert torch.allclose(moved, torch.full_like(moved, 0.0095), atol=1e-7)
 
 
+def test_finished_run_drops_the_nesterov_lookahead_but_a_stopped_one_keeps_it(data, tmp_path):
+    """The last version of a finished nesterov run is the global model minus lr * mu * m; a run
+    stopped mid-way (finish() from the server's stop) keeps its model for the resume."""
+    for budget, dropped in ((64, True), (0, False)):
+        run = small_run(outer__kind="nesterov", outer__lr=0.5, outer__momentum=0.9, plan__max_tokens=budget)
+        state = CoordinatorState(run, data, tmp_path / f"b{budget}")
+        before = clone_tensors(state.global_params)
+        record, r = join(state)
+        push(state, record, r, delta_like(state, 0.01))  # moves 0.5 * (0.01 + 0.9 * 0.01) = 0.0095
+        state.tick()  # budget 64: every token merged -> "finished" -> finish()
+        summary = state.finish()
+        assert (state.state == "finished") == dropped
+        want = 0.0095 - (0.5 * 0.9 * 0.01 if dropped else 0.0)
+        assert state.version == (3 if dropped else 2) and summary["model_version"] == state.version
+        for n, t in state.global_params.items():
+            assert torch.allclose(t - before[n], torch.full_like(t, want), atol=1e-7), n
+
+
 def test_nesterov_partial_merge_moves_by_its_share():
     """A merge carrying a quarter of a typical merge's tokens and no new progress moves the model
     by a quarter of the momentum lookahead (not a full momentum step) and decays m by mu**0.25."""
