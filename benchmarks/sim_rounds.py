@@ -51,8 +51,8 @@ class SimConfig:
     chunk: int = 256
     sign_scale: str = "mean_abs"
     outer_kind: str = "nesterov"
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    outer_lr: float = 0.8  # common/config.py OuterConfig defaults
+    outer_momentum: float = 0.8
     warmup_rounds: int = 0
     warmup_scheme: str = "none"
     delay: int = 0
