@@ -135,7 +135,7 @@ def test_sign_compressed_run_learns_and_delivers_its_residuals(data_dir, tmp_pat
     """1-bit deltas up and 1-bit updates down: the run still learns well below the unigram
     entropy, and a worker left without data sends its pending steps at 8 bits (carrying the
     error feedback residual left in its weights)."""
-    cfg = tiny_config(compression__scheme="sign", plan__max_tokens=40_960)
+    cfg = tiny_config(compression__scheme="sign", plan__max_tokens=163_840)
     with Cluster(tmp_path, data_dir, cfg) as c:
         coord = c.start_coordinator()
         workers = [c.start_worker(f"s{i}") for i in range(2)]
@@ -144,7 +144,7 @@ def test_sign_compressed_run_learns_and_delivers_its_residuals(data_dir, tmp_pat
             assert c.wait_exit(w, 30) == 0, f"{w.name} exited with {w.returncode}"
         assert c.wait_exit(coord, 30) == 0
         summary = c.summary()
-        assert summary["tokens"] == 40_960
+        assert summary["tokens"] == 163_840
         assert summary["val_loss"] < unigram_entropy(data_dir) - 0.3, summary["val_loss"]
         logs = [w.log() for w in workers]
         idle = [re.findall(r"waiting for data: sending \d+ pending step\(s\) at (\w+)", text) for text in logs]

@@ -55,16 +55,17 @@ def tools_cache_dir() -> Path:
     return Path(base) / "geotrain-tools"
 
 
-def _extract_prometheus_deb(dest: Path) -> None:
-    """Download Debian's prometheus .deb and unpack it into `dest` (atomically)."""
+def _extract_deb(package: str, binary: str, dest: Path) -> None:
+    """Download Debian's `package` .deb and unpack it into `dest` (atomically); it must hold
+    usr/bin/`binary`."""
     for tool in ("apt-get", "dpkg"):
         if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} not available to fetch the prometheus package")
+            raise RuntimeError(f"{tool} not available to fetch the {package} package")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".prometheus-") as tmp:
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{package}-") as tmp:
         work = Path(tmp)
         attempt = subprocess.run(
-            ["apt-get", "download", "prometheus"], cwd=work, capture_output=True, text=True, timeout=600
+            ["apt-get", "download", package], cwd=work, capture_output=True, text=True, timeout=600
         )
         if attempt.returncode != 0:
             # No package lists on this machine (fresh container, not root): keep a private set of
@@ -80,35 +81,34 @@ def _extract_prometheus_deb(dest: Path) -> None:
             ]
             update = subprocess.run(["apt-get", *opts, "update"], capture_output=True, text=True, timeout=600)
             attempt = subprocess.run(
-                ["apt-get", *opts, "download", "prometheus"], cwd=work, capture_output=True, text=True, timeout=600
+                ["apt-get", *opts, "download", package], cwd=work, capture_output=True, text=True, timeout=600
             )
             if attempt.returncode != 0:
                 raise RuntimeError(
-                    "apt-get download prometheus failed:\n" + update.stderr[-2000:] + attempt.stderr[-2000:]
+                    f"apt-get download {package} failed:\n" + update.stderr[-2000:] + attempt.stderr[-2000:]
                 )
-        debs = sorted(work.glob("prometheus_*.deb"))
+        debs = sorted(work.glob(f"{package}_*.deb"))
         if not debs:
-            raise RuntimeError("apt-get download produced no prometheus_*.deb")
-        unpacked = work / "prometheus"
+            raise RuntimeError(f"apt-get download produced no {package}_*.deb")
+        unpacked = work / package
         subprocess.run(["dpkg", "-x", str(debs[-1]), str(unpacked)], check=True, capture_output=True, timeout=300)
-        if not (unpacked / "usr" / "bin" / "promtool").is_file():
-            raise RuntimeError("the prometheus package holds no usr/bin/promtool")
+        if not (unpacked / "usr" / "bin" / binary).is_file():
+            raise RuntimeError(f"the {package} package holds no usr/bin/{binary}")
         if dest.exists():  # another process won the race
             return
         os.replace(unpacked, dest)
 
 
-def find_prometheus_binary(name: str, download: bool = True) -> str | None:
-    """Path to `name` (promtool or prometheus, both shipped by Debian's prometheus package): PATH,
-    then $GEOTRAIN_TOOLS, then the cache, fetching the package into the cache once if needed; None
-    if it can't be had."""
+def find_debian_binary(package: str, name: str, download: bool = True) -> str | None:
+    """Path to executable `name` from Debian's `package`: PATH, then $GEOTRAIN_TOOLS/`package`,
+    then the cache, fetching the package into the cache once if needed; None if it can't be had."""
     on_path = shutil.which(name)
     if on_path:
         return on_path
     candidates = []
     if os.environ.get("GEOTRAIN_TOOLS"):
-        candidates.append(Path(os.environ["GEOTRAIN_TOOLS"]) / "prometheus" / "usr" / "bin" / name)
-    cached = tools_cache_dir() / "prometheus"
+        candidates.append(Path(os.environ["GEOTRAIN_TOOLS"]) / package / "usr" / "bin" / name)
+    cached = tools_cache_dir() / package
     candidates.append(cached / "usr" / "bin" / name)
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.X_OK):
@@ -116,12 +116,21 @@ def find_prometheus_binary(name: str, download: bool = True) -> str | None:
     if not download or cached.exists():  # an unpacked package without `name`: downloading won't help
         return None
     try:
-        _extract_prometheus_deb(cached)
+        _extract_deb(package, name, cached)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        sys.stderr.write(f"find_prometheus_binary({name}): {exc}\n")
+        sys.stderr.write(f"find_debian_binary({package}, {name}): {exc}\n")
         return None
     binary = cached / "usr" / "bin" / name
     return str(binary) if binary.is_file() else None
+
+
+def find_prometheus_binary(name: str, download: bool = True) -> str | None:
+    """promtool or prometheus, both shipped by Debian's prometheus package."""
+    return find_debian_binary("prometheus", name, download)
+
+
+def find_shellcheck(download: bool = True) -> str | None:
+    return find_debian_binary("shellcheck", "shellcheck", download)
 
 
 def find_promtool(download: bool = True) -> str | None:
