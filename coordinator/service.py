@@ -122,7 +122,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @_rpc
     def LeaseWork(self, request, context):
-        exhausted, r = self.state.lease(request.worker_id, request.session_id)
+        exhausted, r = self.state.lease(request.worker_id, request.session_id, request.request_id)
         if r is None:
             return pb.LeaseReply(exhausted=exhausted)
         unit = self.state.ledger.units[r.unit_id]

@@ -105,6 +105,7 @@ class WorkerRecord:
     merged_tokens: int = 0
     left: bool = False
     merged_pushes: list[tuple[int, str]] = field(default_factory=list)  # (version, push id), last 32
+    last_lease: tuple[str, bool, TrainedRange | None] | None = None  # (request id, exhausted, range)
 
 
 @dataclass
@@ -362,21 +363,31 @@ class CoordinatorState:
 
     # ------------------------------------------------------------------ data
 
-    def lease(self, worker_id: str, session_id: str) -> tuple[bool, TrainedRange | None]:
-        """(exhausted, range). exhausted=False with no range: nothing free now, ask again soon."""
+    def lease(self, worker_id: str, session_id: str, request_id: str = "") -> tuple[bool, TrainedRange | None]:
+        """(exhausted, range). exhausted=False with no range: nothing free now, ask again soon.
+
+        A repeated `request_id` (a retry whose first reply was lost) gets the first answer again,
+        so a lost reply never leaves a range leased to a worker that does not know it holds it."""
         with self.lock:
-            self._session(worker_id, session_id)
-            if self.state == "finished":
-                return True, None
-            r = self.ledger.lease(worker_id)
-            if r is None and self.ledger.finished():
-                return True, None  # budget spent and every leased token committed
-            if r is not None and self.state == "finishing":
-                # a dropped worker's tokens came back after the budget was leased out
-                log.info("leased tokens returned to the pool: training again")
-                self.state = "training"
-            self._update_shard_gauge()
-            return False, r
+            record = self._session(worker_id, session_id)
+            if request_id and record.last_lease is not None and record.last_lease[0] == request_id:
+                return record.last_lease[1], record.last_lease[2]
+            exhausted, r = self._lease_locked(worker_id)
+            record.last_lease = (request_id, exhausted, r) if request_id else None
+            return exhausted, r
+
+    def _lease_locked(self, worker_id: str) -> tuple[bool, TrainedRange | None]:
+        if self.state == "finished":
+            return True, None
+        r = self.ledger.lease(worker_id)
+        if r is None and self.ledger.finished():
+            return True, None  # budget spent and every leased token committed
+        if r is not None and self.state == "finishing":
+            # a dropped worker's tokens came back after the budget was leased out
+            log.info("leased tokens returned to the pool: training again")
+            self.state = "training"
+        self._update_shard_gauge()
+        return False, r
 
     def shard_path(self, worker_id: str, session_id: str, shard: str) -> tuple[Path, str]:
         """Path and sha256 of a shard named in the manifest; NotFound for anything else."""

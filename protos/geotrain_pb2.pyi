@@ -168,12 +168,14 @@ class TokenRange(_message.Message):
     def __init__(self, unit_id: _Optional[int] = ..., shard: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
-    __slots__ = ("worker_id", "session_id")
+    __slots__ = ("worker_id", "session_id", "request_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session_id: str
-    def __init__(self, worker_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class LeaseReply(_message.Message):
     __slots__ = ("exhausted", "range")

@@ -94,6 +94,20 @@ def test_average_merge_moves_global_along_the_delta(data, tmp_path):
     assert state.ledger.committed_total == 64
 
 
+def test_a_retried_lease_request_gets_the_same_range(data, tmp_path):
+    """A LeaseWork retry (same request id: its first reply was lost) gets the range the first
+    attempt was granted, not a second one the worker would never know it holds."""
+    state = CoordinatorState(small_run(), data, tmp_path)
+    record, _ = state.join("w", "cpu", 0, "0", PROTOCOL_VERSION, "fp", "", "")
+    first = state.lease(record.worker_id, record.session_id, "req-1")
+    again = state.lease(record.worker_id, record.session_id, "req-1")
+    assert first == again and first[1] is not None
+    assert len(state.ledger.held_by(record.worker_id)) == 1
+    other = state.lease(record.worker_id, record.session_id, "req-2")
+    assert other[1] is not None and other[1].unit_id != first[1].unit_id
+    assert len(state.ledger.held_by(record.worker_id)) == 2
+
+
 def test_nesterov_outer_step_sign_and_momentum(data, tmp_path):
     run = small_run(outer__kind="nesterov", outer__lr=0.5, outer__momentum=0.9)
     state = CoordinatorState(run, data, tmp_path)

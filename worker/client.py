@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
@@ -239,8 +240,11 @@ class CoordinatorClient:
         return self._session_call("Heartbeat", call, patience)
 
     def lease_work(self, patience: float | None = None) -> pb.LeaseReply:
+        """LeaseWork; every retry carries the same request id (see LeaseRequest.request_id)."""
+        request_id = uuid.uuid4().hex
+
         def call() -> pb.LeaseReply:
-            req = pb.LeaseRequest(worker_id=self.worker_id, session_id=self.session_id)
+            req = pb.LeaseRequest(worker_id=self.worker_id, session_id=self.session_id, request_id=request_id)
             self._count(sent=req.ByteSize())
             reply = self._stub.LeaseWork(req, timeout=LEASE_DEADLINE_S, metadata=self._metadata)
             self._count(received=reply.ByteSize())
