@@ -116,10 +116,15 @@ class _Layout:
         return sorted(tensors) == self.names and all(tensors[n].shape == s for n, s in zip(self.names, self.shapes))
 
     def flatten(self, tensors: Mapping[str, torch.Tensor], world_size: int) -> torch.Tensor:
-        flat = torch.zeros(world_size * self.block, dtype=torch.float32)
+        """One fp32 vector of world_size * block values; the padding between tensors is zero."""
+        flat = torch.empty(world_size * self.block, dtype=torch.float32)
+        pos = 0
         for name, off in zip(self.names, self.offsets):
             t = tensors[name].detach().reshape(-1)
+            flat[pos:off].zero_()
             flat[off : off + t.numel()].copy_(t)
+            pos = off + t.numel()
+        flat[pos:].zero_()
         return flat
 
     def unflatten(self, flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -487,11 +492,11 @@ class CompressedAllReduce:
             stats.encode_seconds += time.perf_counter() - t0
             _, got = self._exchange(partner, step, _Round(level, level, peer_pb2.RECURSIVE_DOUBLING), payload, [(0, len(payload))], stats)
             t0 = time.perf_counter()
-            theirs = self._codec.decode(got, acc.shape).reshape(-1)
-            mine = mine.reshape(-1).to(torch.float32)
-            acc = (mine + theirs) if self.rank < partner else (theirs + mine)  # lower rank first
+            theirs = self._codec.decode(got, acc.shape).reshape(-1)  # a new buffer: summed into in place
+            # IEEE addition of two values is commutative bit for bit, so both partners get the same sum.
+            acc = theirs.add_(mine.reshape(-1).to(torch.float32))
             stats.encode_seconds += time.perf_counter() - t0
-        return acc / self.world_size
+        return acc.div_(self.world_size)
 
     def _encode(self, name: str, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
         x = x.contiguous()
