@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from common import __version__
+from common.data import DEFAULT_SHARD_TOKENS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -150,7 +151,8 @@ def eval_(checkpoint, data, iters, batch_size, seed, device, as_json) -> None:
                    "(>= 257). Above 65,536 ids tokens are stored as uint32.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Validation share in [0, 0.5]: the last fraction of a single document, else whole documents.")
-@click.option("--shard-tokens", type=int, default=50_000_000, show_default=True, help="Tokens per shard file.")
+@click.option("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, show_default=True,
+              help="Tokens per shard file (a worker downloads a whole shard before training from it).")
 @click.option("--workers", type=int, default=None, help="Encoding processes (spawned). Default: 1 below 32 MiB of input, else CPU count (max 8).")
 @click.option("--from-nanogpt", "from_nanogpt", type=click.Path(path_type=Path), default=None,
               help="Convert nanoGPT train.bin/val.bin (uint16) in this directory instead of encoding text; "

@@ -70,7 +70,9 @@ SHARD_VERSION = 1
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DEFAULT_CORPUS_BYTES = 8 * 1024 * 1024  # 8 MiB of standard-library source text
-DEFAULT_SHARD_TOKENS = 50_000_000
+# 8M tokens = 16 MB per shard at 2 bytes/token: a worker downloads a whole shard before it trains
+# from it, which takes 6.4 s at 20 Mbit/s (bigger shards make a slow link's first wait longer).
+DEFAULT_SHARD_TOKENS = 8_000_000
 MAX_VAL_FRACTION = 0.5
 SPAWN_MIN_BYTES = 32 << 20  # with workers=None, inputs below this are encoded in-process
 
