@@ -590,13 +590,7 @@ class CoordinatorState:
             update, self.run.compression.scheme, self.run.compression.chunk, feedback=self.down_feedback,
             zstd_level=self.run.compression.zstd_level,
         )
-        add_(self.global_params, decoded)
-        self.version += 1
-        self._write_version_mark()
-        self.params_sha = params_sha256(self.global_params)
-        self.history.append(UpdateRecord(self.version, blob, [c.push_id for c in valid], self.params_sha))
-        while len(self.history) > self._history_limit():
-            self.history.popleft()
+        self._commit_version(blob, decoded, [c.push_id for c in valid])
         tokens = 0
         for c in valid:
             committed = self.ledger.commit(c.worker_id, c.ranges)
@@ -828,13 +822,24 @@ class CoordinatorState:
         log.info("run finished: version %d, %d tokens, validation loss %.4f", self.version, summary["tokens"], val)
         return summary
 
+    def _commit_version(self, blob: bytes, decoded: dict[str, torch.Tensor], push_ids: list[str]) -> None:
+        """Apply a decoded update to the global model as the next version, kept in the history
+        (as `blob`, what workers download) for catch-up. Caller holds the lock."""
+        add_(self.global_params, decoded)
+        self.version += 1
+        self._write_version_mark()
+        self.params_sha = params_sha256(self.global_params)
+        self.history.append(UpdateRecord(self.version, blob, push_ids, self.params_sha))
+        while len(self.history) > self._history_limit():
+            self.history.popleft()
+
     def _drop_lookahead(self) -> None:
         """When every token is merged, the final model is the global model minus the outer
         Nesterov lookahead (lr * mu * m), applied as one last, uncompressed version. The lookahead
         anticipates rounds that will not come; at the end of the inner schedule the deltas shrink
         while m still remembers larger ones, and the lookahead overshoots: on the final checkpoints
         of 2000-step nano runs (benchmarks/README.md) dropping it lowered the validation loss by
-        0.9-1.5%. Not done when a run is merely stopped: a resumed run continues from the lookahead
+        0.2-1.5%. Not done when a run is merely stopped: a resumed run continues from the lookahead
         point its momentum belongs to."""
         with self.lock:
             lookahead = self.outer.lookahead()
@@ -842,11 +847,7 @@ class CoordinatorState:
                 return
             update = {n: -t for n, t in lookahead.items()}
             blob, decoded = encode_tensors(update, "none", zstd_level=self.run.compression.zstd_level)
-            add_(self.global_params, decoded)
-            self.version += 1
-            self._write_version_mark()
-            self.params_sha = params_sha256(self.global_params)
-            self.history.append(UpdateRecord(self.version, blob, [], self.params_sha))
+            self._commit_version(blob, decoded, [])
             log.info("version %d: final model without the outer Nesterov lookahead (norm %.4g)",
                      self.version, global_norm(lookahead))
 
