@@ -958,13 +958,14 @@ class WorkerRunner:
         usually the end of the run (the budget is leased out), so the push goes at 8 bits when
         the run's scheme is coarser: it carries the error feedback residual that earlier 1-bit
         or 4-bit pushes left in params - base, which would otherwise never reach the model."""
-        scheme = FINAL_PUSH_SCHEME if self._coarser_than_final() else None
+        scheme = self._last_steps_scheme()
         log.info("waiting for data: sending %d pending step(s) at %s",
                  sum(p[5] for p in self._pending[self._sealed:]), scheme or self.run_cfg.compression.scheme)
         self._start_push(scheme)
 
-    def _coarser_than_final(self) -> bool:
-        return self.run_cfg.compression.scheme in ("sign", "int4")
+    def _last_steps_scheme(self) -> str | None:
+        """FINAL_PUSH_SCHEME when the run's scheme is coarser than it, else None (the run's)."""
+        return FINAL_PUSH_SCHEME if self.run_cfg.compression.scheme in ("sign", "int4") else None
 
     def _finish_up(self, reason: str, patience: float) -> None:
         give_up = time.monotonic() + patience
@@ -982,7 +983,7 @@ class WorkerRunner:
             # The data is used up: this is the worker's last delta. It goes at 8 bits (or the
             # run's scheme if that is finer), so the error feedback residual that 1-bit and 4-bit
             # pushes leave in params - base reaches the global model instead of being dropped.
-            scheme = FINAL_PUSH_SCHEME if reason == "data exhausted" and self._coarser_than_final() else None
+            scheme = self._last_steps_scheme() if reason == "data exhausted" else None
             push, header, blob = self._make_push(scheme)
             try:
                 reply = self.client.push_delta(header, blob, patience=max(1.0, give_up - time.monotonic()))
