@@ -27,7 +27,7 @@ class Segment(_message.Message):
     def __init__(self, block: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class ExchangeHeader(_message.Message):
-    __slots__ = ("group_id", "epoch", "step", "round", "level", "phase", "sender", "scheme", "total_bytes", "sha256", "segments")
+    __slots__ = ("group_id", "epoch", "step", "round", "level", "phase", "sender", "scheme", "total_bytes", "sha256", "segments", "next_batch")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class ExchangeHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_BATCH_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     epoch: int
     step: int
@@ -50,7 +51,20 @@ class ExchangeHeader(_message.Message):
     total_bytes: int
     sha256: str
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
-    def __init__(self, group_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., round: _Optional[int] = ..., level: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., sender: _Optional[int] = ..., scheme: _Optional[str] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
+    next_batch: BatchPlan
+    def __init__(self, group_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., round: _Optional[int] = ..., level: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., sender: _Optional[int] = ..., scheme: _Optional[str] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., next_batch: _Optional[_Union[BatchPlan, _Mapping]] = ...) -> None: ...
+
+class BatchPlan(_message.Message):
+    __slots__ = ("shard", "epoch", "first_slot", "sequences")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SLOT_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    shard: str
+    epoch: int
+    first_slot: int
+    sequences: int
+    def __init__(self, shard: _Optional[str] = ..., epoch: _Optional[int] = ..., first_slot: _Optional[int] = ..., sequences: _Optional[int] = ...) -> None: ...
 
 class PeerPart(_message.Message):
     __slots__ = ("header", "chunk")

@@ -141,6 +141,25 @@ def test_error_feedback_tracks_true_sum(n):
         stop_group(members, servers)
 
 
+@pytest.mark.parametrize("n,algorithm", [(2, "doubling"), (4, "halving"), (8, "halving"), (4, "doubling")])
+def test_rank0_batch_plan_reaches_every_member(n, algorithm):
+    """Rank 0's BatchPlan rides the all-reduce headers: every member holds it after the call, and
+    a call without one leaves every member's last_plan None."""
+    from protos import peer_pb2
+
+    members, servers = start_group(n, compression="sign", algorithm=algorithm)
+    try:
+        plan = peer_pb2.BatchPlan(shard="train-000", epoch=2, first_slot=96, sequences=8 * n)
+        got = run_all(members, lambda r, m: (m.allreduce(grads(r), step=1, plan=plan if r == 0 else None), m.last_plan)[1])
+        assert all(p == plan for p in got), got
+        got = run_all(members, lambda r, m: (m.allreduce(grads(r, 1), step=2), m.last_plan)[1])
+        assert got == [None] * n
+        with pytest.raises(ValueError, match="only rank 0"):
+            members[1].allreduce(grads(1), step=3, plan=plan)
+    finally:
+        stop_group(members, servers)
+
+
 def test_world_size_must_be_power_of_two():
     for bad in (3, 6, 0):
         with pytest.raises(ValueError, match="world_size"):

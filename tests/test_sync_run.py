@@ -16,6 +16,7 @@ import pytest
 from procs import Cluster, prepare_corpus, tiny_config
 
 GROUP_RE = re.compile(r"sync group (\S+) \(epoch (\d+)\): rank (\d+) of (\d+)")
+LEFT_RE = re.compile(r"sync group \S+: left after (\d+) steps \((\d+) on the leased tokens rank 0 planned, (\d+) on")
 IDENTICAL_RE = re.compile(r"sync group (\S+) rank (\d+): checksum round at step \d+: parameters identical to rank 0")
 
 
@@ -67,6 +68,9 @@ def _two_workers_train(data_dir, tmp_path, extra: list[str]) -> str:
         log = member.log()
         assert "repaired from rank 0" in log  # the first checksum round gives it rank 0's state
         assert IDENTICAL_RE.search(log), "no checksum round with identical parameters on rank 1"
+        for w in workers:  # the members trained on rank 0's leased ranges, accounted by the ledger
+            steps, planned, unplanned = map(int, LEFT_RE.findall(w.log())[-1])
+            assert steps > 100 and unplanned <= max(3, steps // 20), (w.name, steps, planned, unplanned)
         return log
 
 

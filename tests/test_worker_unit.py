@@ -208,6 +208,20 @@ def test_model_stream_and_push_chunks(fake):
 # --------------------------------------------------------------------------- CLI
 
 
+def test_batch_plan_shares_cover_the_plan_once():
+    """A group's members split a plan's slots into contiguous shares: every slot exactly once."""
+    from worker.group_runner import plan_for, plan_slots
+
+    for n, batch, remaining in [(2, 12, 1000), (4, 12, 30), (4, 3, 4), (8, 5, 1 << 20)]:
+        plan = plan_for("s", 1, 100, remaining, n, batch)
+        assert plan.sequences == min(n * batch, remaining)
+        shares = [plan_slots(plan, r, n) for r in range(n)]
+        assert shares[0][0] == 100 and shares[-1][1] == 100 + plan.sequences
+        assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+        assert all(hi > lo for lo, hi in shares)  # every member gets at least one sequence
+    assert plan_for("s", 1, 100, 3, 4, 12) is None  # fewer sequences than members
+
+
 def test_parse_target():
     assert parse_target("10.0.0.5:7000") == ("10.0.0.5", 7000)
     assert parse_target("[::1]:7000") == ("::1", 7000)

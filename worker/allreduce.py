@@ -357,6 +357,8 @@ class CompressedAllReduce:
         self._router: PeerRouter | None = None
         self.last = AllReduceStats()
         self.total = AllReduceStats()
+        self._plan = None      # rank 0's BatchPlan of the running call, once this member knows it
+        self.last_plan = None  # ... of the last completed call (None: rank 0 sent none)
 
     # ------------------------------------------------------------------ wiring
 
@@ -409,13 +411,17 @@ class CompressedAllReduce:
 
     # ------------------------------------------------------------------ the collective
 
-    def allreduce(self, tensors: Mapping[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    def allreduce(self, tensors: Mapping[str, torch.Tensor], step: int, plan=None) -> dict[str, torch.Tensor]:
         """The mean of `tensors` over all members, identical bit for bit on every member.
 
         Every member must call it with the same names and shapes and the same `step`, which must
         increase from call to call. Returns new tensors (same device and dtype as the inputs).
+        plan: rank 0 only, a peer_pb2.BatchPlan that rides along in the message headers; after the
+        call every member holds it in `last_plan` (None when rank 0 sent none).
         Raises PeerFailure when a member fails or misses a deadline; ValueError on caller mistakes.
         """
+        if plan is not None and self.rank != 0:
+            raise ValueError(f"only rank 0 sends a batch plan (this member is rank {self.rank})")
         if step <= self._last_step:
             raise ValueError(f"step must increase from call to call: got {step} after {self._last_step}")
         if not tensors:
@@ -425,6 +431,7 @@ class CompressedAllReduce:
                 self.reset_feedback()
             self._layout = _Layout.build(tensors, self.world_size, self.chunk)
         self._last_step = step
+        self._plan, self.last_plan = plan, None
         self._inbox.advance(step)
         stats = AllReduceStats(calls=1)
         start = time.perf_counter()
@@ -442,6 +449,7 @@ class CompressedAllReduce:
             exc.survivors = self.survivors()
             raise
         self._set_state(peer_pb2.PeerStatusReply.IDLE, step)
+        self.last_plan = self._plan
         stats.seconds = time.perf_counter() - start
         self.last = stats
         self.total.add(stats)
@@ -522,6 +530,8 @@ class CompressedAllReduce:
             phase=rnd.phase, sender=self.rank, scheme=self.compression, total_bytes=len(payload),
             sha256=rpc.sha256_hex(payload), segments=[peer_pb2.Segment(block=b, size_bytes=s) for b, s in segments],
         )
+        if self._plan is not None:
+            header.next_batch.CopyFrom(self._plan)
         sending = self._sender.submit(self._send, partner, header, payload, t0 + deadline)
         got = None
         while got is None:  # wait for the partner's message; a failed send ends the wait early
@@ -537,6 +547,8 @@ class CompressedAllReduce:
         except futures.TimeoutError:
             raise PeerFailure(partner, f"send of step {step} round {rnd.index} not acknowledged within {deadline:.1f} s") from None
         self._durations.append(time.monotonic() - t0)
+        if self._plan is None and got[0].HasField("next_batch"):
+            self._plan = got[0].next_batch  # rank 0's, forwarded
         stats.bytes_sent += len(payload) + header.ByteSize()
         stats.bytes_received += len(got[1]) + got[0].ByteSize()
         return got

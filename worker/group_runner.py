@@ -15,12 +15,19 @@
 - Rank 0 runs the normal async round protocol with the group's synchronized steps: it leases,
   trains each step on B sequences of its lease (the all-reduced step), pushes `params - base`
   every round and rebases on merged updates.
-- Ranks > 0 neither lease nor push while in the group. Each step a member trains on B random
-  windows of one train shard of the manifest (it downloads that shard once), drawn with a seed of
-  (group_id, rank, step). ACCOUNTING: only rank 0's tokens are ledger-accounted (its leased ranges
-  go out with its pushes); the members' tokens only add gradient samples to rank 0's steps. The
-  worker's stats (steps, tokens) count every member's own steps. A worker assigned rank > 0 first
-  trains out the leases it holds (it leases nothing new meanwhile), pushes its ranges (5 s at most
+- Data: the group trains on rank 0's leases, so the coordinator's ledger accounts every member's
+  tokens. With each step rank 0 sends a BatchPlan for the NEXT step (peer.proto; it rides in the
+  all-reduce headers): shard, epoch, first slot of the shard's sequence order and the group's
+  sequence count, up to world_size x B, from its current lease (or, when that is used up, from
+  its prefetched next one). Member r trains on its even share of those slots (`plan_slots`), rank 0
+  on share 0, and rank 0 records the whole range with its pending ranges, so its pushes commit
+  all of them. A step without a plan (a group's first step, or rank 0 with no lease ready or a
+  lease tail shorter than the group) has rank 0 train B sequences of its lease alone and the
+  members B random windows of one train shard, seeded by (group_id, epoch, rank, step): gradient
+  samples that the ledger does not account (counted, and logged when the worker leaves the
+  group). Members fetch a planned shard on first use (cached on disk).
+- Ranks > 0 neither lease nor push while in the group. A worker assigned rank > 0 first trains
+  out the leases it holds (it leases nothing new meanwhile), pushes its ranges (5 s at most
   waiting for the merge) and only then enters the group, so no lease of a rank > 0 blocks the
   ledger; ranges still unpushed then go out when it is async again (refused meanwhile).
 - Entry barrier (an exchange that reaches a member before it attached fails with NOT_FOUND): each
@@ -86,6 +93,27 @@ class _Group:
     trainer: object = None  # SyncGroupTrainer, once every member serves the group
     steps: int = 0
     next_poll: float = 0.0  # rank 0: when to ask the peers' Status again
+    next_batch: object = None  # the BatchPlan of the next step (from the last step's all-reduce)
+    planned_from: tuple | None = None  # rank 0: (unit_id, epoch, position) the plan starts at
+    unplanned_steps: int = 0  # steps whose members trained on unaccounted random windows
+
+
+def plan_slots(plan, rank: int, world_size: int) -> tuple[int, int]:
+    """Member `rank`'s share [lo, hi) of a BatchPlan's slots: contiguous, in rank order, sizes
+    differing by at most one."""
+    first, n = int(plan.first_slot), int(plan.sequences)
+    return first + rank * n // world_size, first + (rank + 1) * n // world_size
+
+
+def plan_for(shard: str, epoch: int, first_slot: int, remaining: int, world_size: int, batch_size: int):
+    """The group's next BatchPlan from a lease whose next sequence is `first_slot` with `remaining`
+    whole sequences left, or None when fewer than one per member remain."""
+    from protos import peer_pb2
+
+    if remaining < world_size:
+        return None
+    return peer_pb2.BatchPlan(shard=shard, epoch=epoch, first_slot=first_slot,
+                              sequences=min(world_size * batch_size, remaining))
 
 
 class GroupWorkerRunner(WorkerRunner):
@@ -342,7 +370,8 @@ class GroupWorkerRunner(WorkerRunner):
             self._need_full.set()
         if self.metrics is not None and getattr(self.metrics, "sync_group_size", None) is not None:
             self.metrics.sync_group_size.set(0)
-        log.info("sync group %s: left after %d steps; training async", g.group_id, g.steps)
+        log.info("sync group %s: left after %d steps (%d on the leased tokens rank 0 planned, %d on unaccounted "
+                 "random windows); training async", g.group_id, g.steps, g.steps - g.unplanned_steps, g.unplanned_steps)
 
     def _group_failed(self, g: _Group, exc) -> None:
         survivors = [int(r) for r in (getattr(exc, "survivors", None) or [])]
@@ -384,22 +413,62 @@ class GroupWorkerRunner(WorkerRunner):
         if g is None or g.rank != 0 or g.trainer is None:
             return super()._train_step(lease)
         T = self.model_cfg.block_size
-        x, y, n = self._lease_batch(lease)  # the same tokens an async step would take
-        loss = self._sync_step(g, x, y)
+        plan = g.next_batch
+        if plan is not None and g.planned_from != (lease.unit_id, lease.epoch, lease.pos):
+            log.warning("sync group %s: the lease changed under the announced batch; the members' tokens of "
+                        "this step are not accounted", g.group_id)
+            plan = None
+        if plan is not None:
+            lo, hi = plan_slots(plan, 0, g.world_size)
+            x, y = self._slots_batch(lease.shard, lease.epoch, lo, hi)
+            n = int(plan.sequences)
+        else:
+            x, y, n = self._lease_batch(lease)  # alone: the members train on random windows
+        end = lease.pos + n * T
+        nxt = self._plan_after(g, lease, end)
+        loss = self._sync_step(g, x, y, nxt)
         if loss is None:
             return  # no step taken: the tokens stay in the lease, trained again async
-        start = lease.pos
-        lease.pos += n * T
+        g.unplanned_steps += plan is None
+        start, lease.pos = lease.pos, end
         self.local_step += 1
         self.round_steps += 1
-        self._record_range(lease, start, lease.pos, loss)
+        self._record_range(lease, start, end, loss)
+
+    def _plan_after(self, g: _Group, lease: _Lease, position: int):
+        """Rank 0: the BatchPlan of the step after the one that ends at `position` of `lease`:
+        from that lease, or from the prefetched next lease once it is used up; None if neither has
+        a sequence for every member. Remembers where the plan starts, to check it next step."""
+        T = self.model_cfg.block_size
+        remaining = (self._usable_end(lease) - position) // T
+        source = lease
+        if remaining == 0:  # the main loop takes the prefetched lease next (worker/runner.py)
+            nxt = self._next_lease
+            if nxt is None or not nxt.done() or nxt.cancelled() or nxt.exception() is not None:
+                return None
+            source = nxt.result()
+            if source is None or source.session != self.client.session_epoch:
+                return None
+            position = source.pos
+            remaining = (self._usable_end(source) - position) // T
+        plan = plan_for(source.shard, source.epoch, position // T, remaining, g.world_size, self.batch_size)
+        g.planned_from = (source.unit_id, source.epoch, position) if plan is not None else None
+        return plan
 
     def _member_step(self, g: _Group) -> None:
-        x, y = self._member_batch(g)
+        plan = g.next_batch
+        if plan is not None:
+            lo, hi = plan_slots(plan, g.rank, g.world_size)
+            self._ensure_shard(plan.shard)
+            x, y = self._slots_batch(plan.shard, int(plan.epoch), lo, hi)
+        else:
+            x, y = self._random_windows(g)
         if self._sync_step(g, x, y) is not None:
             self.local_step += 1
+            g.unplanned_steps += plan is None
 
-    def _member_batch(self, g: _Group) -> tuple[torch.Tensor, torch.Tensor]:
+    def _random_windows(self, g: _Group) -> tuple[torch.Tensor, torch.Tensor]:
+        """B random windows of one train shard: a member's batch for a step without a plan."""
         shards = [s for s in self.manifest.shards if getattr(s, "split", "train") == "train"] or list(self.manifest.shards)
         shards.sort(key=lambda s: s.name)
         info = shards[(zlib.crc32(g.group_id.encode()) + g.rank) % len(shards)]
@@ -411,18 +480,20 @@ class GroupWorkerRunner(WorkerRunner):
         buf = np.stack([np.asarray(arr[s : s + T + 1], dtype=np.int64) for s in starts])
         return torch.from_numpy(np.ascontiguousarray(buf[:, :-1])), torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
 
-    def _sync_step(self, g: _Group, x: torch.Tensor, y: torch.Tensor) -> float | None:
-        """One step of the group; its loss, or None after a PeerFailure (the group is dropped)."""
+    def _sync_step(self, g: _Group, x: torch.Tensor, y: torch.Tensor, next_batch=None) -> float | None:
+        """One step of the group (rank 0 sends `next_batch`); its loss, or None after a PeerFailure
+        (the group is dropped)."""
         from worker.allreduce import PeerFailure
 
         if self.device.type != "cpu":
             x, y = x.to(self.device), y.to(self.device)
         try:
-            m = g.trainer.step(x, y)
+            m = g.trainer.step(x, y, next_batch=next_batch)
         except PeerFailure as exc:
             self._group_failed(g, exc)
             return None
         g.steps += 1
+        g.next_batch = m.next_batch
         with self._stats_lock:
             self._stats.steps += 1
             self._stats.tokens += x.numel()

@@ -226,6 +226,7 @@ class WorkerRunner:
         self._inflight: _Push | None = None
         self._pending: list[list] = []  # [unit_id, shard, start, end, epoch, steps, loss_sum]
         self._sealed = 0
+        self._next_lease: Future | None = None  # the prefetched lease after the current one
         if config.threads:
             torch.set_num_threads(config.threads)
 
@@ -417,7 +418,7 @@ class WorkerRunner:
         hb.start()
         self.train_start = time.monotonic()
         lease: _Lease | None = None
-        next_lease: Future | None = self._bg.submit(self._lease_and_fetch)
+        self._next_lease = self._bg.submit(self._lease_and_fetch)  # the lease after the current one
         reason = "stopped"
         bar = self._progress_bar()
         last_summary = time.monotonic()
@@ -436,7 +437,7 @@ class WorkerRunner:
                     lease = None  # leased in a session the coordinator forgot
                 if lease is None or self._range_done(lease):
                     t0 = time.monotonic()
-                    while not next_lease.done() and not (self._stop.is_set() or self._finish.is_set()):
+                    while not self._next_lease.done() and not (self._stop.is_set() or self._finish.is_set()):
                         if self._group_turn(None):
                             continue
                         self._drain_inbox()
@@ -444,19 +445,19 @@ class WorkerRunner:
                             self._push_while_idle()
                         time.sleep(0.05)
                     self._add_wait(time.monotonic() - t0)
-                    if not next_lease.done():
+                    if not self._next_lease.done():
                         continue  # stopping
                     try:
-                        got = next_lease.result()
+                        got = self._next_lease.result()
                     except (ValueError, OSError, grpc.RpcError) as exc:
                         log.error("could not lease or fetch data: %s; retrying", exc)
                         time.sleep(2.0)
-                        next_lease = self._bg.submit(self._lease_and_fetch)
+                        self._next_lease = self._bg.submit(self._lease_and_fetch)
                         continue
-                    next_lease = self._bg.submit(self._lease_and_fetch)
+                    self._next_lease = self._bg.submit(self._lease_and_fetch)
                     if got is None:
                         reason = "data exhausted"
-                        next_lease.cancel()
+                        self._next_lease.cancel()
                         break
                     if got.session == self.client.session_epoch:
                         lease = got
@@ -595,26 +596,30 @@ class WorkerRunner:
 
     # ------------------------------------------------------------------ training
 
-    def _sequence_order(self, lease: _Lease) -> np.ndarray:
-        """The shard's visiting order for the lease's epoch (common/data.py::sequence_order), cached."""
-        key = (lease.shard, lease.epoch)
+    def _sequence_order(self, shard: str, epoch: int) -> np.ndarray:
+        """The shard's visiting order in `epoch` (common/data.py::sequence_order), cached."""
+        key = (shard, epoch)
         if self._order_cache.get("key") != key:
             self._order_cache = {
                 "key": key,
-                "order": sequence_order(lease.shard, len(self._shards[lease.shard]),
-                                        self.model_cfg.block_size, self.run_cfg.train.seed, lease.epoch),
+                "order": sequence_order(shard, len(self._shards[shard]), self.model_cfg.block_size,
+                                        self.run_cfg.train.seed, epoch),
             }
         return self._order_cache["order"]
+
+    def _slots_batch(self, shard: str, epoch: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences lo .. hi-1 of the shard's visiting order in `epoch` as CPU tensors (hi-lo, T);
+        the shard must be loaded. Position p of a lease (tokens) is slot p // T."""
+        slots = self._sequence_order(shard, epoch)[lo:hi]
+        xs, ys = gather_sequences(self._shards[shard], slots, self.model_cfg.block_size)
+        return torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(np.ascontiguousarray(ys))
 
     def _lease_batch(self, lease: _Lease) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The next batch of the lease (CPU tensors) and its number of sequences n (n x T tokens)."""
         T = self.model_cfg.block_size
         n = min(self.batch_size, (self._usable_end(lease) - lease.pos) // T)
-        arr = self._shards[lease.shard]
-        order = self._sequence_order(lease)
-        slots = order[lease.pos // T : lease.pos // T + n]  # positions -> shuffled sequence slots
-        xs, ys = gather_sequences(arr, slots, T)
-        return torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(np.ascontiguousarray(ys)), n
+        x, y = self._slots_batch(lease.shard, lease.epoch, lease.pos // T, lease.pos // T + n)
+        return x, y, n
 
     def _train_step(self, lease: _Lease) -> None:
         from common.model import autocast_context

@@ -108,6 +108,7 @@ class SyncStepMetrics:
     residual_norm: float       # L2 norm of the all-reduce's error-feedback residuals
     checked: bool              # a checksum round ran after this step
     repaired: bool             # ... and this member's state was replaced by rank 0's
+    next_batch: object = None  # rank 0's peer_pb2.BatchPlan for the next step, if it sent one
 
 
 class SyncGroupTrainer:
@@ -164,6 +165,7 @@ class SyncGroupTrainer:
         self.grad_clip, self.check_every = grad_clip, check_every
         self.lr_fn, self.on_metrics = lr_fn, on_metrics
         self.step_count = 0     # optimizer steps of this model (travels with a repair)
+        self._next_batch = None  # rank 0's BatchPlan riding on the current step's all-reduce
         self.repairs = 0        # times this member's state was replaced by rank 0's
         self.checks = 0
         self._state_lock = threading.Lock()  # held while the state changes; FetchState reads under it
@@ -205,8 +207,12 @@ class SyncGroupTrainer:
 
     # ------------------------------------------------------------------ training
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> SyncStepMetrics:
-        """One synchronous step on this member's batch x, y (B, T). Raises PeerFailure."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, next_batch=None) -> SyncStepMetrics:
+        """One synchronous step on this member's batch x, y (B, T). Raises PeerFailure.
+
+        next_batch: rank 0 only, an optional peer_pb2.BatchPlan that travels with this step's
+        all-reduce; every member finds it in the returned metrics' `next_batch`."""
+        self._next_batch = next_batch
         if self._needs_check:
             self.check()
         t0 = time.perf_counter()
@@ -225,7 +231,7 @@ class SyncGroupTrainer:
                 self._update_step(params, grads)
         else:
             ar = self._fp32_ar if self._fp32_ar is not None else self.ar
-            mean = ar.allreduce(grads, step=self._group_calls + 1)
+            mean = self._allreduce(ar, grads)
             with self._state_lock:  # counted only once done: rank 0 serves its state at the old key meanwhile
                 self._group_calls += 1
                 for name, p in params.items():
@@ -243,11 +249,14 @@ class SyncGroupTrainer:
             step=self.step_count, loss=float(loss.detach()), step_seconds=time.perf_counter() - t0,
             allreduce_seconds=ar.last.seconds, allreduce_bytes_sent=ar.last.bytes_sent,
             allreduce_bytes_received=ar.last.bytes_received, group_size=self.group_size,
-            residual_norm=self.ar.residual_norm(), checked=checked, repaired=repaired,
+            residual_norm=self.ar.residual_norm(), checked=checked, repaired=repaired, next_batch=ar.last_plan,
         )
         if self.on_metrics is not None:
             self.on_metrics(metrics)
         return metrics
+
+    def _allreduce(self, ar: CompressedAllReduce, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return ar.allreduce(tensors, step=self._group_calls + 1, plan=self._next_batch)
 
     def _set_lr(self) -> None:
         if self.lr_fn is not None:
@@ -262,7 +271,7 @@ class SyncGroupTrainer:
         state = self.optimizer.state
         with torch.no_grad():
             m_local = {n: state[p]["exp_avg"] * beta1 + grads[n] * (1 - beta1) for n, p in params.items()}
-        m = self.ar.allreduce(m_local, step=self._group_calls + 1)
+        m = self._allreduce(self.ar, m_local)
         with self._state_lock, torch.no_grad():
             self._group_calls += 1
             self._set_lr()
@@ -300,7 +309,7 @@ class SyncGroupTrainer:
                 v = st["exp_avg_sq"] * beta2 + g * g * (1 - beta2)
                 directions[n] = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
                 moments[p] = (m, v)  # committed only if the all-reduce succeeds
-        u = self.ar.allreduce(directions, step=self._group_calls + 1)
+        u = self._allreduce(self.ar, directions)
         with self._state_lock, torch.no_grad():
             self._group_calls += 1
             self._set_lr()
