@@ -56,6 +56,7 @@ class SimConfig:
     warmup_rounds: int = 0
     warmup_scheme: str = "none"
     delay: int = 0
+    eager: str = "off"  # off | prev: during the delay, replicas stand at base + the last update (worker/runner.py)
     data_order: str = "random"  # random: get_batch windows; units: contiguous rows inside shuffled leases
     unit_tokens: int = 65536
     seed: int = 1337
@@ -75,6 +76,8 @@ class SimConfig:
             s += f"_wu{self.warmup_rounds}{self.warmup_scheme}"
         if self.delay:
             s += f"_d{self.delay}"
+        if self.eager != "off":
+            s += f"_eager{self.eager}"
         if self.data_order != "random":
             s += f"_{self.data_order}{self.unit_tokens}"
         return s + f"_s{self.steps}"
@@ -230,13 +233,29 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
             rounds += 1
             return U_dec, decs, step + cfg.delay
 
+        last_update: dict | None = None
+
+        def push_and_move(step: int) -> tuple:
+            """push_and_merge; with --eager prev every replica then moves from base + own delta to
+            base + the last update while its push is in flight, and that becomes its offset."""
+            U, decs, at = push_and_merge(step)
+            if cfg.eager == "prev" and last_update is not None:
+                with torch.no_grad():
+                    for i in range(n_rep):
+                        for n in glob:
+                            params[i][n].add_((last_update[n] - decs[i][n]).to(dev))
+                decs = [last_update] * n_rep
+            return U, decs, at
+
         def apply(pending: tuple) -> None:
+            nonlocal last_update
             U, decs, _ = pending
             with torch.no_grad():
                 for n in glob:
                     for i in range(n_rep):
                         params[i][n].add_((U[n] - decs[i][n]).to(dev))
                     base[n].add_(U[n])
+            last_update = U
 
         pending = None  # (update, each replica's own decoded push, step at which it lands)
         last_push = 0
@@ -255,7 +274,7 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
             if step % H == 0 and step < cfg.steps:
                 if pending is not None:  # the worker pushes only once its last push is merged
                     apply(pending)
-                pending = push_and_merge(step)
+                pending = push_and_move(step)
                 last_push = step
         # the final global model
         final = GPT(mcfg).to(dev)
@@ -351,6 +370,7 @@ def main() -> None:
     p.add_argument("--warmup-rounds", type=int, default=0)
     p.add_argument("--warmup-scheme", default="none")
     p.add_argument("--delay", type=int, default=0)
+    p.add_argument("--eager", default="off", choices=["off", "prev"])
     p.add_argument("--data-order", default="random", choices=["random", "units", "units-shuffled"])
     p.add_argument("--unit-tokens", type=int, default=65536)
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
@@ -368,7 +388,8 @@ def main() -> None:
     else:
         cfgs = [SimConfig(args.mode, args.workers, args.round_steps, args.steps, args.compression, args.chunk,
                           args.sign_scale, args.outer_kind, args.outer_lr, args.outer_momentum, args.warmup_rounds,
-                          args.warmup_scheme, args.delay, args.data_order, args.unit_tokens,
+                          args.warmup_scheme, args.delay, eager=args.eager,
+                          data_order=args.data_order, unit_tokens=args.unit_tokens,
                           eval_batches=args.eval_batches)]
     existing = {}
     if args.out and Path(args.out).exists():

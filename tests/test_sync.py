@@ -12,7 +12,7 @@ import torch
 from common.config import model_config
 from common.model import GPT
 from test_allreduce import run_all, start_group, stop_group
-from worker.allreduce import PeerFailure
+from worker.allreduce import CompressedAllReduce, PeerFailure
 from worker.sync import SyncGroupTrainer
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=256)
@@ -152,6 +152,16 @@ def test_one_bit_sync_matches_fp32_sync_loss(sign_vs_fp32):
     """Same init, same batches, 100 steps: 1-bit sync's validation loss within 3% of fp32 sync's."""
     val_sign, val_fp32, _ = sign_vs_fp32
     assert abs(val_sign - val_fp32) / val_fp32 < 0.03, (val_sign, val_fp32)
+
+
+def test_variance_refresh_needs_momentum_mode():
+    """A refresh step is plain AdamW on each member's moments; in "update" mode they are local and
+    the members would drift apart (measured: a repair at every checksum round)."""
+    model = GPT(model_config("nano", **TINY))
+    with CompressedAllReduce(0, 1, ["127.0.0.1:1"], compression="sign") as solo:
+        with pytest.raises(ValueError, match="variance_refresh_every"):
+            SyncGroupTrainer(model, solo, mode="update", variance_refresh_every=50)
+        SyncGroupTrainer(model, solo, mode="momentum", variance_refresh_every=50).close()
 
 
 def test_step_raises_peer_failure_when_partner_leaves():

@@ -175,6 +175,7 @@ class _Push:
     loss_sum: float
     accepted_version: int = -1
     resolved: bool = False  # merge seen, STALE, lost or refused
+    pushed_at_step: int = 0  # the worker's local_step when the push was made
 
 
 @dataclass
@@ -200,6 +201,7 @@ class _Stats:
     stale: int = 0
     resyncs: int = 0
     residual_norm: float = 0.0
+    merge_lag_steps: int = 0  # summed over merged pushes: local steps between a push and its merge
 
 
 class _NewRun(Exception):
@@ -502,7 +504,8 @@ class WorkerRunner:
         loss = s.loss_sum / max(1, s.steps)
         msg = (f"step {s.steps} v{self.base_version} loss {loss:.4f} {s.tokens / wall:.0f} tok/s "
                f"up {self.client.sent_bytes / 1e6:.1f} MB down {self.client.received_bytes / 1e6:.1f} MB "
-               f"wait {100 * s.wait_seconds / wall:.1f}% pushes {s.pushes} merged {s.merged} stale {s.stale}")
+               f"wait {100 * s.wait_seconds / wall:.1f}% pushes {s.pushes} merged {s.merged} stale {s.stale} "
+               f"merge lag {s.merge_lag_steps / max(1, s.merged):.1f} steps")
         if bar.disable:
             log.info(msg)
         else:
@@ -690,7 +693,8 @@ class WorkerRunner:
         steps = sum(p[5] for p in self._pending)
         loss_sum = sum(p[6] for p in self._pending)
         tokens = sum(p[3] - p[2] for p in self._pending)
-        push = _Push(uuid.uuid4().hex, self.base_version, decoded, len(self._pending), steps, tokens, loss_sum)
+        push = _Push(uuid.uuid4().hex, self.base_version, decoded, len(self._pending), steps, tokens, loss_sum,
+                     pushed_at_step=self.local_step)
         header = pb.DeltaHeader(push_id=push.push_id, base_version=push.base_version, tokens=tokens, steps=steps,
                                 mean_loss=loss_sum / max(1, steps), ranges=ranges)
         with self._stats_lock:
@@ -810,6 +814,7 @@ class WorkerRunner:
             del self._pending[: push.n_ranges]
             with self._stats_lock:
                 self._stats.merged += 1
+                self._stats.merge_lag_steps += self.local_step - push.pushed_at_step
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]

@@ -149,6 +149,10 @@ class SyncGroupTrainer:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if variance_refresh_every < 0:
             raise ValueError(f"variance_refresh_every must be >= 0, got {variance_refresh_every!r}")
+        if variance_refresh_every and mode != "momentum":
+            # An fp32 refresh step is a plain AdamW step with each member's own moments: in "update"
+            # mode those are local, so the members' parameters would drift apart.
+            raise ValueError(f"variance_refresh_every applies to mode 'momentum' only, got mode {mode!r}")
         if check_every < 0:
             raise ValueError(f"check_every must be >= 0, got {check_every!r}")
         if grad_clip < 0:
