@@ -811,6 +811,11 @@ class WorkerRunner:
         self._inflight = None
         self._sealed = 0
         if merged:
+            # The next round counts from the merge, not from the push: every worker of a semi-sync
+            # merge gets it at about the same moment, so their next pushes arrive together and the
+            # merge waits less for the last one (the lag until the merge is what makes updates late).
+            self.round_steps = 0
+            self.round_start = time.monotonic()
             del self._pending[: push.n_ranges]
             with self._stats_lock:
                 self._stats.merged += 1
