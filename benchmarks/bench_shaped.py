@@ -7,8 +7,9 @@ over the link. Every run is the nano recipe for --steps inner steps (batch 12 x 
 embedded corpus; the same run on loopback is the reference.
 
 Reported per run: the worker's wait_fraction (seconds its training loop waited on the network /
-its wall seconds, as in summary.json), the first-model + first-shard wait before the first step,
-model bytes both ways, and run seconds.
+its wall seconds, as in summary.json), how long the whole shard took to download (in the
+background: the first lease's sequences come first and training starts on them), model bytes
+both ways, and run seconds.
 
 Needs root and `ip netns` (the namespaces are removed at the end):
   .venv/bin/python benchmarks/bench_shaped.py --rate 20mbit --steps 600 --compression none,sign
@@ -122,7 +123,7 @@ def run_one(rate: str, scheme: str, steps: int, round_steps: int, runs: Path, th
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| link | scheme | H | steps | wait % | first shard s | model MB (both ways) | data MB | val | s |",
+    out = ["| link | scheme | H | steps | wait % | shard download s | model MB (both ways) | data MB | val | s |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         first = f"{r['first_shard_seconds']:.1f}" if r["first_shard_seconds"] is not None else "-"

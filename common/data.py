@@ -980,6 +980,21 @@ def sequence_order(shard: str, shard_tokens: int, block_size: int, seed: int, ep
     return np.random.default_rng(mix).permutation(slots).astype(np.int64)
 
 
+MAX_SEQUENCES_PER_REQUEST = 1 << 20
+
+
+def order_rows(tokens: np.ndarray, order: np.ndarray, first: int, count: int, block_size: int) -> np.ndarray:
+    """Entries first .. first+count-1 of a shard's visiting order as rows of block_size + 1 tokens
+    (inputs plus the last target), in the shard's dtype: (count, T + 1). What a worker trains from
+    before it has the whole shard (ShardRequest.sequences). ValueError for a range outside the order."""
+    if count <= 0 or count > MAX_SEQUENCES_PER_REQUEST:
+        raise ValueError(f"sequences must be in 1..{MAX_SEQUENCES_PER_REQUEST}, got {count}")
+    if first < 0 or first + count > len(order):
+        raise ValueError(f"slots {first}..{first + count} are outside the shard's {len(order)} sequences")
+    slots = order[first : first + count]
+    return np.asarray(tokens[slots[:, None] * block_size + np.arange(block_size + 1)[None, :]])
+
+
 def gather_sequences(tokens: np.ndarray, slots: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and targets of the given slots: two int64 arrays (len(slots), block_size)."""
     index = slots[:, None] * block_size + np.arange(block_size + 1)[None, :]  # (n, T + 1)

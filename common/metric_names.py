@@ -116,6 +116,7 @@ WORKER_SENT_BYTES = "geotrain_worker_sent_bytes"  # -> _total
 WORKER_RECEIVED_BYTES = "geotrain_worker_received_bytes"  # -> _total
 WORKER_WAIT_SECONDS = "geotrain_worker_wait_seconds"  # -> _total
 WORKER_MODEL_VERSION = "geotrain_worker_model_version"
+WORKER_MERGE_LAG_STEPS = "geotrain_worker_merge_lag_steps"
 WORKER_GPU_MEMORY_BYTES = "geotrain_worker_gpu_memory_bytes"
 WORKER_GPU_UTILIZATION_RATIO = "geotrain_worker_gpu_utilization_ratio"
 SYNC_ALLREDUCE_SECONDS = "geotrain_sync_allreduce_seconds"
@@ -131,6 +132,7 @@ WORKER_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(WORKER_RECEIVED_BYTES, COUNTER, (), "Wire bytes received from the coordinator."),
     MetricSpec(WORKER_WAIT_SECONDS, COUNTER, (), "Seconds spent waiting (network, coordinator) instead of training."),
     MetricSpec(WORKER_MODEL_VERSION, GAUGE, (), "Version of the global model this worker trains from."),
+    MetricSpec(WORKER_MERGE_LAG_STEPS, HISTOGRAM, (), "Local steps between a push and the arrival of its merge."),
     MetricSpec(WORKER_GPU_MEMORY_BYTES, GAUGE, (), "GPU memory allocated by this process."),
     MetricSpec(WORKER_GPU_UTILIZATION_RATIO, GAUGE, (), "GPU utilization (0-1)."),
     MetricSpec(SYNC_ALLREDUCE_SECONDS, HISTOGRAM, (), "Seconds per sync-group all-reduce."),

@@ -163,8 +163,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @_rpc
     def GetShard(self, request, context):
+        if request.sequences:
+            data, sha = self.state.shard_sequences(request.worker_id, request.session_id, request.shard,
+                                                   request.epoch, request.first_slot, request.sequences)
+            return self._stream_bytes(data, sha)
         path, sha = self.state.shard_path(request.worker_id, request.session_id, request.shard)
         return self._stream_file(path, sha)
+
+    def _stream_bytes(self, data: bytes, sha: str) -> Iterator:
+        for offset in range(0, len(data), CHUNK_BYTES):
+            part = data[offset : offset + CHUNK_BYTES]
+            self.state.count_traffic(sent=len(part))
+            yield pb.DataChunk(data=part, offset=offset, total_bytes=len(data), sha256=sha)
 
     def _stream_file(self, path: Path, sha: str) -> Iterator:
         total = path.stat().st_size

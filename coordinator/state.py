@@ -147,6 +147,7 @@ class CoordinatorState:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.run = run.validate()
+        self._order_cache: dict = {}  # (shard, epoch) -> (tokens memmap, visiting order): shard_sequences
         self.data = data
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -397,6 +398,33 @@ class CoordinatorState:
             if info.name == shard:
                 return self.data.data_dir / info.name, info.sha256
         raise NotFound(f"shard {shard[:100]!r} is not in the run's manifest")
+
+    def shard_sequences(self, worker_id: str, session_id: str, shard: str, epoch: int, first_slot: int,
+                        sequences: int) -> tuple[bytes, str]:
+        """`sequences` entries of the shard's visiting order in `epoch` from `first_slot` on, as
+        rows of block_size + 1 tokens in the shard's dtype (common/data.py order_rows), and their
+        sha256. NotFound for a shard outside the manifest; InvalidArgument for a bad range."""
+        import hashlib
+
+        from common.data import order_rows, read_shard, sequence_order
+
+        path, _ = self.shard_path(worker_id, session_id, shard)
+        T = self.model_config.block_size
+        with self.lock:
+            cached = self._order_cache.get((shard, epoch))
+        if cached is None:
+            tokens = read_shard(path, verify_sha=False)
+            order = sequence_order(shard, len(tokens), T, self.run.train.seed, epoch)
+            cached = (tokens, order)
+            with self.lock:
+                self._order_cache = {(shard, epoch): cached}  # one shard at a time: the common case
+        tokens, order = cached
+        try:
+            rows = order_rows(tokens, order, int(first_slot), int(sequences), T)
+        except ValueError as exc:
+            raise InvalidArgument(f"shard {shard!r}: {exc}") from exc
+        data = rows.astype(rows.dtype.newbyteorder("<"), copy=False).tobytes()
+        return data, hashlib.sha256(data).hexdigest()
 
     def _update_shard_gauge(self) -> None:
         if self.metrics is not None:

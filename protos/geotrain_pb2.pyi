@@ -248,14 +248,20 @@ class UpdateInfo(_message.Message):
     def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., merged_push_ids: _Optional[_Iterable[str]] = ..., params_sha256: _Optional[str] = ...) -> None: ...
 
 class ShardRequest(_message.Message):
-    __slots__ = ("worker_id", "session_id", "shard")
+    __slots__ = ("worker_id", "session_id", "shard", "epoch", "first_slot", "sequences")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SLOT_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session_id: str
     shard: str
-    def __init__(self, worker_id: _Optional[str] = ..., session_id: _Optional[str] = ..., shard: _Optional[str] = ...) -> None: ...
+    epoch: int
+    first_slot: int
+    sequences: int
+    def __init__(self, worker_id: _Optional[str] = ..., session_id: _Optional[str] = ..., shard: _Optional[str] = ..., epoch: _Optional[int] = ..., first_slot: _Optional[int] = ..., sequences: _Optional[int] = ...) -> None: ...
 
 class DataChunk(_message.Message):
     __slots__ = ("data", "offset", "total_bytes", "sha256")

@@ -106,6 +106,10 @@ def test_three_workers_train_loss_falls(finished_run, data_dir):
     # checksum verified, instead of downloading it
     logs = [w.log() for w in c.workers()]
     assert any("initial model rebuilt from the seed" in log for log in logs), logs[0][-2000:]
+    # the shard cache starts empty: the first lease trains from its own sequences while the shard
+    # downloads, and the whole shard arrives and is used afterwards
+    assert any("training its first lease from" in log for log in logs), logs[0][-2000:]
+    assert any(re.search(r"shard \S+: downloaded \d+ bytes", log) for log in logs), logs[0][-2000:]
 
 
 @pytest.mark.timeout(280)

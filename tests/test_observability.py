@@ -278,7 +278,7 @@ def test_live_metrics_lint_clean_and_carry_the_run(data_dir, tmp_path):
             text = scrape(live.worker_metrics_url(0))
             s = samples(text)
             ok = s.get(("geotrain_worker_model_version", ()), 0) >= 1 and s.get(
-                ("geotrain_worker_tokens_per_second", ()), 0) > 0
+                ("geotrain_worker_tokens_per_second", ()), 0) > 0 and s.get(("geotrain_worker_merge_lag_steps_count", ()), 0) > 0
             return (text, s) if ok else None
 
         coord_text, coord = live.wait_for(coordinator_ready, 45, "the coordinator's key series")
@@ -304,6 +304,7 @@ def test_live_metrics_lint_clean_and_carry_the_run(data_dir, tmp_path):
         assert worker[("geotrain_worker_tokens_per_second", ())] > 0
         assert worker[("geotrain_worker_sent_bytes_total", ())] > 0
         assert worker[("geotrain_worker_step_seconds_count", ())] > 0
+        assert worker[("geotrain_worker_merge_lag_steps_count", ())] > 0  # a merged push was observed
         assert _names(worker) - {n for n in _names(worker) if n.endswith("_created")} <= mn.WORKER_SERIES
 
         # The terminal view of the same run, from another process.

@@ -206,3 +206,32 @@ def test_worker_endpoint_requires_the_run_token():
         assert stub.Ping(pb.PingRequest(), metadata=auth_metadata(TOKEN), timeout=5).name == "w"
     finally:
         server.stop()
+
+
+def test_lease_sequences_match_the_shard_and_bad_ranges_are_refused(server, data):
+    """ShardRequest.sequences: a lease's rows of the visiting order, exactly what the worker would
+    gather from the whole shard; a range past the shard's end is INVALID_ARGUMENT."""
+    import numpy as np
+
+    from common.data import gather_sequences, read_shard, sequence_order
+    from worker.client import CoordinatorClient
+
+    srv, target = server
+    T = srv.state.model_config.block_size
+    client = CoordinatorClient(target, token=TOKEN)
+    try:
+        client.join(pb.JoinRequest(name="w", device="cpu", protocol_version=PROTOCOL_VERSION))
+        rng = client.lease_work().range
+        info = next(s for s in data.manifest.shards if s.name == rng.shard)
+        tokens = read_shard(data.data_dir / info.name, info)
+        order = sequence_order(rng.shard, len(tokens), T, srv.state.run.train.seed, rng.epoch)
+        first, count = rng.start // T, (rng.end - rng.start) // T
+        raw = client.get_sequences(rng.shard, rng.epoch, first, count, (T + 1) * tokens.dtype.itemsize)
+        rows = np.frombuffer(raw, dtype=tokens.dtype.newbyteorder("<")).reshape(count, T + 1)
+        xs, ys = gather_sequences(tokens, order[first : first + count], T)
+        assert np.array_equal(rows[:, :-1], xs) and np.array_equal(rows[:, 1:], ys)
+        with pytest.raises(grpc.RpcError) as err:
+            client.get_sequences(rng.shard, rng.epoch, len(order) - 1, 2, (T + 1) * tokens.dtype.itemsize, patience=1)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "outside" in err.value.details()
+    finally:
+        client.close()

@@ -377,3 +377,34 @@ class CoordinatorClient:
             return got, digest
 
         return self._session_call("GetShard", call, patience)
+
+    def get_sequences(self, shard: str, epoch: int, first_slot: int, sequences: int, row_bytes: int,
+                      patience: float | None = None) -> bytes:
+        """`sequences` rows of the shard's visiting order (ShardRequest.sequences): exactly
+        sequences x row_bytes bytes, sha256-checked. Retried like every session call; ValueError
+        for a stream of the wrong size or digest."""
+        import hashlib
+
+        expected = sequences * row_bytes
+        deadline = blob_deadline(expected)
+
+        def call() -> bytes:
+            req = pb.ShardRequest(worker_id=self.worker_id, session_id=self.session_id, shard=shard, epoch=epoch,
+                                  first_slot=first_slot, sequences=sequences)
+            self._count(sent=req.ByteSize())
+            parts, digest = [], ""
+            got = 0
+            for part in self._stub.GetShard(req, timeout=deadline, metadata=self._metadata):
+                self.data_bytes += part.ByteSize()
+                digest = part.sha256
+                if part.total_bytes != expected or part.offset != got or got + len(part.data) > expected:
+                    raise ValueError(f"shard {shard}: sequence stream of {part.total_bytes} bytes at offset "
+                                     f"{part.offset}, expected {expected} bytes at {got}")
+                parts.append(part.data)
+                got += len(part.data)
+            data = b"".join(parts)
+            if len(data) != expected or hashlib.sha256(data).hexdigest() != digest:
+                raise ValueError(f"shard {shard}: sequence stream truncated or corrupt ({len(data)} of {expected} bytes)")
+            return data
+
+        return self._session_call("GetShard", call, patience)

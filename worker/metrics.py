@@ -9,6 +9,7 @@ from __future__ import annotations
 from common import metric_names as mn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
+LAG_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -24,6 +25,8 @@ class WorkerMetrics:
         self.received_bytes = Counter(mn.WORKER_RECEIVED_BYTES, "Payload bytes received from the coordinator.", registry=r)
         self.wait_seconds = Counter(mn.WORKER_WAIT_SECONDS, "Seconds the training loop was blocked on the network.", registry=r)
         self.model_version = Gauge(mn.WORKER_MODEL_VERSION, "Global model version of the local basepoint.", registry=r)
+        self.merge_lag_steps = Histogram(mn.WORKER_MERGE_LAG_STEPS, "Local steps between a push and the arrival of its merge.",
+                                         buckets=LAG_BUCKETS, registry=r)
         self.gpu_memory_bytes = Gauge(mn.WORKER_GPU_MEMORY_BYTES, "GPU memory allocated by this process.", registry=r)
         self.gpu_utilization_ratio = Gauge(mn.WORKER_GPU_UTILIZATION_RATIO, "GPU utilization 0..1 (-1 unknown).", registry=r)
         self._last_sent = 0

@@ -344,6 +344,9 @@ class WorkerRunner:
         self._shards: dict[str, np.ndarray] = {}
         self._order_cache: dict = {}
         self._shard_lock = threading.Lock()
+        self._rows: dict[str, list] = {}  # shard -> [(epoch, first slot, rows (n, T+1))]: leases fetched before the shard
+        self._downloading: set[str] = set()  # shards downloading in the background
+        self._rows_lock = threading.Lock()  # guards the two above (_shard_lock is held for whole downloads)
         log.info("joined run %s as %s: model %s, batch %d, device %s", self.run_id, reply.worker_id,
                  self.model_cfg, self.batch_size, self.device)
         # The first model: the training loop waits for it.
@@ -526,8 +529,47 @@ class WorkerRunner:
             if self._stop.wait(1.0) or self._finish.is_set() or self._abort.is_set():
                 return None
         r = reply.range
-        self._ensure_shard(r.shard)
-        return _Lease(r.unit_id, r.shard, r.start, r.end, r.epoch, pos=r.start, session=self.client.session_epoch)
+        lease = _Lease(r.unit_id, r.shard, r.start, r.end, r.epoch, pos=r.start, session=self.client.session_epoch)
+        if r.shard in self._shards or (self.shard_dir / r.shard).is_file():
+            self._ensure_shard(r.shard)
+        elif not self._fetch_lease_rows(lease):
+            self._ensure_shard(r.shard)  # blocking: the whole shard first
+        return lease
+
+    def _fetch_lease_rows(self, lease: _Lease) -> bool:
+        """A lease of a shard not on disk yet: fetch just its sequences (a few hundred KB) and
+        start the whole shard downloading in the background, so training starts at once. False
+        when the coordinator does not serve them (the caller downloads the shard first)."""
+        T = self.model_cfg.block_size
+        first, count = lease.pos // T, (self._usable_end(lease) - lease.pos) // T
+        if count <= 0:
+            return True
+        dtype = np.dtype(f"<u{self._token_itemsize()}")
+        try:
+            data = self.client.get_sequences(lease.shard, lease.epoch, first, count, (T + 1) * dtype.itemsize)
+        except (ValueError, grpc.RpcError) as exc:
+            log.warning("shard %s: could not fetch the lease's sequences (%s): downloading the whole shard first",
+                        lease.shard, exc)
+            return False
+        rows = np.frombuffer(data, dtype=dtype).reshape(count, T + 1)
+        with self._rows_lock:
+            self._rows.setdefault(lease.shard, []).append((lease.epoch, first, rows))
+            start = lease.shard not in self._downloading
+            self._downloading.add(lease.shard)
+        if start:
+            log.info("shard %s: training its first lease from %d sequences (%.0f KB) while the shard downloads",
+                     lease.shard, count, len(data) / 1024)
+            threading.Thread(target=self._download_in_background, args=(lease.shard,), name="shard", daemon=True).start()
+        return True
+
+    def _download_in_background(self, name: str) -> None:
+        try:
+            self._ensure_shard(name)
+        except Exception as exc:  # noqa: BLE001 - the training thread downloads it itself if it must
+            log.warning("shard %s: background download failed (%s); it is fetched again when needed", name, exc)
+        finally:
+            with self._rows_lock:
+                self._downloading.discard(name)
 
     def _ensure_shard(self, name: str) -> np.ndarray:
         from common.data import read_shard
@@ -550,13 +592,19 @@ class WorkerRunner:
             self._download_shard(name, info, path)
             arr = read_shard(path, info)
             self._shards[name] = arr
+            with self._rows_lock:
+                self._rows.pop(name, None)  # the whole shard replaces the lease rows fetched before it
             return arr
 
-    def _download_shard(self, name: str, info, path: Path) -> None:
-        from common.data import HEADER_BYTES, dtype_for_vocab
+    def _token_itemsize(self) -> int:
+        from common.data import dtype_for_vocab
 
-        itemsize = 4 if self.manifest.dtype == "uint32" or dtype_for_vocab(self.manifest.vocab_size) == "uint32" else 2
-        expected = HEADER_BYTES + info.tokens * itemsize
+        return 4 if self.manifest.dtype == "uint32" or dtype_for_vocab(self.manifest.vocab_size) == "uint32" else 2
+
+    def _download_shard(self, name: str, info, path: Path) -> None:
+        from common.data import HEADER_BYTES
+
+        expected = HEADER_BYTES + info.tokens * self._token_itemsize()
         tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
         fh = [None]
 
@@ -591,8 +639,8 @@ class WorkerRunner:
                 tmp.unlink()
 
     def _usable_end(self, lease: _Lease) -> int:
-        arr = self._shards[lease.shard]
-        return min(lease.end, len(arr) - 1)  # the target of the last input token must exist
+        tokens = self.shard_info[lease.shard].tokens  # what the shard's file holds (read_shard checks it)
+        return min(lease.end, tokens - 1)  # the target of the last input token must exist
 
     def _range_done(self, lease: _Lease) -> bool:
         return self._usable_end(lease) - lease.pos < self.model_cfg.block_size
@@ -611,8 +659,17 @@ class WorkerRunner:
         return self._order_cache["order"]
 
     def _slots_batch(self, shard: str, epoch: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequences lo .. hi-1 of the shard's visiting order in `epoch` as CPU tensors (hi-lo, T);
-        the shard must be loaded. Position p of a lease (tokens) is slot p // T."""
+        """Sequences lo .. hi-1 of the shard's visiting order in `epoch` as CPU tensors (hi-lo, T):
+        from the whole shard when it is loaded, else from lease rows fetched before it (else the
+        shard is downloaded now). Position p of a lease (tokens) is slot p // T."""
+        if shard not in self._shards:
+            with self._rows_lock:
+                held = list(self._rows.get(shard, ()))
+            for row_epoch, first, rows in held:
+                if row_epoch == epoch and first <= lo and hi <= first + len(rows):
+                    part = np.asarray(rows[lo - first : hi - first], dtype=np.int64)
+                    return torch.from_numpy(np.ascontiguousarray(part[:, :-1])), torch.from_numpy(np.ascontiguousarray(part[:, 1:]))
+            self._ensure_shard(shard)
         slots = self._sequence_order(shard, epoch)[lo:hi]
         xs, ys = gather_sequences(self._shards[shard], slots, self.model_cfg.block_size)
         return torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(np.ascontiguousarray(ys))
@@ -817,9 +874,12 @@ class WorkerRunner:
             self.round_steps = 0
             self.round_start = time.monotonic()
             del self._pending[: push.n_ranges]
+            lag = self.local_step - push.pushed_at_step
             with self._stats_lock:
                 self._stats.merged += 1
-                self._stats.merge_lag_steps += self.local_step - push.pushed_at_step
+                self._stats.merge_lag_steps += lag
+            if self.metrics is not None:
+                self.metrics.merge_lag_steps.observe(lag)
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
