@@ -56,6 +56,7 @@ class SimConfig:
     warmup_rounds: int = 0
     warmup_scheme: str = "none"
     delay: int = 0
+    down_scheme: str = ""  # the downlink's scheme ("" = the uplink's)
     eager: str = "off"  # off | prev: during the delay, replicas stand at base + the last update (worker/runner.py)
     data_order: str = "random"  # random: get_batch windows; units: contiguous rows inside shuffled leases
     unit_tokens: int = 65536
@@ -76,6 +77,8 @@ class SimConfig:
             s += f"_wu{self.warmup_rounds}{self.warmup_scheme}"
         if self.delay:
             s += f"_d{self.delay}"
+        if self.down_scheme:
+            s += f"_down{self.down_scheme}"
         if self.eager != "off":
             s += f"_eager{self.eager}"
         if self.data_order != "random":
@@ -222,10 +225,11 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
                 decs.append({n: t.clone() for n, t in dec.items()})
                 contribs.append(Contribution(f"p{rounds}-{i}", f"w{i}", rounds, BATCH * BLOCK * H, H, 0.0, decs[-1]))
             U = outer.update(combine(contribs, rounds, 0.5))
-            fb = feedback.get(scheme)
+            down = cfg.down_scheme or scheme
+            fb = feedback.get(down)
             if fb is None:
-                fb = feedback[scheme] = ErrorFeedback(get_codec(scheme, cfg.chunk, cfg.sign_scale))
-            blob, U_dec = encode_tensors(U, scheme, cfg.chunk, feedback=fb, sign_scale=cfg.sign_scale)
+                fb = feedback[down] = ErrorFeedback(get_codec(down, cfg.chunk, cfg.sign_scale))
+            blob, U_dec = encode_tensors(U, down, cfg.chunk, feedback=fb, sign_scale=cfg.sign_scale)
             down_bytes += len(blob) * n_rep
             U_dec = {n: t.clone() for n, t in U_dec.items()}
             for n in glob:
@@ -371,6 +375,7 @@ def main() -> None:
     p.add_argument("--warmup-scheme", default="none")
     p.add_argument("--delay", type=int, default=0)
     p.add_argument("--eager", default="off", choices=["off", "prev"])
+    p.add_argument("--down-scheme", default="", help="the downlink's scheme (default: --compression)")
     p.add_argument("--data-order", default="random", choices=["random", "units", "units-shuffled"])
     p.add_argument("--unit-tokens", type=int, default=65536)
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
@@ -388,7 +393,7 @@ def main() -> None:
     else:
         cfgs = [SimConfig(args.mode, args.workers, args.round_steps, args.steps, args.compression, args.chunk,
                           args.sign_scale, args.outer_kind, args.outer_lr, args.outer_momentum, args.warmup_rounds,
-                          args.warmup_scheme, args.delay, eager=args.eager,
+                          args.warmup_scheme, args.delay, down_scheme=args.down_scheme, eager=args.eager,
                           data_order=args.data_order, unit_tokens=args.unit_tokens,
                           eval_batches=args.eval_batches)]
     existing = {}
