@@ -529,6 +529,8 @@ class WorkerRunner:
             if self._stop.wait(1.0) or self._finish.is_set() or self._abort.is_set():
                 return None
         r = reply.range
+        if r.shard not in self.shard_info:
+            raise ValueError(f"leased shard {r.shard!r} is not in the run's manifest")
         lease = _Lease(r.unit_id, r.shard, r.start, r.end, r.epoch, pos=r.start, session=self.client.session_epoch)
         if r.shard in self._shards or (self.shard_dir / r.shard).is_file():
             self._ensure_shard(r.shard)
