@@ -57,6 +57,9 @@ class SimConfig:
     warmup_scheme: str = "none"
     delay: int = 0
     down_scheme: str = ""  # the downlink's scheme ("" = the uplink's)
+    down_predict: float = 0.0  # downlink sends U - p * (previous decoded U); receivers add p * previous back
+    down_mode: str = "update"  # update: the coordinator codes U; delta: it codes the mean delta D and
+    #                            every replica applies the same outer step to the decoded D exactly
     eager: str = "off"  # off | prev: during the delay, replicas stand at base + the last update (worker/runner.py)
     data_order: str = "random"  # random: get_batch windows; units: contiguous rows inside shuffled leases
     unit_tokens: int = 65536
@@ -79,6 +82,10 @@ class SimConfig:
             s += f"_d{self.delay}"
         if self.down_scheme:
             s += f"_down{self.down_scheme}"
+        if self.down_mode != "update":
+            s += f"_down{self.down_mode}"
+        if self.down_predict:
+            s += f"_pred{self.down_predict:g}"
         if self.eager != "off":
             s += f"_eager{self.eager}"
         if self.data_order != "random":
@@ -214,6 +221,8 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
         base = {n: t.clone() for n, t in glob.items()}
         H = cfg.round_steps
 
+        prev_down: dict = {}  # the last decoded downlink update (--down-predict)
+
         def push_and_merge(step: int) -> tuple:
             nonlocal up_bytes, down_bytes, rounds
             scheme = cfg.warmup_scheme if rounds < cfg.warmup_rounds else cfg.compression
@@ -224,14 +233,33 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
                 up_bytes += len(blob)
                 decs.append({n: t.clone() for n, t in dec.items()})
                 contribs.append(Contribution(f"p{rounds}-{i}", f"w{i}", rounds, BATCH * BLOCK * H, H, 0.0, decs[-1]))
-            U = outer.update(combine(contribs, rounds, 0.5))
             down = cfg.down_scheme or scheme
+            if cfg.down_mode == "delta":  # code D, then the outer step on the decoded D is exact everywhere
+                fb = feedback.get(down)
+                if fb is None:
+                    fb = feedback[down] = ErrorFeedback(get_codec(down, cfg.chunk, cfg.sign_scale))
+                blob, D_dec = encode_tensors(combine(contribs, rounds, 0.5), down, cfg.chunk, feedback=fb,
+                                             sign_scale=cfg.sign_scale)
+                down_bytes += len(blob) * n_rep
+                U_dec = {n: t.clone() for n, t in outer.update({n: t.clone() for n, t in D_dec.items()}).items()}
+                for n in glob:
+                    glob[n].add_(U_dec[n])
+                rounds += 1
+                return U_dec, decs, step + cfg.delay
+            U = outer.update(combine(contribs, rounds, 0.5))
             fb = feedback.get(down)
             if fb is None:
                 fb = feedback[down] = ErrorFeedback(get_codec(down, cfg.chunk, cfg.sign_scale))
+            p = cfg.down_predict
+            if p and prev_down:
+                U = {n: U[n] - p * prev_down[n] for n in U}  # the innovation over the prediction
             blob, U_dec = encode_tensors(U, down, cfg.chunk, feedback=fb, sign_scale=cfg.sign_scale)
             down_bytes += len(blob) * n_rep
             U_dec = {n: t.clone() for n, t in U_dec.items()}
+            if p and prev_down:
+                U_dec = {n: U_dec[n] + p * prev_down[n] for n in U_dec}
+            prev_down.clear()
+            prev_down.update(U_dec)
             for n in glob:
                 glob[n].add_(U_dec[n])
             rounds += 1
@@ -376,6 +404,8 @@ def main() -> None:
     p.add_argument("--delay", type=int, default=0)
     p.add_argument("--eager", default="off", choices=["off", "prev"])
     p.add_argument("--down-scheme", default="", help="the downlink's scheme (default: --compression)")
+    p.add_argument("--down-predict", type=float, default=0.0, help="downlink codes U - P x previous update")
+    p.add_argument("--down-mode", default="update", choices=["update", "delta"])
     p.add_argument("--data-order", default="random", choices=["random", "units", "units-shuffled"])
     p.add_argument("--unit-tokens", type=int, default=65536)
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
@@ -393,7 +423,7 @@ def main() -> None:
     else:
         cfgs = [SimConfig(args.mode, args.workers, args.round_steps, args.steps, args.compression, args.chunk,
                           args.sign_scale, args.outer_kind, args.outer_lr, args.outer_momentum, args.warmup_rounds,
-                          args.warmup_scheme, args.delay, down_scheme=args.down_scheme, eager=args.eager,
+                          args.warmup_scheme, args.delay, down_scheme=args.down_scheme, down_predict=args.down_predict, down_mode=args.down_mode, eager=args.eager,
                           data_order=args.data_order, unit_tokens=args.unit_tokens,
                           eval_batches=args.eval_batches)]
     existing = {}
