@@ -234,13 +234,28 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _next_message(queues, until: float):
+    """The next message from any of `queues`, or None once `until` (monotonic) has passed."""
+    import queue as queue_mod
+
+    while time.monotonic() < until:
+        for q in queues:
+            try:
+                return q.get(timeout=0.05)
+            except queue_mod.Empty:
+                continue
+    return None
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_member_killed_mid_allreduce(n):
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    # One queue per member: a process killed while it writes to a shared queue would leave the
+    # queue's write lock held, and the survivors' reports would never arrive.
+    queues = [ctx.Queue() for _ in range(n)]
     ports = _free_ports(n)
     deadline_s = 3.0
-    procs = [ctx.Process(target=_member_main, args=(r, n, ports, queue, deadline_s), daemon=True) for r in range(n)]
+    procs = [ctx.Process(target=_member_main, args=(r, n, ports, queues[r], deadline_s), daemon=True) for r in range(n)]
     for p in procs:
         p.start()
     victim = n - 1
@@ -248,16 +263,18 @@ def test_member_killed_mid_allreduce(n):
         steps_seen = 0
         t_end = time.monotonic() + 60
         while steps_seen < 3 * n and time.monotonic() < t_end:  # the group is running
-            kind, *_ = queue.get(timeout=60)
-            steps_seen += kind == "step"
+            msg = _next_message(queues, t_end)
+            steps_seen += msg is not None and msg[0] == "step"
         assert steps_seen >= 3 * n
         os.kill(procs[victim].pid, signal.SIGKILL)
         killed_at = time.monotonic()
         failures = {}
-        while len(failures) < n - 1:
-            msg = queue.get(timeout=deadline_s * 4 + 10)
-            if msg[0] == "failure":
+        give_up = killed_at + deadline_s * 4 + 10
+        while len(failures) < n - 1 and time.monotonic() < give_up:
+            msg = _next_message([q for r, q in enumerate(queues) if r != victim], give_up)
+            if msg is not None and msg[0] == "failure":
                 failures[msg[1]] = msg
+        assert len(failures) == n - 1, f"survivors that reported a failure: {sorted(failures)}"
         for rank, (_, _, blamed, survivors, at) in failures.items():
             # worst case: the last step's wait began just before the kill, one deadline per level
             # chain (a survivor may wait on a member that waits on the victim) + status probes
