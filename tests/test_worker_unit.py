@@ -256,3 +256,24 @@ def test_cli_exits_nonzero_with_server_message_on_refusal(fake):
                                        "--device", "cpu"])
     assert result.exit_code == 3, result.output
     assert "protocol version mismatch: coordinator 1" in result.output
+
+
+def test_next_round_counts_from_the_merge_not_the_push():
+    """A merged push restarts the round counter (the workers of a semi-sync merge push together
+    again) and records its merge lag in local steps; an unmerged one changes neither."""
+    from worker.runner import WorkerConfig, WorkerRunner, _Push
+
+    runner = WorkerRunner(WorkerConfig(coordinator="127.0.0.1:1", serve=False))
+    runner.metrics = None
+    for merged in (False, True):
+        push = _Push("p", 1, {}, n_ranges=1, steps=10, tokens=100, loss_sum=1.0, pushed_at_step=10)
+        runner._inflight, runner._pending, runner._sealed = push, [[0, "s", 0, 100, 0, 10, 1.0]], 1
+        runner.local_step, runner.round_steps = 13, 3  # 3 steps trained since the push
+        runner._resolve(push, merged=merged)
+        assert runner._inflight is None and push.resolved
+        if merged:
+            assert runner.round_steps == 0 and runner._pending == []
+            assert runner._stats.merged == 1 and runner._stats.merge_lag_steps == 3
+        else:
+            assert runner.round_steps == 3 and len(runner._pending) == 1
+            assert runner._stats.merged == 0 and runner._stats.merge_lag_steps == 0
