@@ -198,7 +198,9 @@ def test_worker_sigkill_loses_no_shard(data_dir, tmp_path):
 
 @pytest.mark.timeout(240)
 def test_coordinator_sigkill_restart_resumes(data_dir, tmp_path):
-    budget = 40_960
+    # Enough budget that the restarted run outlasts either worker's reconnect backoff (one worker
+    # alone trained the rest of a 40k-token budget in 3.5 s, before the other one was back).
+    budget = 163_840
     with Cluster(tmp_path, data_dir, tiny_config(plan__max_tokens=budget)) as c:
         coord = c.start_coordinator()
         workers = [c.start_worker(f"w{i}") for i in range(2)]

@@ -205,6 +205,27 @@ def test_model_stream_and_push_chunks(fake):
     client.close()
 
 
+def test_a_push_of_an_old_session_is_not_sent_after_a_rejoin(fake):
+    """A delta trained in session 1 must not go out under session 2 (its ranges were dropped with
+    the old session and are trained again): SessionRenewed, and the coordinator receives nothing."""
+    from worker.client import SessionRenewed
+
+    servicer, target = fake
+    client = _client(target)
+    client.join(pb.JoinRequest(name="w"))
+    made_in = client.session_epoch
+    servicer.lease_not_found = 1
+    client.lease_work()  # NOT_FOUND: the client joins again
+    assert client.session_epoch != made_in
+    with pytest.raises(SessionRenewed, match="not sent"):
+        client.push_delta(pb.DeltaHeader(push_id="old", base_version=3), b"x" * 100, session_epoch=made_in)
+    assert servicer.pushed == []
+    reply = client.push_delta(pb.DeltaHeader(push_id="new", base_version=3), b"x" * 100,
+                              session_epoch=client.session_epoch)
+    assert reply.result == pb.PushReply.ACCEPTED and servicer.pushed[-1][0].session_id == "s2"
+    client.close()
+
+
 # --------------------------------------------------------------------------- CLI
 
 

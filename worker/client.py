@@ -77,6 +77,11 @@ class FatalError(RuntimeError):
     """The coordinator refused us for good (bad token, protocol mismatch): exit non-zero."""
 
 
+class SessionRenewed(RuntimeError):
+    """A call made for one session would go out under a later one (the client joined again
+    meanwhile); not sent: what it carried belongs to the old session."""
+
+
 class StoppedError(RuntimeError):
     """The client was stopped while a call was being retried."""
 
@@ -309,17 +314,25 @@ class CoordinatorClient:
         blob = collect_blob(chunks(), header.total_bytes, header.sha256, max_bytes)
         return ModelReply(header, blob)
 
-    def push_delta(self, header: pb.DeltaHeader, blob: bytes, patience: float | None = None) -> pb.PushReply:
+    def push_delta(self, header: pb.DeltaHeader, blob: bytes, patience: float | None = None,
+                   session_epoch: int | None = None) -> pb.PushReply:
         """PushDelta: header (ids, size, sha256 filled in here) then the blob in chunks.
 
         A retry resends the same push_id. ALREADY_EXISTS on a retry means an earlier attempt got
         through (its reply was lost): reported as ACCEPTED with the message set.
+        session_epoch: the session the delta was trained in; once the client has joined again
+        (a coordinator restart), the push is not sent under the new session: SessionRenewed. (Its
+        ranges were dropped with the old session and are leased and trained again; sent anyway,
+        they could commit tokens the worker is training a second time.)
         """
         digest = sha256_hex(blob)
         deadline = blob_deadline(len(blob))
         attempts = [0]
 
         def call() -> pb.PushReply:
+            if session_epoch is not None and self.session_epoch != session_epoch:
+                raise SessionRenewed(f"push {header.push_id[:8]} was made in session {session_epoch}, "
+                                     f"the client is in session {self.session_epoch}: not sent")
             attempts[0] += 1
             head = pb.DeltaHeader()
             head.CopyFrom(header)

@@ -63,7 +63,7 @@ from common.tensors import (
     tensor_spec,
 )
 from protos import geotrain_pb2 as pb
-from worker.client import CoordinatorClient, FatalError, ModelReply
+from worker.client import CoordinatorClient, FatalError, ModelReply, SessionRenewed
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,7 @@ class _Push:
     accepted_version: int = -1
     resolved: bool = False  # merge seen, STALE, lost or refused
     pushed_at_step: int = 0  # the worker's local_step when the push was made
+    session: int = 0  # client.session_epoch it was trained in; never sent under a later one
 
 
 @dataclass
@@ -753,7 +754,7 @@ class WorkerRunner:
         loss_sum = sum(p[6] for p in self._pending)
         tokens = sum(p[3] - p[2] for p in self._pending)
         push = _Push(uuid.uuid4().hex, self.base_version, decoded, len(self._pending), steps, tokens, loss_sum,
-                     pushed_at_step=self.local_step)
+                     pushed_at_step=self.local_step, session=self.client.session_epoch)
         header = pb.DeltaHeader(push_id=push.push_id, base_version=push.base_version, tokens=tokens, steps=steps,
                                 mean_loss=loss_sum / max(1, steps), ranges=ranges)
         with self._stats_lock:
@@ -798,7 +799,11 @@ class WorkerRunner:
 
     def _comm_push(self, push: _Push, header: pb.DeltaHeader, blob: bytes) -> None:
         try:
-            reply = self.client.push_delta(header, blob)
+            reply = self.client.push_delta(header, blob, session_epoch=push.session)
+        except SessionRenewed as exc:
+            log.warning("%s", exc)  # its ranges went with the old session (_drop_unmerged)
+            self._inbox.put(("push_lost", push))
+            return
         except grpc.RpcError as exc:
             self._inbox.put(("push_failed", push, exc))
             self._need_full.set()
