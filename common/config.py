@@ -255,6 +255,24 @@ class CompressionConfig:
     scheme: str = "none"  # none | bf16 | int8 | int4 | sign
     chunk: int = 256  # values per scale for chunked schemes
     zstd_level: int = 3
+    # How a merged version reaches the workers:
+    #   relay:  the merged workers' compressed deltas as they were pushed, with their merge weights;
+    #           every worker replays the coordinator's combine + outer step on them bit-exactly (it
+    #           keeps a copy of the outer momentum). Lossless: no downlink compression error. Costs
+    #           (deltas in the merge - the worker's own) pushes per version: the same as "recode"
+    #           for the async policy and for 2 workers, more for larger semi-sync merges.
+    #   recode: the outer update itself, compressed with `scheme` and error feedback on the
+    #           coordinator: one payload per version, whatever the merge's size; the workers'
+    #           basepoints lag the coordinator's exact update by the feedback residual.
+    downlink: str = "relay"
+
+    def validate(self) -> "CompressionConfig":
+        if self.downlink not in DOWNLINKS:
+            raise ValueError(f"compression.downlink must be one of {DOWNLINKS}, got {self.downlink!r}")
+        return self
+
+
+DOWNLINKS = ("relay", "recode")
 
 
 @dataclass
@@ -316,6 +334,7 @@ class RunConfig:
         self.outer.validate()
         self.round.validate()
         self.merge.validate()
+        self.compression.validate()
         if self.model.preset not in MODEL_PRESETS:
             raise ValueError(
                 f"unknown model preset {self.model.preset!r}; choose one of {sorted(MODEL_PRESETS)}"

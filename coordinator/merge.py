@@ -6,6 +6,11 @@ the negative of the weighted mean delta, so a positive outer learning rate moves
 *along* the workers' deltas.
 
 - `combine`: weighted mean of deltas; weight = tokens x (1 + staleness) ** -staleness_power.
+- `weighted_sum` + `OuterOptimizer.update(..., fraction=)`: the merge arithmetic, written so that
+  a worker replaying it on the same decoded deltas, weights and fraction gets a bit-identical
+  update on any device (downlink "relay", worker/runner.py): fp32 throughout, one IEEE operation
+  per kernel (no fused multiply-add such as `add_(x, alpha=w)`, whose rounding differs between
+  CPUs and GPUs), a fixed order of the deltas.
 - `OuterOptimizer`: "average" (update = lr * mean delta) or "nesterov" (SGD with Nesterov momentum
   on the outer gradient, DiLoCo style: m = mu*m + D; update = lr * (D + mu*m)); a merge that
   carries only a fraction f of a typical merge's tokens gets m = mu**f * m + D and
@@ -38,9 +43,11 @@ class Contribution:
     tokens: int
     steps: int
     mean_loss: float
-    tensors: dict[str, torch.Tensor]  # name -> float32 (same shapes as the model)
+    tensors: dict[str, torch.Tensor]  # name -> float32 (same shapes as the model), as decoded
     ranges: list = field(default_factory=list)  # ledger TrainedRange list
     wire_bytes: int = 0
+    factor: float = 1.0  # the outlier gate's clip factor (NormGate), applied in weighted_sum
+    blob: bytes = b""  # the pushed payload (kept for downlink "relay")
 
 
 def staleness_weight(staleness: int, power: float) -> float:
@@ -50,25 +57,52 @@ def staleness_weight(staleness: int, power: float) -> float:
     return (1.0 + staleness) ** -power
 
 
-def combine(
+def merge_weights(
     contributions: Sequence[Contribution], current_version: int, staleness_power: float, scale: float = 1.0
-) -> dict[str, torch.Tensor]:
-    """Token-weighted mean of the deltas, each damped by its staleness, times `scale`.
+) -> list[float]:
+    """Each delta's weight in the merge: scale x tokens_i / sum(tokens), damped by staleness.
 
-    With staleness 0 everywhere this is sum(tokens_i * d_i) / sum(tokens_i). Damping multiplies a
+    With staleness 0 everywhere the weighted sum is the token-weighted mean. Damping multiplies a
     stale delta's contribution without renormalizing, so stale work moves the model less.
     """
     if not contributions:
-        raise ValueError("combine needs at least one contribution")
+        raise ValueError("a merge needs at least one contribution")
     total_tokens = sum(max(c.tokens, 1) for c in contributions)
-    names = contributions[0].tensors.keys()
-    out = {n: torch.zeros_like(contributions[0].tensors[n]) for n in names}
-    for c in contributions:
-        w = scale * max(c.tokens, 1) / total_tokens
-        w *= staleness_weight(current_version - c.base_version, staleness_power)
-        for n in names:
-            out[n].add_(c.tensors[n], alpha=w)
+    return [
+        scale * max(c.tokens, 1) / total_tokens * staleness_weight(current_version - c.base_version, staleness_power)
+        for c in contributions
+    ]
+
+
+def weighted_sum(
+    deltas: Sequence[Mapping[str, torch.Tensor]], factors: Sequence[float], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """sum_i (delta_i * factor_i) * weight_i in fp32, in the given order; every factor and weight
+    is rounded to fp32 once. Deterministic across devices (see the module docstring); the
+    coordinator's merge and a relaying worker's replay both call it."""
+    if not deltas or not (len(deltas) == len(factors) == len(weights)):
+        raise ValueError(f"need as many factors and weights as deltas, got {len(deltas)}, {len(factors)}, {len(weights)}")
+    out = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in deltas[0].items()}
+    for delta, factor, weight in zip(deltas, factors, weights):
+        for n, acc in out.items():
+            x = delta[n].to(acc.device, torch.float32)
+            if factor != 1.0:
+                x = x * _f32(factor, x)
+            acc.add_(x * _f32(weight, x))
     return out
+
+
+def _f32(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A python float as a 0-dim fp32 tensor on like's device: the same rounding everywhere."""
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
+def combine(
+    contributions: Sequence[Contribution], current_version: int, staleness_power: float, scale: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """The weighted mean of the contributions' deltas (merge_weights, weighted_sum)."""
+    weights = merge_weights(contributions, current_version, staleness_power, scale)
+    return weighted_sum([c.tensors for c in contributions], [c.factor for c in contributions], weights)
 
 
 class OuterOptimizer:
@@ -82,6 +116,7 @@ class OuterOptimizer:
             {n: torch.zeros(s) for n, s in shapes.items()} if config.kind == "nesterov" else {}
         )
         self.recent_tokens: deque[int] = deque(maxlen=self.RECENT_MERGES)
+        self.last_fraction = 1.0  # f of the last update (sent to relaying workers)
 
     def round_fraction(self, tokens: int) -> float:
         """`tokens` as a fraction of the median of the recent merges' tokens, at most 1 (1 when
@@ -90,7 +125,9 @@ class OuterOptimizer:
             return 1.0
         return min(1.0, tokens / statistics.median(self.recent_tokens))
 
-    def update(self, mean_delta: Mapping[str, torch.Tensor], tokens: int = 0) -> dict[str, torch.Tensor]:
+    def update(
+        self, mean_delta: Mapping[str, torch.Tensor], tokens: int = 0, fraction: float | None = None
+    ) -> dict[str, torch.Tensor]:
         """The change to apply to the global model for this merge (not applied here).
 
         tokens: the tokens the merged deltas carry (0: treat as a typical merge). With nesterov, a
@@ -98,20 +135,29 @@ class OuterOptimizer:
         the run, a straggler merged alone) decays the momentum by mu**f and looks ahead by f * mu * m
         instead of a full momentum step, which would overshoot just as the inner learning rate has
         decayed. With f = 1 this is DiLoCo's m = mu * m + D; update = lr * (D + mu * m).
+
+        fraction: f as the coordinator computed it (`last_fraction`), for a worker replaying the
+        merge (its replica has no token history); `tokens` is then ignored. Every scalar is
+        rounded to fp32 once and every step is one IEEE operation: bit-identical on any device.
         """
+        if fraction is None:
+            f = self.round_fraction(tokens)
+            if tokens > 0:
+                self.recent_tokens.append(tokens)
+        else:
+            if not 0.0 < fraction <= 1.0:
+                raise ValueError(f"outer fraction must be in (0, 1], got {fraction!r}")
+            f = float(fraction)
+        self.last_fraction = f
         lr = self.config.lr
-        f = self.round_fraction(tokens)
-        if tokens > 0:
-            self.recent_tokens.append(tokens)
         if self.config.kind == "average":
-            return {n: d * lr for n, d in mean_delta.items()}
+            return {n: d * _f32(lr, d) for n, d in mean_delta.items()}
         mu = self.config.momentum
-        decay = mu**f
         out = {}
         for n, d in mean_delta.items():
             m = self.momentum[n]
-            m.mul_(decay).add_(d)
-            out[n] = (d + f * mu * m) * lr
+            m.mul_(_f32(mu**f, m)).add_(d)
+            out[n] = (d + m * _f32(f * mu, m)) * _f32(lr, m)
         return out
 
     def lookahead(self) -> dict[str, torch.Tensor] | None:
@@ -123,6 +169,17 @@ class OuterOptimizer:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"outer_momentum.{n}": m for n, m in self.momentum.items()}
+
+    def load_momentum(self, momentum: Mapping[str, torch.Tensor]) -> None:
+        """Replace the momentum (a relaying worker's replica, from a FULL model reply)."""
+        if self.config.kind != "nesterov":
+            return
+        if set(momentum) != set(self.momentum):
+            raise ValueError(f"momentum names differ from the model's: {sorted(set(momentum) ^ set(self.momentum))[:5]}")
+        for n, m in momentum.items():
+            if tuple(m.shape) != tuple(self.momentum[n].shape):
+                raise ValueError(f"momentum {n!r} has shape {tuple(m.shape)}, expected {tuple(self.momentum[n].shape)}")
+        self.momentum = {n: m.detach().to("cpu", torch.float32).clone() for n, m in momentum.items()}
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for n in self.momentum:
@@ -159,5 +216,6 @@ class NormGate:
             return True, bound / norm, reason
         return False, 0.0, reason
 
-    def record(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.recent.append(global_norm(tensors))
+    def record(self, tensors: dict[str, torch.Tensor], factor: float = 1.0) -> None:
+        """Remember an accepted delta's norm (after the clip `factor` check() returned)."""
+        self.recent.append(global_norm(tensors) * factor)

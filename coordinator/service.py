@@ -137,21 +137,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         # Validate the session before waiting.
         with self.state.lock:
             self.state._session(request.worker_id, request.session_id)
-        reply = self.state.model_reply(request.have_version, request.force_full, request.wait_seconds, request.worker_id)
+        reply = self.state.model_reply(
+            request.have_version, request.force_full, request.wait_seconds, request.worker_id,
+            held_push_ids=frozenset(request.held_push_ids),
+        )
         header = pb.ModelHeader(
             kind=pb.ModelHeader.Kind.Value(reply.kind),
             version=reply.version,
             total_bytes=len(reply.blob),
-            sha256=sha256_hex(reply.blob) if reply.blob else "",
+            # (an UPDATES reply may be empty: a relayed merge of the caller's own push alone)
+            sha256=sha256_hex(reply.blob) if reply.kind != "UNCHANGED" else "",
             params_sha256=reply.params_sha256,
-            updates=[
-                pb.UpdateInfo(
-                    version=u.version, offset=offset, size=len(u.blob),
-                    merged_push_ids=u.merged_push_ids, params_sha256=u.params_sha256,
-                )
-                for u, offset in reply.updates
-            ],
+            updates=[_update_info(u) for u in reply.updates],
             merged_push_ids=reply.merged_push_ids,
+            momentum_bytes=reply.momentum_bytes,
         )
         return self._stream_model(header, reply.blob)
 
@@ -241,3 +240,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             seconds=status["seconds"],
             status_json=json.dumps(status),
         )
+
+
+def _update_info(u) -> pb.UpdateInfo:
+    """coordinator/state.py UpdateSlice -> UpdateInfo (relayed deltas with their placement)."""
+    r = u.record
+    return pb.UpdateInfo(
+        version=r.version, offset=u.offset, size=u.size, merged_push_ids=r.merged_push_ids,
+        params_sha256=r.params_sha256, outer_fraction=r.outer_fraction,
+        relayed=[
+            pb.RelayedDelta(push_id=d.push_id, offset=offset, size=size, weight=d.weight, factor=d.factor)
+            for d, (offset, size) in zip(r.relayed, u.parts)
+        ],
+    )

@@ -36,7 +36,7 @@ import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Container
 
 import torch
 
@@ -47,10 +47,10 @@ from common.config import ModelConfig, RunConfig
 from common.data import TokenData
 from common.model import GPT
 from common.rpc import PROTOCOL_VERSION
-from common.tensors import add_, clone_tensors, global_norm, model_tensors, params_sha256, tensor_spec
+from common.tensors import clone_tensors, global_norm, model_tensors, params_sha256, tensor_spec
 from coordinator.groups import Assignment, GroupFormation
 from coordinator.ledger import Ledger, LedgerError, TrainedRange
-from coordinator.merge import Contribution, NormGate, OuterOptimizer, combine
+from coordinator.merge import Contribution, NormGate, OuterOptimizer, merge_weights, weighted_sum
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,44 @@ class WorkerRecord:
 
 
 @dataclass
+class RelayedDelta:
+    """One pushed delta inside a relayed version (downlink "relay")."""
+
+    push_id: str
+    blob: bytes  # the payload exactly as the worker pushed it
+    weight: float  # its merge weight (coordinator/merge.py::merge_weights)
+    factor: float  # the outlier gate's clip factor
+
+
+@dataclass
 class UpdateRecord:
+    """One version: global(version) = global(version - 1) + U, where U is decode(blob) (a plain
+    update) or, when `relayed` is set, the replay of the merge: OuterOptimizer.update(
+    weighted_sum(decoded deltas, factors, weights), fraction=outer_fraction)."""
+
     version: int
     blob: bytes
     merged_push_ids: list[str]
     params_sha256: str
+    relayed: list[RelayedDelta] = field(default_factory=list)
+    outer_fraction: float = 1.0
+
+    def wire_size(self, held: Container[str] = ()) -> int:
+        """Bytes on the wire for a worker that holds the pushes in `held` (omitted when relayed)."""
+        if not self.relayed:
+            return len(self.blob)
+        return sum(len(r.blob) for r in self.relayed if r.push_id not in held)
+
+
+@dataclass
+class UpdateSlice:
+    """Where a record lies in a reply's blob: the record's bytes start at `offset`; for a
+    relayed record, `parts` gives each delta's (offset, size), size 0 when omitted (held)."""
+
+    record: UpdateRecord
+    offset: int
+    size: int
+    parts: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -130,8 +163,9 @@ class ModelReply:
     version: int
     blob: bytes
     params_sha256: str
-    updates: list[tuple[UpdateRecord, int]]  # (record, offset in blob)
+    updates: list[UpdateSlice]
     merged_push_ids: list[str] = field(default_factory=list)  # for FULL: the caller's pushes since have_version
+    momentum_bytes: int = 0  # for FULL under downlink "relay": the blob's tail is the outer momentum
 
 
 # --------------------------------------------------------------------------- state
@@ -182,7 +216,7 @@ class CoordinatorState:
         # same torch init) skips the first full download (run_spec "initial_sha256").
         self.initial_sha = self.params_sha
         self.history: deque[UpdateRecord] = deque()  # trimmed in _merge: see _history_limit
-        self.full_blob_cache: tuple[int, bytes] | None = None
+        self.full_blob_cache: tuple[int, bytes, int] | None = None  # (version, blob, momentum bytes)
         self.workers: dict[str, WorkerRecord] = {}
         self.pending: list[Contribution] = []
         self.first_pending_at: float | None = None
@@ -434,10 +468,13 @@ class CoordinatorState:
     # ------------------------------------------------------------------ model
 
     def model_reply(
-        self, have_version: int, force_full: bool, wait_seconds: float, worker_id: str = ""
+        self, have_version: int, force_full: bool, wait_seconds: float, worker_id: str = "",
+        held_push_ids: Container[str] = (),
     ) -> ModelReply:
         """Updates since `have_version` when all are held, else the full model. Waits up to
-        `wait_seconds` (long poll) for a version newer than `have_version`."""
+        `wait_seconds` (long poll) for a version newer than `have_version`. A relayed update omits
+        the deltas named in `held_push_ids` (the caller's own pushes, which it still holds).
+        Under downlink "relay" a FULL reply ends with the outer momentum (`momentum_bytes`)."""
         deadline = self.clock() + max(0.0, min(wait_seconds, 60.0))
         with self.version_changed:
             while (
@@ -452,19 +489,39 @@ class CoordinatorState:
             oldest = self.history[0].version if self.history else self.version + 1
             records = [u for u in self.history if u.version > have_version]
             # Updates only while they are smaller than the full fp32 weights would be.
-            cheaper = sum(len(u.blob) for u in records) < 4 * self.num_params
+            cheaper = sum(u.wire_size(held_push_ids) for u in records) < 4 * self.num_params
             if not force_full and 0 < have_version < self.version and have_version + 1 >= oldest and cheaper:
-                offsets, blob = [], bytearray()
-                for u in records:
-                    offsets.append(len(blob))
-                    blob += u.blob
-                return ModelReply("UPDATES", self.version, bytes(blob), self.params_sha, list(zip(records, offsets)))
+                return self._updates_reply(records, held_push_ids)
             if self.full_blob_cache is None or self.full_blob_cache[0] != self.version:
                 blob, _ = encode_tensors(self.global_params, "none")
-                self.full_blob_cache = (self.version, blob)
+                momentum = b""
+                if self.relaying and self.outer.momentum:
+                    momentum, _ = encode_tensors(self.outer.momentum, "none")
+                self.full_blob_cache = (self.version, blob + momentum, len(momentum))
             record = self.workers.get(worker_id)
             own = [p for v, p in record.merged_pushes if v > have_version] if record else []
-            return ModelReply("FULL", self.version, self.full_blob_cache[1], self.params_sha, [], own)
+            _, blob, momentum_bytes = self.full_blob_cache
+            return ModelReply("FULL", self.version, blob, self.params_sha, [], own, momentum_bytes)
+
+    def _updates_reply(self, records: list[UpdateRecord], held_push_ids: Container[str]) -> ModelReply:
+        slices, blob = [], bytearray()
+        for u in records:
+            start, parts = len(blob), []
+            if not u.relayed:
+                blob += u.blob
+            for r in u.relayed:
+                if r.push_id in held_push_ids:
+                    parts.append((len(blob), 0))
+                else:
+                    parts.append((len(blob), len(r.blob)))
+                    blob += r.blob
+            slices.append(UpdateSlice(u, start, len(blob) - start, parts))
+        return ModelReply("UPDATES", self.version, bytes(blob), self.params_sha, slices)
+
+    @property
+    def relaying(self) -> bool:
+        """Downlink "relay" with an outer optimizer that has state worth replaying."""
+        return self.run.compression.downlink == "relay"
 
     # ------------------------------------------------------------------ pushes
 
@@ -502,20 +559,19 @@ class CoordinatorState:
             raise InvalidArgument(f"delta refused: {reason}")
         if factor != 1.0:
             log.warning("clipping delta from %s: %s", worker_id, reason)
-            for t in tensors.values():
-                t.mul_(factor)
         with self.lock:
             record = self._session(worker_id, session_id)
             self._check_push_header(push_id, base_version, tokens, ranges, worker_id)  # again: state may have moved
             staleness = self.version - base_version
-            self.gate.record(tensors)
+            self.gate.record(tensors, factor)
             self.seen_push_ids[push_id] = None
             while len(self.seen_push_ids) > 100_000:
                 self.seen_push_ids.popitem(last=False)
             record.pushes += 1
             self.pending = [c for c in self.pending if c.worker_id != worker_id]  # at most one each
             self.pending.append(
-                Contribution(push_id, worker_id, base_version, tokens, steps, mean_loss, tensors, ranges, len(blob))
+                Contribution(push_id, worker_id, base_version, tokens, steps, mean_loss, tensors, ranges, len(blob),
+                             factor, blob if self.relaying else b"")
             )
             if self.first_pending_at is None:
                 self.first_pending_at = self.clock()
@@ -612,13 +668,19 @@ class CoordinatorState:
         scale = 1.0
         if self.run.merge.policy == "async":
             scale = 1.0 / max(1, self._participants())  # one delta moves the model by its share
-        mean_delta = combine(valid, self.version, self.run.merge.staleness_power, scale)
+        weights = merge_weights(valid, self.version, self.run.merge.staleness_power, scale)
+        mean_delta = weighted_sum([c.tensors for c in valid], [c.factor for c in valid], weights)
         update = self.outer.update(mean_delta, tokens=sum(c.tokens for c in valid))
-        blob, decoded = encode_tensors(
-            update, self.run.compression.scheme, self.run.compression.chunk, feedback=self.down_feedback,
-            zstd_level=self.run.compression.zstd_level,
-        )
-        self._commit_version(blob, decoded, [c.push_id for c in valid])
+        push_ids = [c.push_id for c in valid]
+        if self.relaying:  # every worker replays this merge exactly: the update goes out lossless
+            relayed = [RelayedDelta(c.push_id, c.blob, w, c.factor) for c, w in zip(valid, weights)]
+            self._commit_version(b"", update, push_ids, relayed, self.outer.last_fraction)
+        else:
+            blob, decoded = encode_tensors(
+                update, self.run.compression.scheme, self.run.compression.chunk, feedback=self.down_feedback,
+                zstd_level=self.run.compression.zstd_level,
+            )
+            self._commit_version(blob, decoded, push_ids)
         tokens = 0
         for c in valid:
             committed = self.ledger.commit(c.worker_id, c.ranges)
@@ -850,14 +912,19 @@ class CoordinatorState:
         log.info("run finished: version %d, %d tokens, validation loss %.4f", self.version, summary["tokens"], val)
         return summary
 
-    def _commit_version(self, blob: bytes, decoded: dict[str, torch.Tensor], push_ids: list[str]) -> None:
+    def _commit_version(
+        self, blob: bytes, decoded: dict[str, torch.Tensor], push_ids: list[str],
+        relayed: list[RelayedDelta] | None = None, outer_fraction: float = 1.0,
+    ) -> None:
         """Apply a decoded update to the global model as the next version, kept in the history
-        (as `blob`, what workers download) for catch-up. Caller holds the lock."""
-        add_(self.global_params, decoded)
+        (as `blob`, or as the relayed deltas, what workers download) for catch-up. Caller holds
+        the lock."""
+        for name, t in self.global_params.items():  # one IEEE add each: what workers do too
+            t.add_(decoded[name])
         self.version += 1
         self._write_version_mark()
         self.params_sha = params_sha256(self.global_params)
-        self.history.append(UpdateRecord(self.version, blob, push_ids, self.params_sha))
+        self.history.append(UpdateRecord(self.version, blob, push_ids, self.params_sha, relayed or [], outer_fraction))
         while len(self.history) > self._history_limit():
             self.history.popleft()
 

@@ -186,18 +186,20 @@ class LeaseReply(_message.Message):
     def __init__(self, exhausted: _Optional[bool] = ..., range: _Optional[_Union[TokenRange, _Mapping]] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
-    __slots__ = ("worker_id", "session_id", "have_version", "force_full", "wait_seconds")
+    __slots__ = ("worker_id", "session_id", "have_version", "force_full", "wait_seconds", "held_push_ids")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     FORCE_FULL_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HELD_PUSH_IDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session_id: str
     have_version: int
     force_full: bool
     wait_seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., session_id: _Optional[str] = ..., have_version: _Optional[int] = ..., force_full: _Optional[bool] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+    held_push_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., session_id: _Optional[str] = ..., have_version: _Optional[int] = ..., force_full: _Optional[bool] = ..., wait_seconds: _Optional[float] = ..., held_push_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelPart(_message.Message):
     __slots__ = ("header", "chunk")
@@ -208,7 +210,7 @@ class ModelPart(_message.Message):
     def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("kind", "version", "total_bytes", "sha256", "params_sha256", "updates", "merged_push_ids")
+    __slots__ = ("kind", "version", "total_bytes", "sha256", "params_sha256", "updates", "merged_push_ids", "momentum_bytes")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         FULL: _ClassVar[ModelHeader.Kind]
@@ -224,6 +226,7 @@ class ModelHeader(_message.Message):
     PARAMS_SHA256_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     MERGED_PUSH_IDS_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     kind: ModelHeader.Kind
     version: int
     total_bytes: int
@@ -231,21 +234,40 @@ class ModelHeader(_message.Message):
     params_sha256: str
     updates: _containers.RepeatedCompositeFieldContainer[UpdateInfo]
     merged_push_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, kind: _Optional[_Union[ModelHeader.Kind, str]] = ..., version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., params_sha256: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[UpdateInfo, _Mapping]]] = ..., merged_push_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    momentum_bytes: int
+    def __init__(self, kind: _Optional[_Union[ModelHeader.Kind, str]] = ..., version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., params_sha256: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[UpdateInfo, _Mapping]]] = ..., merged_push_ids: _Optional[_Iterable[str]] = ..., momentum_bytes: _Optional[int] = ...) -> None: ...
 
 class UpdateInfo(_message.Message):
-    __slots__ = ("version", "offset", "size", "merged_push_ids", "params_sha256")
+    __slots__ = ("version", "offset", "size", "merged_push_ids", "params_sha256", "relayed", "outer_fraction")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     MERGED_PUSH_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RELAYED_FIELD_NUMBER: _ClassVar[int]
+    OUTER_FRACTION_FIELD_NUMBER: _ClassVar[int]
     version: int
     offset: int
     size: int
     merged_push_ids: _containers.RepeatedScalarFieldContainer[str]
     params_sha256: str
-    def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., merged_push_ids: _Optional[_Iterable[str]] = ..., params_sha256: _Optional[str] = ...) -> None: ...
+    relayed: _containers.RepeatedCompositeFieldContainer[RelayedDelta]
+    outer_fraction: float
+    def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., merged_push_ids: _Optional[_Iterable[str]] = ..., params_sha256: _Optional[str] = ..., relayed: _Optional[_Iterable[_Union[RelayedDelta, _Mapping]]] = ..., outer_fraction: _Optional[float] = ...) -> None: ...
+
+class RelayedDelta(_message.Message):
+    __slots__ = ("push_id", "offset", "size", "weight", "factor")
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    push_id: str
+    offset: int
+    size: int
+    weight: float
+    factor: float
+    def __init__(self, push_id: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., weight: _Optional[float] = ..., factor: _Optional[float] = ...) -> None: ...
 
 class ShardRequest(_message.Message):
     __slots__ = ("worker_id", "session_id", "shard", "epoch", "first_slot", "sequences")

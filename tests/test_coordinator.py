@@ -328,6 +328,13 @@ def test_grpc_auth_push_and_truncated_stream(server):
     assert parts[0].header.kind == pb.ModelHeader.UPDATES
     assert list(parts[0].header.updates[0].merged_push_ids) == ["p1"]
     assert parts[0].header.params_sha256 == srv.state.params_sha
+    # Relayed (the default downlink): the update is our own push, which we hold: nothing to send
+    # but the header, whose checksum is that of the empty blob (a client checks it).
+    parts = list(stub.GetModel(pb.ModelRequest(worker_id=reply.worker_id, session_id=reply.session_id,
+                                               have_version=1, held_push_ids=["p1"]), metadata=md, timeout=10))
+    (info,) = parts[0].header.updates
+    assert len(parts) == 1 and parts[0].header.total_bytes == 0 and info.relayed[0].size == 0
+    assert parts[0].header.sha256 == hashlib.sha256(b"").hexdigest()
 
 
 def test_worker_rebuilds_the_initial_model_from_the_seed(data, tmp_path):

@@ -278,14 +278,16 @@ class CoordinatorClient:
         force_full: bool = False,
         wait_seconds: float = 0.0,
         patience: float | None = None,
+        held_push_ids: tuple[str, ...] = (),
     ) -> ModelReply:
-        """GetModel: the header and the whole blob (size and sha256 checked; ValueError if not)."""
+        """GetModel: the header and the whole blob (size and sha256 checked; ValueError if not).
+        held_push_ids: our pushes whose payloads we still hold (a relayed update omits them)."""
         deadline = blob_deadline(expected_bytes, wait_seconds)
 
         def call() -> ModelReply:
             req = pb.ModelRequest(
                 worker_id=self.worker_id, session_id=self.session_id, have_version=have_version,
-                force_full=force_full, wait_seconds=wait_seconds,
+                force_full=force_full, wait_seconds=wait_seconds, held_push_ids=held_push_ids,
             )
             self._count(sent=req.ByteSize())
             stream = self._stub.GetModel(req, timeout=deadline, metadata=self._metadata)

@@ -41,16 +41,18 @@ import threading
 import time
 import uuid
 import zlib
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import grpc
 import numpy as np
 import torch
 
 from common.config import ModelConfig, RunConfig, run_config_from_dict
+from coordinator.merge import OuterOptimizer, weighted_sum
 from common.data import gather_sequences, sequence_order
 from common.tensors import (
     add_,
@@ -71,6 +73,7 @@ LONG_POLL_SECONDS = 20.0  # GetModel wait while our push awaits its merge
 SHUTDOWN_PATIENCE_S = 15.0  # on a signal: how long to try the final push and Leave
 FINISH_PATIENCE_S = 120.0  # run finished (exhausted / STOP): wait for the last merge and push
 SUMMARY_SECONDS = 10.0
+HELD_PUSHES = 8  # our last pushes' payloads kept for relayed updates (one is in flight at a time)
 
 
 # --------------------------------------------------------------------------- rebase arithmetic
@@ -106,6 +109,36 @@ def rebase_full(
         b.copy_(g)
     if own_decoded is not None:
         add_(params, own_decoded, alpha=-1.0)
+
+
+def replay_relayed(
+    info: pb.UpdateInfo,
+    stream: bytes,
+    held: Mapping[str, bytes],
+    decode: Callable[[bytes], dict[str, torch.Tensor]],
+    outer: OuterOptimizer,
+) -> dict[str, torch.Tensor]:
+    """The update U of a relayed version (downlink "relay"): decode every merged delta (from the
+    stream, or our own copy in `held` when the coordinator omitted it), then replay the
+    coordinator's merge: U = outer.update(weighted_sum(deltas, factors, weights), fraction).
+    Bit-identical to the coordinator's U when `outer` holds its momentum at version - 1. Advances
+    outer's momentum; on ValueError (a missing or bad delta) nothing has changed."""
+    if not info.relayed:
+        raise ValueError(f"update {info.version} relays no deltas")
+    deltas = []
+    for d in info.relayed:
+        if d.size == 0:
+            payload = held.get(d.push_id)
+            if payload is None:
+                raise ValueError(f"update {info.version} omits push {d.push_id}, which this worker does not hold")
+        elif d.offset + d.size > len(stream):
+            raise ValueError(f"update {info.version}: delta {d.push_id} lies outside the stream "
+                             f"({d.offset}+{d.size} > {len(stream)} bytes)")
+        else:
+            payload = stream[d.offset : d.offset + d.size]
+        deltas.append(decode(payload))
+    mean = weighted_sum(deltas, [d.factor for d in info.relayed], [d.weight for d in info.relayed])
+    return outer.update(mean, fraction=info.outer_fraction)
 
 
 FINAL_PUSH_SCHEME = "int8"  # a worker's last delta of the run (see WorkerRunner._finish_up)
@@ -335,6 +368,13 @@ class WorkerRunner:
         self.spec = tensor_spec(self.params)
         self.model_bytes = sum(t.numel() * 4 for t in self.params.values())
         self.max_blob_bytes = 2 * self.model_bytes * (self.run_cfg.merge.max_staleness + 2) + (16 << 20)
+        # Downlink "relay": a replica of the coordinator's outer optimizer, owned by the comm thread
+        # (and by _first_model before it starts); our recent push payloads, which relayed updates omit.
+        self._outer: OuterOptimizer | None = None
+        if self.run_cfg.compression.downlink == "relay":
+            self._outer = OuterOptimizer(self.run_cfg.outer, self.spec)
+        self._push_blobs: OrderedDict[str, bytes] = OrderedDict()
+        self._push_blobs_lock = threading.Lock()
         cache = Path(self.config.cache_dir).expanduser() if self.config.cache_dir else None
         if cache is None:
             from common.data import cache_root
@@ -377,8 +417,10 @@ class WorkerRunner:
                 log.info("initial model rebuilt from the seed (checksum verified): nothing to download")
                 return h.version, initial
             if h.kind == pb.ModelHeader.UPDATES:
+                if self._outer is not None:  # version 1 has no momentum yet
+                    self._outer.load_momentum({n: torch.zeros_like(t) for n, t in initial.items()})
                 for u in h.updates:
-                    update = self._decode(rep.blob[u.offset : u.offset + u.size])
+                    update = self._update_tensors(u, rep.blob)
                     for name, t in initial.items():
                         t.add_(update[name])
                 if params_sha256(initial) == h.params_sha256:
@@ -386,14 +428,14 @@ class WorkerRunner:
                              len(h.updates), h.version)
                     return h.version, initial
                 log.error("seed model plus updates does not match version %d's checksum: downloading it", h.version)
-            elif params_sha256(full := self._decode(rep.blob)) == h.params_sha256:
+            elif params_sha256(full := self._full_tensors(rep)) == h.params_sha256:
                 return h.version, full
         rep = self.client.get_model(0, self.model_bytes, self.max_blob_bytes, force_full=True)
-        full = self._decode(rep.blob)
+        full = self._full_tensors(rep)
         if params_sha256(full) != rep.header.params_sha256:
             log.error("model checksum mismatch on the first download; fetching it again")
             rep = self.client.get_model(0, self.model_bytes, self.max_blob_bytes, force_full=True)
-            full = self._decode(rep.blob)
+            full = self._full_tensors(rep)
         return rep.header.version, full
 
     def _reset_for_new_run(self) -> None:
@@ -407,6 +449,35 @@ class WorkerRunner:
         from common.compression import decode_tensors
 
         return decode_tensors(blob, self.spec, max_blob_bytes=self.max_blob_bytes)
+
+    def _full_tensors(self, rep: ModelReply) -> dict[str, torch.Tensor]:
+        """A FULL reply's weights. Under downlink "relay" its tail is the outer momentum, loaded
+        into the replica (ValueError when it is missing)."""
+        n = rep.header.momentum_bytes
+        if self._outer is None or not self._outer.momentum:  # no relay, or an outer step without state
+            return self._decode(rep.blob[: len(rep.blob) - n])
+        if not 0 < n < len(rep.blob):
+            raise ValueError(f"a full model under downlink 'relay' must carry the outer momentum "
+                             f"(momentum_bytes {n} of {len(rep.blob)})")
+        full = self._decode(rep.blob[:-n])
+        self._outer.load_momentum(self._decode(rep.blob[-n:]))
+        return full
+
+    def _update_tensors(self, u: pb.UpdateInfo, blob: bytes) -> dict[str, torch.Tensor]:
+        """The update of one version of an UPDATES reply (plain, or relayed: replayed)."""
+        if not u.relayed:
+            return self._decode(blob[u.offset : u.offset + u.size])
+        if self._outer is None:
+            raise ValueError(f"update {u.version} is relayed but this run's downlink is not 'relay'")
+        with self._push_blobs_lock:
+            held = dict(self._push_blobs)
+        return replay_relayed(u, blob, held, self._decode, self._outer)
+
+    def _held_push_ids(self) -> tuple[str, ...]:
+        if self._outer is None:
+            return ()
+        with self._push_blobs_lock:
+            return tuple(self._push_blobs)
 
     def _add_wait(self, seconds: float) -> None:
         with self._stats_lock:
@@ -757,6 +828,10 @@ class WorkerRunner:
                      pushed_at_step=self.local_step, session=self.client.session_epoch)
         header = pb.DeltaHeader(push_id=push.push_id, base_version=push.base_version, tokens=tokens, steps=steps,
                                 mean_loss=loss_sum / max(1, steps), ranges=ranges)
+        with self._push_blobs_lock:  # a relayed merge of it omits these bytes: we decode our own
+            self._push_blobs[push.push_id] = blob
+            while len(self._push_blobs) > HELD_PUSHES:
+                self._push_blobs.popitem(last=False)
         with self._stats_lock:
             self._stats.residual_norm = residual
             self._stats.pushes += 1
@@ -832,13 +907,14 @@ class WorkerRunner:
         force = self._need_full.is_set()
         rep: ModelReply = self.client.get_model(
             self.comm_version, self.model_bytes, self.max_blob_bytes, force_full=force, wait_seconds=wait,
+            held_push_ids=self._held_push_ids(),
         )
         h = rep.header
         if h.kind == pb.ModelHeader.UNCHANGED:
             return False
         if h.kind == pb.ModelHeader.FULL:
             self._need_full.clear()
-            full = self._decode(rep.blob)
+            full = self._full_tensors(rep)
             own: bool | None = False
             if push is not None and push.accepted_version >= 0:
                 # The coordinator names our pushes the full weights contain; a full model older
@@ -849,13 +925,21 @@ class WorkerRunner:
             return push is not None and own is not False
         updates = []
         contains = False
+        version = self.comm_version
         for u in h.updates:
-            tensors = self._decode(rep.blob[u.offset : u.offset + u.size])
+            try:
+                tensors = self._update_tensors(u, rep.blob)
+            except ValueError as exc:  # apply what came before it, then resync in full
+                log.error("update %d unusable (%s): resyncing with the full model", u.version, exc)
+                self._need_full.set()
+                break
             mine = push is not None and push.push_id in u.merged_push_ids
             contains = contains or mine
             updates.append((u.version, tensors, u.params_sha256, push if mine else None))
-        self.comm_version = h.version
-        self._inbox.put(("updates", updates))
+            version = u.version
+        self.comm_version = version
+        if updates:
+            self._inbox.put(("updates", updates))
         return contains
 
     # ------------------------------------------------------------------ applying (training thread)
