@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import grpc
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: relayed updates (UpdateInfo.relayed, ModelHeader.momentum_bytes)
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = CHUNK_BYTES + (1 << 20)
 KEEPALIVE_MS = 20_000
