@@ -255,9 +255,11 @@ class SimWorker:
             return None
 
     def join(self) -> None:
+        from common.rpc import PROTOCOL_VERSION
+
         pb = self.pb
         with self.session_lock:
-            req = pb.JoinRequest(name=self.name, device="sim", memory_bytes=0, protocol_version=1,
+            req = pb.JoinRequest(name=self.name, device="sim", memory_bytes=0, protocol_version=PROTOCOL_VERSION,
                                  software_version="", previous_worker_id=self.worker_id)
             from common import __version__
             req.software_version = __version__
