@@ -288,7 +288,7 @@ def test_next_round_counts_from_the_merge_not_the_push():
     runner.metrics = None
     for merged in (False, True):
         push = _Push("p", 1, {}, n_ranges=1, steps=10, tokens=100, loss_sum=1.0, pushed_at_step=10)
-        runner._inflight, runner._pending, runner._sealed = push, [[0, "s", 0, 100, 0, 10, 1.0]], 1
+        runner._inflight, runner._pending, runner._sealed = push, [[0, "s", 0, 100, 0, 10, 1.0, 0]], 1
         runner.local_step, runner.round_steps = 13, 3  # 3 steps trained since the push
         runner._resolve(push, merged=merged)
         assert runner._inflight is None and push.resolved
@@ -298,3 +298,26 @@ def test_next_round_counts_from_the_merge_not_the_push():
         else:
             assert runner.round_steps == 3 and len(runner._pending) == 1
             assert runner._stats.merged == 0 and runner._stats.merge_lag_steps == 0
+
+
+def test_a_push_takes_the_session_its_oldest_range_was_leased_in():
+    """A rejoin can land between a step and its handling: ranges of the old session must not be
+    pushed under the new one, and a range of the old session never grows into the new one."""
+    from worker.client import CoordinatorClient
+    from worker.runner import WorkerConfig, WorkerRunner, _Lease
+
+    runner = WorkerRunner(WorkerConfig(coordinator="127.0.0.1:1", serve=False))
+    runner.client = CoordinatorClient("127.0.0.1:1", stop_event=threading.Event())
+    try:
+        runner.client.session_epoch = 1
+        old = _Lease(7, "s", 0, 1000, 0, session=1)
+        runner._record_range(old, 0, 100, 1.0)
+        runner.client.session_epoch = 2  # rejoined (the coordinator restarted), not handled yet
+        again = _Lease(7, "s", 0, 1000, 0, session=2)  # the same unit leased again, same place
+        runner._record_range(again, 100, 200, 1.0)
+        assert [p[7] for p in runner._pending] == [1, 2]  # not merged into one range
+        assert runner._push_session() == 1  # push_delta refuses it: SessionRenewed
+        runner._pending = runner._pending[1:]
+        assert runner._push_session() == 2
+    finally:
+        runner.client.close()

@@ -260,7 +260,9 @@ class WorkerRunner:
         self.client: CoordinatorClient | None = None
         self.base_version = 0
         self._inflight: _Push | None = None
-        self._pending: list[list] = []  # [unit_id, shard, start, end, epoch, steps, loss_sum]
+        # [unit_id, shard, start, end, epoch, steps, loss_sum, session]: session = the client's
+        # session epoch the range was leased in (a push is never sent under a later one)
+        self._pending: list[list] = []
         self._sealed = 0
         self._next_lease: Future | None = None  # the prefetched lease after the current one
         if config.threads:
@@ -794,12 +796,19 @@ class WorkerRunner:
 
     def _record_range(self, lease: _Lease, start: int, end: int, loss: float) -> None:
         last = self._pending[-1] if len(self._pending) > self._sealed else None
-        if last is not None and last[0] == lease.unit_id and last[4] == lease.epoch and last[3] == start:
+        if (last is not None and last[0] == lease.unit_id and last[4] == lease.epoch and last[3] == start
+                and last[7] == lease.session):
             last[3] = end
             last[5] += 1
             last[6] += loss
         else:
-            self._pending.append([lease.unit_id, lease.shard, start, end, lease.epoch, 1, loss])
+            self._pending.append([lease.unit_id, lease.shard, start, end, lease.epoch, 1, loss, lease.session])
+
+    def _push_session(self) -> int:
+        """The session a push of the pending ranges belongs to: the oldest one they were leased in.
+        A rejoin may land between the last step and its handling (`_drop_unmerged`); a push sealed
+        then carries old-session ranges and must not go out under the new session."""
+        return min((p[7] for p in self._pending), default=self.client.session_epoch)
 
     def _round_over(self) -> bool:
         r = self.run_cfg.round
@@ -825,7 +834,7 @@ class WorkerRunner:
         loss_sum = sum(p[6] for p in self._pending)
         tokens = sum(p[3] - p[2] for p in self._pending)
         push = _Push(uuid.uuid4().hex, self.base_version, decoded, len(self._pending), steps, tokens, loss_sum,
-                     pushed_at_step=self.local_step, session=self.client.session_epoch)
+                     pushed_at_step=self.local_step, session=self._push_session())
         header = pb.DeltaHeader(push_id=push.push_id, base_version=push.base_version, tokens=tokens, steps=steps,
                                 mean_loss=loss_sum / max(1, steps), ranges=ranges)
         with self._push_blobs_lock:  # a relayed merge of it omits these bytes: we decode our own
