@@ -61,6 +61,10 @@ class SimConfig:
     down_mode: str = "update"  # update: the coordinator codes U; delta: it codes the mean delta D and
     #                            every replica applies the same outer step to the decoded D exactly
     eager: str = "off"  # off | prev: during the delay, replicas stand at base + the last update (worker/runner.py)
+    up_keep: float = 1.0  # < 1: the uplink sends the signs of a random share of each delta (seeded per
+    #                       push, so receivers regenerate the positions), one mean-|x| scale per
+    #                       up_group kept values; the rest stays in the replica's weights (error feedback)
+    up_group: int = 512
     data_order: str = "random"  # random: get_batch windows; units: contiguous rows inside shuffled leases
     unit_tokens: int = 65536
     seed: int = 1337
@@ -86,6 +90,8 @@ class SimConfig:
             s += f"_down{self.down_mode}"
         if self.down_predict:
             s += f"_pred{self.down_predict:g}"
+        if self.up_keep < 1.0:
+            s += f"_keep{self.up_keep:g}g{self.up_group}"
         if self.eager != "off":
             s += f"_eager{self.eager}"
         if self.data_order != "random":
@@ -159,6 +165,31 @@ class UnitStream:
         return buf[:-1].view(n, BLOCK).to(dev), buf[1:].view(n, BLOCK).to(dev)
 
 
+def sparse_sign(delta: dict, keep: float, group: int, seed: int) -> tuple[int, dict]:
+    """(wire bytes, decoded) of --up-keep: the signs of a seeded random `keep` share of each
+    tensor's values, one float32 mean-|x| scale per `group` kept values; zeros elsewhere."""
+    gen = torch.Generator().manual_seed(seed)
+    nbytes, dec = 0, {}
+    for name, t in delta.items():
+        flat = t.reshape(-1)
+        n = flat.numel()
+        k = max(1, int(round(n * keep)))
+        idx = torch.randperm(n, generator=gen)[:k]
+        sel = flat[idx]
+        groups = -(-k // group)
+        padded = torch.zeros(groups * group)
+        padded[:k] = sel.abs()
+        counts = torch.full((groups,), float(group))
+        counts[-1] = k - (groups - 1) * group
+        scales = padded.view(groups, group).sum(1) / counts
+        q = torch.where(sel >= 0, 1.0, -1.0) * scales.repeat_interleave(group)[:k]
+        out = torch.zeros(n)
+        out[idx] = q
+        dec[name] = out.view_as(t)
+        nbytes += -(-k // 8) + 4 * groups
+    return nbytes, dec
+
+
 def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
     from common.compression import ErrorFeedback, encode_tensors, get_codec
     from common.config import OptimConfig, OuterConfig, model_config
@@ -229,8 +260,12 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
             contribs, decs = [], []
             for i in range(n_rep):
                 delta = {n: (params[i][n].detach().float().cpu() - base[n]).contiguous() for n in glob}
-                blob, dec = encode_tensors(delta, scheme, cfg.chunk, sign_scale=cfg.sign_scale)
-                up_bytes += len(blob)
+                if cfg.up_keep < 1.0 and rounds >= cfg.warmup_rounds:
+                    nbytes, dec = sparse_sign(delta, cfg.up_keep, cfg.up_group, seed=rounds * 1000 + i)
+                    up_bytes += nbytes
+                else:
+                    blob, dec = encode_tensors(delta, scheme, cfg.chunk, sign_scale=cfg.sign_scale)
+                    up_bytes += len(blob)
                 decs.append({n: t.clone() for n, t in dec.items()})
                 contribs.append(Contribution(f"p{rounds}-{i}", f"w{i}", rounds, BATCH * BLOCK * H, H, 0.0, decs[-1]))
             down = cfg.down_scheme or scheme
@@ -406,6 +441,8 @@ def main() -> None:
     p.add_argument("--down-scheme", default="", help="the downlink's scheme (default: --compression)")
     p.add_argument("--down-predict", type=float, default=0.0, help="downlink codes U - P x previous update")
     p.add_argument("--down-mode", default="update", choices=["update", "delta"])
+    p.add_argument("--up-keep", type=float, default=1.0, help="uplink: signs of this random share only")
+    p.add_argument("--up-group", type=int, default=512, help="uplink with --up-keep: kept values per scale")
     p.add_argument("--data-order", default="random", choices=["random", "units", "units-shuffled"])
     p.add_argument("--unit-tokens", type=int, default=65536)
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
@@ -424,6 +461,7 @@ def main() -> None:
         cfgs = [SimConfig(args.mode, args.workers, args.round_steps, args.steps, args.compression, args.chunk,
                           args.sign_scale, args.outer_kind, args.outer_lr, args.outer_momentum, args.warmup_rounds,
                           args.warmup_scheme, args.delay, down_scheme=args.down_scheme, down_predict=args.down_predict, down_mode=args.down_mode, eager=args.eager,
+                          up_keep=args.up_keep, up_group=args.up_group,
                           data_order=args.data_order, unit_tokens=args.unit_tokens,
                           eval_batches=args.eval_batches)]
     existing = {}

@@ -136,9 +136,10 @@ def test_no_token_trained_twice(finished_run):
 
 @pytest.mark.timeout(200)
 def test_sign_compressed_run_learns_and_delivers_its_residuals(data_dir, tmp_path):
-    """1-bit deltas up and 1-bit updates down: the run still learns well below the unigram
-    entropy, and a worker left without data sends its pending steps at 8 bits (carrying the
-    error feedback residual left in its weights)."""
+    """1-bit deltas up, relayed down: the run still learns well below the unigram entropy, every
+    relayed version replays to the coordinator's checksum (no resync), and a worker left without
+    data sends its pending steps at 8 bits (carrying the error feedback residual left in its
+    weights)."""
     cfg = tiny_config(compression__scheme="sign", plan__max_tokens=163_840)
     with Cluster(tmp_path, data_dir, cfg) as c:
         coord = c.start_coordinator()
@@ -156,6 +157,8 @@ def test_sign_compressed_run_learns_and_delivers_its_residuals(data_dir, tmp_pat
         assert any(idle) or any(finals), "no worker sent its last steps"
         assert all(s == "int8" for found in idle for s in found), idle
         assert all(f == ("int8", "ACCEPTED") for found in finals for f in found), finals
+        for text in logs:  # replayed merges match bit for bit: never a full resync
+            assert "checksum mismatch" not in text and "unusable" not in text, text[-2000:]
 
 
 # --------------------------------------------------------------------------- 2: worker SIGKILL
