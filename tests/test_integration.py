@@ -245,7 +245,9 @@ def test_late_worker_starts_from_current_model(data_dir, tmp_path):
     """The late worker's first push is accepted with staleness <= max_staleness = 2 while the
     coordinator is at version >= 6, so its base_version is >= 4: it started from the current
     model, not the initial one (a delta from version 1 would come back STALE)."""
-    cfg = tiny_config(plan__max_tokens=0, merge__max_staleness=2)  # no budget: the late one gets work
+    # No budget: the late one gets work. Nesterov (a mild one): its full model carries the momentum.
+    cfg = tiny_config(plan__max_tokens=0, merge__max_staleness=2, outer__kind="nesterov", outer__lr=0.7,
+                      outer__momentum=0.3)
     with Cluster(tmp_path, data_dir, cfg) as c:
         coord = c.start_coordinator()
         c.start_worker("early")
@@ -263,6 +265,11 @@ def test_late_worker_starts_from_current_model(data_dir, tmp_path):
         # base = V - staleness with V >= the join version J, so staleness <= J - 2 means base >= 2.
         stale = [int(v) for v in re.findall(r"stale \(staleness (\d+)\)", late.log())]
         assert all(v <= min(late_joins) - 2 for v in stale), (stale, late_joins)
+        # It got the outer momentum with its first (full) model: the relayed merges after it
+        # replay to the coordinator's checksums (a wrong momentum would show as a mismatch).
+        c.wait_status(lambda s: s["model_version"] >= min(late_joins) + 4, 60, "four more versions",
+                      fail_if_dead=[coord, late])
+        assert "checksum mismatch" not in late.log(), late.log()[-2000:]
 
 
 # --------------------------------------------------------------------------- 5: SIGTERM
