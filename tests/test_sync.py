@@ -13,7 +13,7 @@ from common.config import model_config
 from common.model import GPT
 from test_allreduce import run_all, start_group, stop_group
 from worker.allreduce import CompressedAllReduce, PeerFailure
-from worker.sync import SyncGroupTrainer
+from worker.sync import SyncGroupTrainer, VarianceProbe
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=256)
 
@@ -142,16 +142,55 @@ def test_one_bit_sync_is_close_to_fp32_sync_loss(sign_vs_fp32):
     assert (val_sign - val_fp32) / val_fp32 < 0.06, (val_sign, val_fp32)
 
 
-@pytest.mark.xfail(
-    reason="measured +2.9% (1.835 vs 1.784) with the default 1-bit mode (fp32 warmup 25 steps, 1-bit "
-    "Adam direction, chunk 64): at the 3% line, no margin; at 300 steps +11% (0.641 vs 0.577), +8% "
-    "of it from per-member second moments (worker/sync.py docstring).",
-    strict=False,
-)
 def test_one_bit_sync_matches_fp32_sync_loss(sign_vs_fp32):
-    """Same init, same batches, 100 steps: 1-bit sync's validation loss within 3% of fp32 sync's."""
+    """Same init, same batches, 100 steps: 1-bit sync's validation loss within 3% of fp32 sync's
+    (measured +0.6%; +2.9% before the VarianceProbe corrected the members' local v)."""
     val_sign, val_fp32, _ = sign_vs_fp32
     assert abs(val_sign - val_fp32) / val_fp32 < 0.03, (val_sign, val_fp32)
+
+
+def test_one_bit_sync_matches_fp32_sync_over_a_longer_run():
+    """300 steps, where the members' local second moments had cost +8.9% (the local v overestimates
+    the group's where gradient noise dominates): with the VarianceProbe within 3% (measured +1.1%)."""
+    torch.set_num_threads(1)
+    val_fp32 = _run(2, "none", 300)[0]
+    val_sign = _run(2, "sign", 300, chunk=64)[0]
+    assert abs(val_sign - val_fp32) / val_fp32 < 0.03, (val_sign, val_fp32)
+
+
+@pytest.mark.xfail(
+    reason="4 members quantize partial sums (halving: three quantizations per value), which erases the "
+    "cancellation between disagreeing members: measured +5.2% at 100 steps (worker/sync.py docstring)",
+    strict=False,
+)
+def test_one_bit_sync_of_four_matches_fp32_sync_loss():
+    torch.set_num_threads(1)
+    val_fp32 = _run(4, "none", 100)[0]
+    val_sign = _run(4, "sign", 100, chunk=64)[0]
+    assert abs(val_sign - val_fp32) / val_fp32 < 0.03, (val_sign, val_fp32)
+
+
+def test_variance_probe_is_deterministic_and_corrects_toward_the_group():
+    a = VarianceProbe.probes("h.0.attn.c_attn.weight", 96 * 32)
+    assert torch.equal(a, VarianceProbe.probes("h.0.attn.c_attn.weight", 96 * 32))  # same on every member
+    assert len(a) == 64 and len(set(a.tolist())) == 64 and 0 <= int(a.min()) and int(a.max()) < 96 * 32
+    assert len(VarianceProbe.probes("ln.weight", 32)) == 32  # small tensors: every value
+    assert len(VarianceProbe.probes("big", 1 << 20)) == (1 << 20) // 256
+    probe = VarianceProbe({"w": 1024}, every=8, beta2=0.99)
+    v = {"w": torch.full((1024,), 4.0)}  # local v: the member's noisy gradients squared
+    probe.start(v)
+    assert probe.due(16) and not probe.due(17)
+    for _ in range(50):  # the group's mean gradient is half as large: mean g^2 = 1, not 4
+        probe.update({"w": torch.ones(len(probe.index["w"]))}, v)
+    assert 0.25 < probe.rho["w"] < 0.35  # v is scaled down toward the group's
+    probe.update({"w": torch.full((len(probe.index["w"]),), 100.0)}, v)
+    assert probe.rho["w"] <= 1.0  # never scaled up
+    with pytest.raises(ValueError, match="variance probe interval"):
+        VarianceProbe({"w": 4}, every=0, beta2=0.99)
+    model = GPT(model_config("nano", **TINY))
+    with CompressedAllReduce(0, 1, ["127.0.0.1:1"], compression="sign") as solo:
+        with pytest.raises(ValueError, match="variance_probe_every"):
+            SyncGroupTrainer(model, solo, variance_probe_every=-1)
 
 
 def test_variance_refresh_needs_momentum_mode():
