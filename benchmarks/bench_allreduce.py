@@ -114,7 +114,8 @@ def _member_geotrain(args, tensors, addrs) -> dict:
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=rpc.server_options())
     server.add_insecure_port(addrs[args.rank])
-    ar = CompressedAllReduce(args.rank, len(addrs), addrs, compression=args.compression, min_deadline_s=120)
+    ar = CompressedAllReduce(args.rank, len(addrs), addrs, compression=args.compression, min_deadline_s=120,
+                             algorithm=args.algorithm)
     ar.add_to_server(server)
     server.start()
     step = [0]
@@ -150,7 +151,7 @@ def run_group(impl: str, n: int, args, netns: list[str] | None) -> dict:
     procs = []
     for r in range(n):
         cmd = [sys.executable, __file__, "member", "--impl", impl, "--rank", str(r), "--addrs", ",".join(addrs),
-               "--iters", str(args.iters), "--compression", args.compression]
+               "--iters", str(args.iters), "--compression", args.compression, "--algorithm", args.algorithm]
         if args.params:
             cmd += ["--params", str(args.params)]
         if netns:
@@ -230,11 +231,13 @@ def main() -> int:
     m.add_argument("--iters", type=int, default=3)
     m.add_argument("--params", type=int, default=None)
     m.add_argument("--compression", default="sign")
+    m.add_argument("--algorithm", default="auto")
     m.add_argument("--ifname", default=None)
     parser.add_argument("--members", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--params", type=int, default=None, help="scale down from GPT-2 small (124M)")
     parser.add_argument("--compression", default="sign")
+    parser.add_argument("--algorithm", default="auto", help="geotrain's schedule: auto | halving | doubling | allgather")
     parser.add_argument("--shaped", default=None, help="also run over tc tbf links of this rate, e.g. 1gbit")
     parser.add_argument("--no-loopback", action="store_true")
     parser.add_argument("--timeout", type=float, default=1800)

@@ -265,14 +265,22 @@ class CompressionConfig:
     #           coordinator: one payload per version, whatever the merge's size; the workers'
     #           basepoints lag the coordinator's exact update by the feedback residual.
     downlink: str = "relay"
+    # Sync groups' all-reduce schedule (worker/allreduce.py), the same for every member of the run:
+    # auto (doubling for 2, allgather for 4, halving from 8) | doubling | halving | allgather.
+    # halving moves half of allgather's bytes at 4 members but quantizes partial sums, which costs
+    # training quality (README, sync quality).
+    sync_schedule: str = "auto"
 
     def validate(self) -> "CompressionConfig":
         if self.downlink not in DOWNLINKS:
             raise ValueError(f"compression.downlink must be one of {DOWNLINKS}, got {self.downlink!r}")
+        if self.sync_schedule not in SYNC_SCHEDULES:
+            raise ValueError(f"compression.sync_schedule must be one of {SYNC_SCHEDULES}, got {self.sync_schedule!r}")
         return self
 
 
 DOWNLINKS = ("relay", "recode")
+SYNC_SCHEDULES = ("auto", "doubling", "halving", "allgather")  # worker/allreduce.py ALGORITHMS
 
 
 @dataclass

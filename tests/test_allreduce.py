@@ -67,7 +67,7 @@ def exact_mean(n: int, step: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("n", [2, 4])
-@pytest.mark.parametrize("algorithm", ["halving", "doubling"])
+@pytest.mark.parametrize("algorithm", ["halving", "doubling", "allgather"])
 def test_fp32_allreduce_is_exact_mean(n, algorithm):
     members, servers = start_group(n, compression="none", algorithm=algorithm, min_deadline_s=10)
     try:
@@ -87,7 +87,7 @@ def test_fp32_allreduce_is_exact_mean(n, algorithm):
 
 
 @pytest.mark.parametrize("n", [2, 4])
-@pytest.mark.parametrize("algorithm", ["halving", "doubling"])
+@pytest.mark.parametrize("algorithm", ["halving", "doubling", "allgather"])
 def test_sign_allreduce_bit_identical_and_close(n, algorithm):
     members, servers = start_group(n, compression="sign", algorithm=algorithm)
     try:
@@ -105,6 +105,31 @@ def test_sign_allreduce_bit_identical_and_close(n, algorithm):
         fp32_bytes = 4 * sum(t.numel() for t in grads(0).values())
         assert members[0].last.bytes_sent < fp32_bytes / 2  # tiny tensors: scales + headers dominate
         assert members[0].residual_norm() > 0
+    finally:
+        stop_group(members, servers)
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_allgather_quantizes_each_members_own_buffer_once(n):
+    """allgather = the mean of every member's own 1-bit encoding, decoded (no sum is ever
+    re-quantized), in rank order; each member sends (N - 1) encoded buffers."""
+    from common.compression import get_codec
+
+    members, servers = start_group(n, compression="sign", algorithm="allgather", chunk=64)
+    try:
+        results = run_all(members, lambda r, m: m.allreduce(grads(r, 1), step=1))
+        codec = get_codec("sign", chunk=64)
+        layout = members[0]._layout
+        decoded = [codec.decode(codec.encode(layout.flatten(grads(r, 1), n))[0], (n * layout.block,)) for r in range(n)]
+        acc = decoded[0].clone()
+        for d in decoded[1:]:
+            acc.add_(d)
+        want = layout.unflatten(acc.div_(n), grads(0, 1))
+        for k in want:
+            assert all(torch.equal(out[k], want[k]) for out in results), k
+        payload = len(codec.encode(layout.flatten(grads(0, 1), n))[0])
+        sent = members[0].last.bytes_sent
+        assert (n - 1) * payload <= sent < (n - 1) * payload + 2048 * n  # + headers
     finally:
         stop_group(members, servers)
 
@@ -141,7 +166,7 @@ def test_error_feedback_tracks_true_sum(n):
         stop_group(members, servers)
 
 
-@pytest.mark.parametrize("n,algorithm", [(2, "doubling"), (4, "halving"), (8, "halving"), (4, "doubling")])
+@pytest.mark.parametrize("n,algorithm", [(2, "doubling"), (4, "halving"), (8, "halving"), (4, "doubling"), (4, "allgather")])
 def test_rank0_batch_plan_reaches_every_member(n, algorithm):
     """Rank 0's BatchPlan rides the all-reduce headers: every member holds it after the call, and
     a call without one leaves every member's last_plan None."""

@@ -154,10 +154,16 @@ def test_weighted_sum_applies_factor_then_weight_in_order():
         weighted_sum([a, b], [1.0], [0.5, 0.5])
 
 
-def test_unknown_downlink_is_refused():
+def test_unknown_downlink_or_sync_schedule_is_refused():
     with pytest.raises(ValueError, match="compression.downlink"):
         CompressionConfig(downlink="broadcast").validate()
     run = RunConfig()
     run.compression.downlink = "nope"
     with pytest.raises(ValueError, match="'nope'"):
         run.validate()
+    with pytest.raises(ValueError, match="compression.sync_schedule"):
+        CompressionConfig(sync_schedule="ring").validate()
+    from worker.allreduce import ALGORITHMS
+    from common.config import SYNC_SCHEDULES
+
+    assert set(SYNC_SCHEDULES) == set(ALGORITHMS)  # every schedule the config admits exists

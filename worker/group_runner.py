@@ -220,7 +220,7 @@ class GroupWorkerRunner(WorkerRunner):
             self._flush_before_member()
         ar = CompressedAllReduce(
             int(a.rank), int(a.world_size), list(a.peers), a.group_id, epoch=int(a.epoch), compression=scheme,
-            token=self.config.token, min_deadline_s=max(MIN_DEADLINE_S, 3.0 * self.heartbeat_seconds),
+            algorithm=self.run_cfg.compression.sync_schedule, token=self.config.token, min_deadline_s=max(MIN_DEADLINE_S, 3.0 * self.heartbeat_seconds),
         )
         ar.add_to_server(self.server.server)
         g = self._group = _Group(a.group_id, int(a.epoch), int(a.rank), int(a.world_size), ar)
@@ -229,8 +229,8 @@ class GroupWorkerRunner(WorkerRunner):
         if self.metrics is not None:
             self.metrics.enable_sync()
             self.metrics.sync_group_size.set(a.world_size)
-        log.info("sync group %s (epoch %d): rank %d of %d, peers %s, compression %s", a.group_id, a.epoch, a.rank,
-                 a.world_size, ",".join(a.peers), scheme)
+        log.info("sync group %s (epoch %d): rank %d of %d, peers %s, compression %s, schedule %s", a.group_id,
+                 a.epoch, a.rank, a.world_size, ",".join(a.peers), scheme, ar.algorithm)
         if g.rank > 0:
             self._wait_for_peers(g)
             if self._group is g:

@@ -35,11 +35,13 @@ Measured (tests/test_sync.py setup, 2 members, nano 1x32, lr 3e-3, val loss; fp3
 group's exact v (a diagnostic fp32 all-reduce of every gradient) chunk 64 gave 1.805 / 0.569, with
 one ratio per tensor from all coordinates 1.818 / 0.572, and with the VarianceProbe (the default,
 probes every 8 steps) 1.793 (+0.5%) / 0.578 (+0.05%). "momentum" W=15/30: 2.81/1.95.
-4 members (schedule "halving": a value is quantized three times, partial sums included) stay far
-behind: +5.2% at 100 steps and +25-31% at 300 with the probe; quantizing a sum of directions
-erases the cancellation between members that disagree (a sign has no zero). 2 members (schedule
-"doubling") quantize each member's own direction once and average the decoded ones; the same 2
-members under "halving" (two quantizations): +14.7% at 300 steps. Every `check_every` steps (and before the first
+The all-reduce schedule matters as much: quantizing a sum of directions erases the cancellation
+between members that disagree (a sign has no zero). 2 members ("doubling": each member's own
+direction quantized once, the decoded ones averaged) +0.5% / +0.05%; the same 2 under "halving"
+(two quantizations) +14.7% at 300 steps. 4 members (fp32 1.655 / 0.468): "halving" (three
+quantizations, partial sums included) +5.2% / +25-31%; "allgather" (own direction once, the
+default for 4) 1.675 (+1.2%) / 0.486 (+3.8%; 300-step runs of 4 vary by a few % with the probe
+interval: every 2 steps +2.8%, every 4 +6.1%). 8 members, 100 steps: allgather +4.8%, halving +9.0%. Every `check_every` steps (and before the first
 step of a group) the members compare a sha256 of their parameters with rank 0's; a member that
 differs fetches rank 0's full state (model + optimizer + step), logs it and counts it in `repairs`.
 
