@@ -69,7 +69,11 @@ class Ledger:
         self.block_size = block_size
         self.unit_tokens = unit_tokens - unit_tokens % block_size
         self.seed = seed
-        self.max_tokens = max_tokens
+        if max_tokens < 0 or 0 < max_tokens < block_size:
+            raise ValueError(f"max_tokens must be 0 (no limit) or at least one block ({block_size}), got {max_tokens}")
+        # Whole sequences only: a remainder shorter than a block could never be leased, and the
+        # run would wait for it forever.
+        self.max_tokens = max_tokens - max_tokens % block_size
         self.units: list[Unit] = self._cut(shards)
         if not self.units:
             raise ValueError("the training split has no full block of tokens to train on")

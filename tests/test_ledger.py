@@ -98,6 +98,21 @@ def test_budget_caps_leases_and_finishes():
     assert ledger.finished() and ledger.committed_total == 2500
 
 
+def test_a_budget_that_is_not_whole_sequences_still_finishes():
+    """300,000 tokens at block 64: the last 32 can never be leased; the budget is 299,968 and the
+    run finishes (it used to wait for those 32 forever)."""
+    ledger = Ledger([("a", 1_000_001)], unit_tokens=65536, block_size=64, max_tokens=300_000)
+    leased = []
+    while (r := ledger.lease("w1")) is not None:
+        leased.append(r)
+    assert sum(r.end - r.start for r in leased) == 299_968 and ledger.remaining_budget() == 0
+    for r in leased:
+        ledger.commit("w1", [r])
+    assert ledger.finished()
+    with pytest.raises(ValueError, match="at least one block"):
+        Ledger([("a", 1000)], unit_tokens=100, block_size=64, max_tokens=10)
+
+
 def test_state_round_trip_and_mismatch():
     ledger = Ledger(SHARDS, unit_tokens=64, block_size=16, seed=1)
     r = ledger.lease("w1")
