@@ -485,15 +485,7 @@ class CompressedAllReduce:
         stats.encode_seconds += time.perf_counter() - t0
         blocks = {lo: mine}
         for level in reversed(range(self.levels)):  # all-gather by recursive doubling, bytes forwarded
-            partner = self.rank ^ (1 << level)
-            order = sorted(blocks)
-            payload = b"".join(blocks[b] for b in order)
-            segs = [(b, len(blocks[b])) for b in order]
-            header, got = self._exchange(partner, step, _Round(rnd, level, peer_pb2.ALL_GATHER), payload, segs, stats)
-            pos = 0
-            for seg in header.segments:
-                blocks[seg.block] = got[pos : pos + seg.size_bytes]
-                pos += seg.size_bytes
+            self._forward_held(blocks, self.rank ^ (1 << level), step, _Round(rnd, level, peer_pb2.ALL_GATHER), stats)
             rnd += 1
         t0 = time.perf_counter()
         out = torch.cat([self._codec.decode(blocks[b], (B,)).reshape(-1) for b in range(n)])
@@ -506,15 +498,7 @@ class CompressedAllReduce:
         stats.encode_seconds += time.perf_counter() - t0
         payloads = {self.rank: mine}
         for level in range(self.levels):  # recursive doubling: forward every payload held so far
-            partner = self.rank ^ (1 << level)
-            order = sorted(payloads)
-            payload = b"".join(payloads[r] for r in order)
-            segs = [(r, len(payloads[r])) for r in order]
-            header, got = self._exchange(partner, step, _Round(level, level, peer_pb2.ALL_GATHER), payload, segs, stats)
-            pos = 0
-            for seg in header.segments:
-                payloads[seg.block] = got[pos : pos + seg.size_bytes]
-                pos += seg.size_bytes
+            self._forward_held(payloads, self.rank ^ (1 << level), step, _Round(level, level, peer_pb2.ALL_GATHER), stats)
         missing = sorted(set(range(self.world_size)) - set(payloads))
         if missing:
             raise PeerFailure(self.rank ^ (1 << (self.levels - 1)), f"all-gather ended without the payloads of ranks {missing}")
@@ -524,6 +508,17 @@ class CompressedAllReduce:
             acc.add_(self._codec.decode(payloads[r], flat.shape).reshape(-1).to(torch.float32))
         stats.encode_seconds += time.perf_counter() - t0
         return acc.div_(self.world_size)
+
+    def _forward_held(self, held: dict[int, bytes], partner: int, step: int, rnd: _Round, stats: AllReduceStats) -> None:
+        """One all-gather exchange: send every payload in `held` (block -> bytes, unchanged) to the
+        partner and add the ones it sends back."""
+        order = sorted(held)
+        segs = [(b, len(held[b])) for b in order]
+        header, got = self._exchange(partner, step, rnd, b"".join(held[b] for b in order), segs, stats)
+        pos = 0
+        for seg in header.segments:
+            held[seg.block] = got[pos : pos + seg.size_bytes]
+            pos += seg.size_bytes
 
     def _recursive_doubling(self, flat: torch.Tensor, step: int, stats: AllReduceStats) -> torch.Tensor:
         acc = flat
