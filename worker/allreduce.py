@@ -583,7 +583,10 @@ class CompressedAllReduce:
         return got
 
     def _send(self, partner: int, header, payload: bytes, deadline_at: float) -> None:
-        """Stream header + chunks; retry RESOURCE_EXHAUSTED (partner's inbox full) until the deadline."""
+        """Stream header + chunks; retry until the deadline on RESOURCE_EXHAUSTED (the partner's inbox
+        is full) and NOT_FOUND (the partner has not attached this group yet: members enter a group,
+        and create its fp32 sibling, at slightly different moments; a group the partner has left
+        stays NOT_FOUND and fails at the deadline)."""
 
         def parts() -> Iterator[peer_pb2.PeerPart]:
             yield peer_pb2.PeerPart(header=header)
@@ -598,7 +601,8 @@ class CompressedAllReduce:
                 self._stub(partner).Exchange(parts(), timeout=left, metadata=self._metadata, wait_for_ready=True)
                 return
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and deadline_at - time.monotonic() > 0.1:
+                retry = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND)
+                if exc.code() in retry and deadline_at - time.monotonic() > 0.1:
                     time.sleep(0.05)
                     continue
                 raise PeerFailure(partner, f"send of step {header.step} round {header.round}: {exc.code().name} {exc.details()}") from None
