@@ -52,7 +52,6 @@ import numpy as np
 import torch
 
 from common.config import ModelConfig, RunConfig, run_config_from_dict
-from coordinator.merge import OuterOptimizer, weighted_sum
 from common.data import gather_sequences, sequence_order
 from common.tensors import (
     add_,
@@ -64,6 +63,7 @@ from common.tensors import (
     sub,
     tensor_spec,
 )
+from coordinator.merge import OuterOptimizer, weighted_sum  # the merge arithmetic a relaying worker replays
 from protos import geotrain_pb2 as pb
 from worker.client import CoordinatorClient, FatalError, ModelReply, SessionRenewed
 
