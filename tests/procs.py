@@ -298,19 +298,21 @@ class Cluster:
     def wait_for(self, cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.25,
                  fail_if_dead: list[Proc] | None = None) -> Any:
         """Poll cond() until truthy (returns its value); AssertionError naming `what` otherwise.
-        Exceptions in cond count as not yet. `fail_if_dead`: processes whose exit fails at once."""
+        Exceptions in cond count as not yet. `fail_if_dead`: processes whose exit fails at once,
+        unless cond() already holds (a process may finish right after doing what was awaited:
+        polled after its exit, its log still shows it)."""
         deadline = time.monotonic() + timeout
         last_exc: Exception | None = None
         while time.monotonic() < deadline:
-            for p in fail_if_dead or []:
-                if not p.alive():
-                    raise AssertionError(f"waiting for {what}: {p.name} exited with {p.returncode}")
+            dead = [p for p in fail_if_dead or [] if not p.alive()]
             try:
                 value = cond()
                 if value:
                     return value
             except Exception as exc:  # noqa: BLE001
                 last_exc = exc
+            if dead:
+                raise AssertionError(f"waiting for {what}: {dead[0].name} exited with {dead[0].returncode}")
             time.sleep(interval)
         raise AssertionError(
             f"timed out after {timeout:.0f}s waiting for {what}"
