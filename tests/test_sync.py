@@ -110,8 +110,11 @@ def test_diverged_member_is_repaired_mid_run():
         stop_group(members, servers)
 
 
-def _run(n: int, compression: str, steps: int, chunk: int = 256, **kwargs) -> tuple[float, float]:
-    members, servers = start_group(n, compression=compression, chunk=chunk)
+def _run(n: int, compression: str, steps: int, chunk: int = 256, algorithm: str = "auto",
+         **kwargs) -> tuple[float, float]:
+    """(val loss, mean of the last 10 train losses) of n members training `steps` steps; kwargs go
+    to SyncGroupTrainer, `algorithm` to the all-reduce (the schedule comparisons of worker/sync.py)."""
+    members, servers = start_group(n, compression=compression, chunk=chunk, algorithm=algorithm)
     try:
         trainers = make_trainers(members, init_seeds=[0] * n, check_every=50, lr=3e-3, total_steps=steps, **kwargs)
         losses = train(trainers, steps=steps)

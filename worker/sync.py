@@ -32,9 +32,11 @@ What is averaged depends on the group's compression:
 Measured (tests/test_sync.py setup, 2 members, nano 1x32, lr 3e-3, val loss; fp32 sync = 1.784 at
 100 steps, 0.577 at 300): "gradient" 2.242 / 1.426; "update" W=25 1.847 (+3.6%), W=25 chunk 64
 1.835 (+2.9%), W=15 1.903; at 300 steps W=45 0.641 (+11%). Local v was most of it: with the
-group's exact v (a diagnostic fp32 all-reduce of every gradient) chunk 64 gave 1.805 / 0.569, with
-one ratio per tensor from all coordinates 1.818 / 0.572, and with the VarianceProbe (the default,
-probes every 8 steps) 1.793 (+0.5%) / 0.578 (+0.05%). "momentum" W=15/30: 2.81/1.95.
+group's exact v (a one-off diagnostic, not kept: an fp32 all-reduce of every gradient) chunk 64
+gave 1.805 / 0.569, with one ratio per tensor from all coordinates 1.818 / 0.572, and with the
+VarianceProbe (the default, probes every 8 steps) 1.793 (+0.5%) / 0.578 (+0.05%). Schedules and
+member counts: `_run(N, "sign", S, chunk=64, algorithm=A)` in tests/test_sync.py against
+`_run(N, "none", S)`; probe intervals with variance_probe_every=K. "momentum" W=15/30: 2.81/1.95.
 The all-reduce schedule matters as much: quantizing a sum of directions erases the cancellation
 between members that disagree (a sign has no zero). 2 members ("doubling": each member's own
 direction quantized once, the decoded ones averaged) +0.5% / +0.05%; the same 2 under "halving"
