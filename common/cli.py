@@ -308,4 +308,7 @@ def plot(run_dir, out):
 
 
 def main() -> None:
-    cli()
+    """The `geotrain` command: exits without the interpreter's teardown (common/entry.py)."""
+    from common.entry import run_then_exit
+
+    run_then_exit(cli)

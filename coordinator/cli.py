@@ -130,5 +130,13 @@ def main(config, run_dir, host, port, metrics_port, token_file, token, tls_cert,
         click.echo(f"run finished: validation loss {summary['val_loss']:.4f} after {summary['tokens']} tokens")
 
 
+def entry() -> None:
+    """The `coordinator` command (and `python -m coordinator.cli`): main(), then exit without the
+    interpreter's teardown, which occasionally hung after "run finished" (common/entry.py)."""
+    from common.entry import run_then_exit
+
+    run_then_exit(main)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -15,6 +15,7 @@ import sys
 
 import click
 
+from common.entry import run_then_exit
 from worker.client import FatalError, parse_target
 
 EXIT_USAGE = 2
@@ -133,24 +134,9 @@ def main(port, coordinator, name, device, batch_size, advertise_host, advertise_
 
 
 def entry() -> None:
-    """The `worker` command (and `python -m worker.cli`): main(), then exit once everything is
-    flushed, without the interpreter's teardown: threads of gRPC channels to departed sync-group
-    peers (and torch's pools) may still be alive, and destroying them at teardown occasionally
-    aborted a worker with SIGABRT ("terminate called without an active exception") after a clean
-    run. (Tests call main() in-process and keep the normal exit.)"""
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            code = exc.code or 0
-        else:  # sys.exit("message"): print it, as the interpreter would
-            print(exc.code, file=sys.stderr)
-            code = 1
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """The `worker` command (and `python -m worker.cli`): main(), then exit without the
+    interpreter's teardown (common/entry.py says why)."""
+    run_then_exit(main)
 
 
 if __name__ == "__main__":  # pragma: no cover
