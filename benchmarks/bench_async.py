@@ -122,7 +122,7 @@ def run_train(batch: int, steps: int, runs: Path, force: bool, threads: int) -> 
             "command": f"geotrain train --model nano --max-iters {steps} --batch-size {batch} --out {out.relative_to(ROOT)}"}
 
 
-def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 0) -> None:
+def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 0, downlink: str = "") -> None:
     lines = []
     if unit_tokens:
         lines += ["[plan]", f"unit_tokens = {unit_tokens}"]
@@ -130,13 +130,17 @@ def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 
         lines.append("[outer]")
         for k, v in outer.items():
             lines.append(f"{k} = {json.dumps(v)}")
-    if chunk:
-        lines += ["[compression]", f"chunk = {chunk}"]
+    if chunk or downlink:
+        lines.append("[compression]")
+        if chunk:
+            lines.append(f"chunk = {chunk}")
+        if downlink:
+            lines.append(f"downlink = {json.dumps(downlink)}")
     path.write_text("\n".join(lines) + "\n")
 
 
 def run_demo(n: int, h: int, scheme: str, steps: int, runs: Path, force: bool, outer: dict, chunk: int | None,
-             tag: str, unit_tokens: int = 0) -> dict:
+             tag: str, unit_tokens: int = 0, downlink: str = "") -> dict:
     name = f"demo_n{n}_h{h}_{scheme}_s{steps}" + (f"_{tag}" if tag else "")
     run_dir = runs / name
     cmd = [
@@ -145,10 +149,10 @@ def run_demo(n: int, h: int, scheme: str, steps: int, runs: Path, force: bool, o
     ]
     if DATA_DIR:
         cmd += ["--data", DATA_DIR]
-    if outer or chunk or unit_tokens:
+    if outer or chunk or unit_tokens or downlink:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = runs / f"{name}.toml"
-        write_config(cfg, outer, chunk, unit_tokens)
+        write_config(cfg, outer, chunk, unit_tokens, downlink)
         cmd += ["--config", str(cfg)]
     if force or not (run_dir / "summary.json").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -233,6 +237,7 @@ def main() -> None:
     p.add_argument("--outer-momentum", type=float, default=-1.0)
     p.add_argument("--chunk", type=int, default=0, help="compression.chunk override")
     p.add_argument("--unit-tokens", type=int, default=0, help="plan.unit_tokens override (tokens per lease)")
+    p.add_argument("--downlink", default="", help="compression.downlink override (relay, combine, recode)")
     p.add_argument("--tag", default="", help="suffix for the run names (use with outer/chunk overrides)")
     p.add_argument("--eval-batches", type=int, default=200)
     p.add_argument("--runs-dir", default="runs/bench")
@@ -282,7 +287,7 @@ def main() -> None:
             for scheme in _csv(args.compression):
                 t0 = time.monotonic()
                 info = run_demo(n, h, scheme, args.steps, runs, args.force, outer, args.chunk or None, args.tag,
-                                args.unit_tokens)
+                                args.unit_tokens, args.downlink)
                 s = info["summary"]
                 model = load_coordinator_model(ROOT / info["dir"])
                 params = sum(p.numel() for p in model.parameters())
@@ -296,9 +301,12 @@ def main() -> None:
                     desc += f",chunk={args.chunk}"
                 if args.unit_tokens:
                     desc += f",unit_tokens={args.unit_tokens}"
+                if args.downlink:
+                    desc += f",downlink={args.downlink}"
                 res["runs"][key] = dict(
                     kind="demo", n=n, h=h, scheme=scheme, steps=args.steps, tokens=tokens, params=params,
-                    outer=outer, outer_desc=desc, unit_tokens=args.unit_tokens or None, chunk=args.chunk or None, dir=info["dir"], command=info["command"],
+                    outer=outer, outer_desc=desc, unit_tokens=args.unit_tokens or None, chunk=args.chunk or None,
+                    downlink=args.downlink or None, dir=info["dir"], command=info["command"],
                     coordinator_val_loss=s.get("val_loss"), val=fixed_val_loss(model, args.eval_batches),
                     eval_batches=args.eval_batches, sent_bytes=s["sent_bytes"], received_bytes=s["received_bytes"],
                     bytes_per_worker=per_worker, bytes_per_worker_per_token=per_worker / max(1, tokens / n),

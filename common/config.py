@@ -261,6 +261,10 @@ class CompressionConfig:
     #           keeps a copy of the outer momentum). Lossless: no downlink compression error. Costs
     #           (deltas in the merge - the worker's own) pushes per version: the same as "recode"
     #           for the async policy and for 2 workers, more for larger semi-sync merges.
+    #   combine: the merge's weighted mean delta, compressed with `scheme` and error feedback on the
+    #           coordinator, as one relayed delta; every worker replays the outer step on exactly
+    #           what it decodes (bit-identical, like relay). One payload per version for any merge
+    #           size; what quantization drops joins the next merge.
     #   recode: the outer update itself, compressed with `scheme` and error feedback on the
     #           coordinator: one payload per version, whatever the merge's size; the workers'
     #           basepoints lag the coordinator's exact update by the feedback residual.
@@ -279,7 +283,8 @@ class CompressionConfig:
         return self
 
 
-DOWNLINKS = ("relay", "recode")
+DOWNLINKS = ("relay", "combine", "recode")
+REPLAYED_DOWNLINKS = ("relay", "combine")  # workers keep an outer-momentum replica and replay versions
 SYNC_SCHEDULES = ("auto", "doubling", "halving", "allgather")  # worker/allreduce.py ALGORITHMS
 
 

@@ -43,7 +43,7 @@ import torch
 from common import __version__
 from common.checkpoint import load_latest_checkpoint, save_checkpoint
 from common.compression import ErrorFeedback, decode_tensors, encode_tensors, get_codec
-from common.config import ModelConfig, RunConfig
+from common.config import REPLAYED_DOWNLINKS, ModelConfig, RunConfig
 from common.data import TokenData
 from common.model import GPT
 from common.rpc import PROTOCOL_VERSION
@@ -110,7 +110,8 @@ class WorkerRecord:
 
 @dataclass
 class RelayedDelta:
-    """One pushed delta inside a relayed version (downlink "relay")."""
+    """One delta inside a replayed version: a pushed delta as it was pushed (downlink "relay"), or
+    the merge's combined delta (downlink "combine", weight 1, factor 1)."""
 
     push_id: str
     blob: bytes  # the payload exactly as the worker pushed it
@@ -520,8 +521,8 @@ class CoordinatorState:
 
     @property
     def relaying(self) -> bool:
-        """Downlink "relay" with an outer optimizer that has state worth replaying."""
-        return self.run.compression.downlink == "relay"
+        """Downlinks whose versions the workers replay (outer step included): "relay", "combine"."""
+        return self.run.compression.downlink in REPLAYED_DOWNLINKS
 
     # ------------------------------------------------------------------ pushes
 
@@ -571,7 +572,7 @@ class CoordinatorState:
             self.pending = [c for c in self.pending if c.worker_id != worker_id]  # at most one each
             self.pending.append(
                 Contribution(push_id, worker_id, base_version, tokens, steps, mean_loss, tensors, ranges, len(blob),
-                             factor, blob if self.relaying else b"")
+                             factor, blob if self.run.compression.downlink == "relay" else b"")
             )
             if self.first_pending_at is None:
                 self.first_pending_at = self.clock()
@@ -670,12 +671,18 @@ class CoordinatorState:
             scale = 1.0 / max(1, self._participants())  # one delta moves the model by its share
         weights = merge_weights(valid, self.version, self.run.merge.staleness_power, scale)
         mean_delta = weighted_sum([c.tensors for c in valid], [c.factor for c in valid], weights)
-        update = self.outer.update(mean_delta, tokens=sum(c.tokens for c in valid))
         push_ids = [c.push_id for c in valid]
-        if self.relaying:  # every worker replays this merge exactly: the update goes out lossless
+        tokens_in = sum(c.tokens for c in valid)
+        downlink = self.run.compression.downlink
+        if downlink == "relay":  # every worker replays this merge exactly: the update goes out lossless
+            update = self.outer.update(mean_delta, tokens=tokens_in)
             relayed = [RelayedDelta(c.push_id, c.blob, w, c.factor) for c, w in zip(valid, weights)]
             self._commit_version(b"", update, push_ids, relayed, self.outer.last_fraction)
+        elif downlink == "combine":  # one payload: the merged delta, compressed with error feedback
+            combined, update = self._combined_update(mean_delta, tokens_in)
+            self._commit_version(b"", update, push_ids, [combined], self.outer.last_fraction)
         else:
+            update = self.outer.update(mean_delta, tokens=tokens_in)
             blob, decoded = encode_tensors(
                 update, self.run.compression.scheme, self.run.compression.chunk, feedback=self.down_feedback,
                 zstd_level=self.run.compression.zstd_level,
@@ -911,6 +918,21 @@ class CoordinatorState:
         self.final_summary = summary
         log.info("run finished: version %d, %d tokens, validation loss %.4f", self.version, summary["tokens"], val)
         return summary
+
+    def _combined_update(self, mean_delta: dict[str, torch.Tensor], tokens: int) -> tuple[RelayedDelta, dict[str, torch.Tensor]]:
+        """Downlink "combine": the merge's weighted mean delta, compressed with `scheme` and the
+        coordinator's error feedback (what quantization drops joins the next merge), goes out as a
+        single relayed delta of weight 1; the outer step runs on exactly what the workers decode,
+        through the same weighted_sum and OuterOptimizer.update they replay, so basepoints stay
+        bit-identical while the downlink costs one payload per version for any merge size.
+        Caller holds the lock."""
+        blob, decoded = encode_tensors(
+            mean_delta, self.run.compression.scheme, self.run.compression.chunk, feedback=self.down_feedback,
+            zstd_level=self.run.compression.zstd_level,
+        )
+        replayed = weighted_sum([decoded], [1.0], [1.0])
+        update = self.outer.update(replayed, tokens=tokens)
+        return RelayedDelta(f"merge-{self.run_id}-{self.version + 1}", blob, 1.0, 1.0), update
 
     def _commit_version(
         self, blob: bytes, decoded: dict[str, torch.Tensor], push_ids: list[str],

@@ -110,6 +110,36 @@ def test_a_full_reply_carries_the_outer_momentum(data, tmp_path):  # noqa: F811
     assert params_sha256(weights) == state.params_sha and len(blobs) == 2
 
 
+def test_combine_downlink_sends_one_payload_that_workers_replay_bit_identically(data, tmp_path):  # noqa: F811
+    state = CoordinatorState(relay_run(compression__downlink="combine"), data, tmp_path)
+    initial = clone_tensors(state.global_params)
+    blobs = TwoWorkers(state).rounds(4)
+    reply = state.model_reply(1, False, 0.0, held_push_ids={"p1-0"})  # held pushes change nothing here
+    infos = [_update_info(u) for u in reply.updates]
+    assert [len(info.relayed) for info in infos] == [1, 1, 1, 1]
+    assert all(d.size > 0 and d.weight == 1.0 and d.factor == 1.0 for info in infos for d in info.relayed)
+    assert len({d.push_id for info in infos for d in info.relayed} & set(blobs)) == 0
+    # one sign payload per version, about the size of one pushed delta
+    push_size = max(len(b) for b in blobs.values())
+    assert all(d.size <= push_size + 64 for info in infos for d in info.relayed)
+    assert len(reply.blob) < 4 * (push_size + 64)
+    # the feedback residual holds what the 1-bit downlink dropped (so it is lossy, and kept)
+    residual = state.down_feedback.state_dict()
+    assert residual and any(r.abs().sum() > 0 for r in residual.values())
+
+    replica = replica_for(state)
+    weights = clone_tensors(initial)
+    decode = lambda b: decode_tensors(b, state.spec)  # noqa: E731
+    for info in infos:
+        update = replay_relayed(info, reply.blob, {}, decode, replica)
+        for n, t in weights.items():
+            t.add_(update[n])
+        assert params_sha256(weights) == info.params_sha256, f"version {info.version} differs"
+    for n, m in replica.momentum.items():
+        assert torch.equal(m, state.outer.momentum[n])
+    assert state.model_reply(0, True, 0.0).momentum_bytes > 0  # a FULL reply carries the momentum
+
+
 def test_recode_downlink_sends_one_compressed_update(data, tmp_path):  # noqa: F811
     state = CoordinatorState(relay_run(compression__downlink="recode"), data, tmp_path)
     TwoWorkers(state).rounds(2)

@@ -51,7 +51,7 @@ import grpc
 import numpy as np
 import torch
 
-from common.config import ModelConfig, RunConfig, run_config_from_dict
+from common.config import REPLAYED_DOWNLINKS, ModelConfig, RunConfig, run_config_from_dict
 from common.data import gather_sequences, sequence_order
 from common.tensors import (
     add_,
@@ -118,7 +118,7 @@ def replay_relayed(
     decode: Callable[[bytes], dict[str, torch.Tensor]],
     outer: OuterOptimizer,
 ) -> dict[str, torch.Tensor]:
-    """The update U of a relayed version (downlink "relay"): decode every merged delta (from the
+    """The update U of a relayed version (downlinks "relay", "combine"): decode every merged delta (from the
     stream, or our own copy in `held` when the coordinator omitted it), then replay the
     coordinator's merge: U = outer.update(weighted_sum(deltas, factors, weights), fraction).
     Bit-identical to the coordinator's U when `outer` holds its momentum at version - 1. Advances
@@ -370,10 +370,12 @@ class WorkerRunner:
         self.spec = tensor_spec(self.params)
         self.model_bytes = sum(t.numel() * 4 for t in self.params.values())
         self.max_blob_bytes = 2 * self.model_bytes * (self.run_cfg.merge.max_staleness + 2) + (16 << 20)
-        # Downlink "relay": a replica of the coordinator's outer optimizer, owned by the comm thread
-        # (and by _first_model before it starts); our recent push payloads, which relayed updates omit.
+        # Downlinks "relay" and "combine": a replica of the coordinator's outer optimizer, owned by
+        # the comm thread (and by _first_model before it starts). "relay" only: our recent push
+        # payloads, which relayed updates omit.
         self._outer: OuterOptimizer | None = None
-        if self.run_cfg.compression.downlink == "relay":
+        self._holds_pushes = self.run_cfg.compression.downlink == "relay"
+        if self.run_cfg.compression.downlink in REPLAYED_DOWNLINKS:
             self._outer = OuterOptimizer(self.run_cfg.outer, self.spec)
         self._push_blobs: OrderedDict[str, bytes] = OrderedDict()
         self._push_blobs_lock = threading.Lock()
@@ -453,13 +455,13 @@ class WorkerRunner:
         return decode_tensors(blob, self.spec, max_blob_bytes=self.max_blob_bytes)
 
     def _full_tensors(self, rep: ModelReply) -> dict[str, torch.Tensor]:
-        """A FULL reply's weights. Under downlink "relay" its tail is the outer momentum, loaded
+        """A FULL reply's weights. Under a replayed downlink its tail is the outer momentum, loaded
         into the replica (ValueError when it is missing)."""
         n = rep.header.momentum_bytes
         if self._outer is None or not self._outer.momentum:  # no relay, or an outer step without state
             return self._decode(rep.blob[: len(rep.blob) - n])
         if not 0 < n < len(rep.blob):
-            raise ValueError(f"a full model under downlink 'relay' must carry the outer momentum "
+            raise ValueError(f"a full model under a replayed downlink must carry the outer momentum "
                              f"(momentum_bytes {n} of {len(rep.blob)})")
         full = self._decode(rep.blob[:-n])
         self._outer.load_momentum(self._decode(rep.blob[-n:]))
@@ -470,13 +472,14 @@ class WorkerRunner:
         if not u.relayed:
             return self._decode(blob[u.offset : u.offset + u.size])
         if self._outer is None:
-            raise ValueError(f"update {u.version} is relayed but this run's downlink is not 'relay'")
+            raise ValueError(f"update {u.version} is relayed but this run's downlink "
+                             f"{self.run_cfg.compression.downlink!r} is not replayed")
         with self._push_blobs_lock:
             held = dict(self._push_blobs)
         return replay_relayed(u, blob, held, self._decode, self._outer)
 
     def _held_push_ids(self) -> tuple[str, ...]:
-        if self._outer is None:
+        if not self._holds_pushes:
             return ()
         with self._push_blobs_lock:
             return tuple(self._push_blobs)
@@ -837,10 +840,11 @@ class WorkerRunner:
                      pushed_at_step=self.local_step, session=self._push_session())
         header = pb.DeltaHeader(push_id=push.push_id, base_version=push.base_version, tokens=tokens, steps=steps,
                                 mean_loss=loss_sum / max(1, steps), ranges=ranges)
-        with self._push_blobs_lock:  # a relayed merge of it omits these bytes: we decode our own
-            self._push_blobs[push.push_id] = blob
-            while len(self._push_blobs) > HELD_PUSHES:
-                self._push_blobs.popitem(last=False)
+        if self._holds_pushes:
+            with self._push_blobs_lock:  # a relayed merge of it omits these bytes: we decode our own
+                self._push_blobs[push.push_id] = blob
+                while len(self._push_blobs) > HELD_PUSHES:
+                    self._push_blobs.popitem(last=False)
         with self._stats_lock:
             self._stats.residual_norm = residual
             self._stats.pushes += 1
