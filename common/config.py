@@ -285,7 +285,7 @@ class CompressionConfig:
 
 DOWNLINKS = ("relay", "combine", "recode")
 REPLAYED_DOWNLINKS = ("relay", "combine")  # workers keep an outer-momentum replica and replay versions
-SYNC_SCHEDULES = ("auto", "doubling", "halving", "allgather")  # worker/allreduce.py ALGORITHMS
+SYNC_SCHEDULES = ("auto", "doubling", "halving", "allgather", "scatter")  # worker/allreduce.py ALGORITHMS
 
 
 @dataclass

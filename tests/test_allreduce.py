@@ -67,7 +67,7 @@ def exact_mean(n: int, step: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("n", [2, 4])
-@pytest.mark.parametrize("algorithm", ["halving", "doubling", "allgather"])
+@pytest.mark.parametrize("algorithm", ["halving", "doubling", "allgather", "scatter"])
 def test_fp32_allreduce_is_exact_mean(n, algorithm):
     members, servers = start_group(n, compression="none", algorithm=algorithm, min_deadline_s=10)
     try:
@@ -87,7 +87,7 @@ def test_fp32_allreduce_is_exact_mean(n, algorithm):
 
 
 @pytest.mark.parametrize("n", [2, 4])
-@pytest.mark.parametrize("algorithm", ["halving", "doubling", "allgather"])
+@pytest.mark.parametrize("algorithm", ["halving", "doubling", "allgather", "scatter"])
 def test_sign_allreduce_bit_identical_and_close(n, algorithm):
     members, servers = start_group(n, compression="sign", algorithm=algorithm)
     try:
@@ -134,6 +134,42 @@ def test_allgather_quantizes_each_members_own_buffer_once(n):
         stop_group(members, servers)
 
 
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_scatter_sums_members_own_blocks_exactly_then_quantizes_the_mean_once(n):
+    """scatter: the owner of block b sums every member's own 1-bit encoding of b exactly (rank
+    order), encodes the mean once; everyone decodes those bytes. Bytes sent per member:
+    log2(N)/2 + (N-1)/N encoded buffers (N=4: 1.75, allgather 3)."""
+    from common.compression import get_codec
+
+    members, servers = start_group(n, compression="sign", algorithm="scatter", chunk=64)
+    try:
+        results = run_all(members, lambda r, m: m.allreduce(grads(r, 1), step=1))
+        codec = get_codec("sign", chunk=64)
+        layout = members[0]._layout
+        B = layout.block
+
+        def enc(x):
+            return codec.encode(x.contiguous())[0]
+
+        blocks = []
+        for b in range(n):
+            acc = None
+            for r in range(n):
+                own = codec.decode(enc(layout.flatten(grads(r, 1), n)[b * B : (b + 1) * B]), (B,))
+                acc = own.clone() if acc is None else acc.add_(own)
+            blocks.append(codec.decode(enc(acc.div_(n)), (B,)))
+        want = layout.unflatten(torch.cat(blocks), grads(0, 1))
+        for k in want:
+            assert all(torch.equal(out[k], want[k]) for out in results), k
+        block_payload = len(enc(torch.zeros(B)))
+        levels = n.bit_length() - 1
+        expected = (levels * n // 2 + n - 1) * block_payload
+        sent = members[0].last.bytes_sent
+        assert expected <= sent < expected + 2048 * n, (sent, expected)
+    finally:
+        stop_group(members, servers)
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_error_feedback_tracks_true_sum(n):
     """Summed over steps, 1-bit all-reduced values follow the summed true means: the gap stays
@@ -166,7 +202,8 @@ def test_error_feedback_tracks_true_sum(n):
         stop_group(members, servers)
 
 
-@pytest.mark.parametrize("n,algorithm", [(2, "doubling"), (4, "halving"), (8, "halving"), (4, "doubling"), (4, "allgather")])
+@pytest.mark.parametrize("n,algorithm", [(2, "doubling"), (4, "halving"), (8, "halving"), (4, "doubling"), (4, "allgather"),
+                                                 (4, "scatter"), (8, "scatter")])
 def test_rank0_batch_plan_reaches_every_member(n, algorithm):
     """Rank 0's BatchPlan rides the all-reduce headers: every member holds it after the call, and
     a call without one leaves every member's last_plan None."""
