@@ -65,6 +65,11 @@ class SimConfig:
     #                       push, so receivers regenerate the positions), one mean-|x| scale per
     #                       up_group kept values; the rest stays in the replica's weights (error feedback)
     up_group: int = 512
+    up_shared: bool = False  # uplink signs scaled by a per-row scale every replica knows in advance (the
+    #                          mean of the replicas' own mean-|x| row scales of the previous round), so
+    #                          pushes carry no scales and the exact merge is a count of signs per value;
+    #                          downlink bytes are then those of each replica's zstd-coded count of the
+    #                          others' + signs (lossless), whatever --down-scheme says
     data_order: str = "random"  # random: get_batch windows; units: contiguous rows inside shuffled leases
     unit_tokens: int = 65536
     seed: int = 1337
@@ -92,6 +97,8 @@ class SimConfig:
             s += f"_pred{self.down_predict:g}"
         if self.up_keep < 1.0:
             s += f"_keep{self.up_keep:g}g{self.up_group}"
+        if self.up_shared:
+            s += "_upshared"
         if self.eager != "off":
             s += f"_eager{self.eager}"
         if self.data_order != "random":
@@ -163,6 +170,42 @@ class UnitStream:
         buf = torch.from_numpy(arr[self.pos : self.pos + n * BLOCK + 1].astype("int64"))
         self.pos += n * BLOCK
         return buf[:-1].view(n, BLOCK).to(dev), buf[1:].view(n, BLOCK).to(dev)
+
+
+def _row_view(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if t.dim() == 2 else t.reshape(1, -1)
+
+
+def own_row_scales(delta: dict) -> dict:
+    return {n: _row_view(t).abs().mean(1, keepdim=True) for n, t in delta.items()}
+
+
+def shared_sign(delta: dict, scales: dict) -> tuple[int, dict, dict]:
+    """(wire bytes, decoded, signs as +-1 int8) of --up-shared: sign bits only, times `scales`."""
+    nbytes, dec, signs = 0, {}, {}
+    for n, t in delta.items():
+        sg = torch.where(_row_view(t) >= 0, 1.0, -1.0)
+        dec[n] = (sg * scales[n]).view_as(t)
+        signs[n] = sg.to(torch.int8).reshape(-1)
+        nbytes += -(-t.numel() // 8)
+    return nbytes, dec, signs
+
+
+def count_code_bytes(signs: list, me: int) -> int:
+    """zstd bytes of the count of + signs among the others (values 0..N-1), 4 per byte when N <= 4."""
+    import numpy as np
+    import zstandard
+
+    others = [s for i, s in enumerate(signs) if i != me]
+    total = 0
+    for n in others[0]:
+        count = sum(((o[n] > 0).to(torch.uint8)) for o in others).numpy().astype(np.uint8)
+        if len(signs) <= 4:
+            pad = (-count.size) % 4
+            c = np.concatenate([count, np.zeros(pad, np.uint8)]).reshape(-1, 4)
+            count = (c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)).astype(np.uint8)
+        total += len(zstandard.ZstdCompressor(level=3).compress(count.tobytes()))
+    return total
 
 
 def sparse_sign(delta: dict, keep: float, group: int, seed: int) -> tuple[int, dict]:
@@ -253,14 +296,21 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
         H = cfg.round_steps
 
         prev_down: dict = {}  # the last decoded downlink update (--down-predict)
+        shared_scales: dict = {}  # --up-shared: this round's row scales, known to every replica
 
         def push_and_merge(step: int) -> tuple:
             nonlocal up_bytes, down_bytes, rounds
             scheme = cfg.warmup_scheme if rounds < cfg.warmup_rounds else cfg.compression
-            contribs, decs = [], []
+            contribs, decs, all_signs, row_scales = [], [], [], []
             for i in range(n_rep):
                 delta = {n: (params[i][n].detach().float().cpu() - base[n]).contiguous() for n in glob}
-                if cfg.up_keep < 1.0 and rounds >= cfg.warmup_rounds:
+                if cfg.up_shared and rounds >= cfg.warmup_rounds:
+                    row_scales.append(own_row_scales(delta))
+                    use = shared_scales or row_scales[-1]
+                    nbytes, dec, sg = shared_sign(delta, use)
+                    up_bytes += nbytes + (0 if shared_scales else 4 * sum(v.numel() for v in use.values()))
+                    all_signs.append(sg)
+                elif cfg.up_keep < 1.0 and rounds >= cfg.warmup_rounds:
                     nbytes, dec = sparse_sign(delta, cfg.up_keep, cfg.up_group, seed=rounds * 1000 + i)
                     up_bytes += nbytes
                 else:
@@ -269,6 +319,16 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
                 decs.append({n: t.clone() for n, t in dec.items()})
                 contribs.append(Contribution(f"p{rounds}-{i}", f"w{i}", rounds, BATCH * BLOCK * H, H, 0.0, decs[-1]))
             down = cfg.down_scheme or scheme
+            if all_signs:  # the next round's shared scales; the exact merge as a count code
+                shared_scales.clear()
+                shared_scales.update({n: sum(r[n] for r in row_scales) / len(row_scales) for n in row_scales[0]})
+                down_bytes += count_code_bytes(all_signs, 0) * n_rep
+                D = combine(contribs, rounds, 0.5)
+                U_dec = {n: t.clone() for n, t in outer.update(D).items()}
+                for n in glob:
+                    glob[n].add_(U_dec[n])
+                rounds += 1
+                return U_dec, decs, step + cfg.delay
             if cfg.down_mode == "delta":  # code D, then the outer step on the decoded D is exact everywhere
                 fb = feedback.get(down)
                 if fb is None:
@@ -443,6 +503,7 @@ def main() -> None:
     p.add_argument("--down-mode", default="update", choices=["update", "delta"])
     p.add_argument("--up-keep", type=float, default=1.0, help="uplink: signs of this random share only")
     p.add_argument("--up-group", type=int, default=512, help="uplink with --up-keep: kept values per scale")
+    p.add_argument("--up-shared", action="store_true", help="uplink signs with shared row scales; count-code downlink")
     p.add_argument("--data-order", default="random", choices=["random", "units", "units-shuffled"])
     p.add_argument("--unit-tokens", type=int, default=65536)
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
@@ -461,7 +522,7 @@ def main() -> None:
         cfgs = [SimConfig(args.mode, args.workers, args.round_steps, args.steps, args.compression, args.chunk,
                           args.sign_scale, args.outer_kind, args.outer_lr, args.outer_momentum, args.warmup_rounds,
                           args.warmup_scheme, args.delay, down_scheme=args.down_scheme, down_predict=args.down_predict, down_mode=args.down_mode, eager=args.eager,
-                          up_keep=args.up_keep, up_group=args.up_group,
+                          up_keep=args.up_keep, up_group=args.up_group, up_shared=args.up_shared,
                           data_order=args.data_order, unit_tokens=args.unit_tokens,
                           eval_batches=args.eval_batches)]
     existing = {}

@@ -14,6 +14,7 @@ import click
 
 from common import __version__
 from common.data import DEFAULT_SHARD_TOKENS
+from common.config import DELTA_SCHEMES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -205,7 +206,7 @@ def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens, work
               help="Inner steps per worker: sets the token budget (workers x steps x batch x block).")
 @click.option("--tokens", default=0, type=click.IntRange(0), help="Token budget (overrides --steps).")
 @click.option("--minutes", default=0.0, type=click.FloatRange(0), help="Stop after this many minutes (0 = no cap).")
-@click.option("--compression", type=click.Choice(["none", "bf16", "int8", "int4", "sign"]))
+@click.option("--compression", type=click.Choice(DELTA_SCHEMES))
 @click.option("--round-steps", type=click.IntRange(1), help="Inner steps per local round.")
 @click.option("--run-dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=1337, show_default=True, type=int)

@@ -47,7 +47,7 @@ All integers little-endian.::
     offset  size  field
     0       4     magic b"GTD1"
     4       1     version (u8) = 1
-    5       1     scheme id (u8): index in SCHEMES = ("none", "bf16", "int8", "int4", "sign")
+    5       1     scheme id (u8): index in SCHEMES = ("none", "bf16", "int8", "int4", "sign", "ternary")
     6       2     flags (u16) = 0 (reserved; decoders reject nonzero)
     8       4     chunk (u32): values per chunk, 1 <= chunk <= MAX_CHUNK
     12      4     count (u32): number of tensors
@@ -81,7 +81,7 @@ import zstandard
 if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
     raise ImportError("common.compression assumes a little-endian host (payloads are raw LE arrays)")
 
-SCHEMES = ("none", "bf16", "int8", "int4", "sign")
+SCHEMES = ("none", "bf16", "int8", "int4", "sign", "ternary")
 SIGN_SCALES = ("mean_abs", "rms")
 
 MAGIC = b"GTD1"
@@ -522,12 +522,80 @@ class SignCodec(Codec):
         return out
 
 
+# Ternary digits of the 243 valid bytes, least significant first: byte = t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4,
+# digit 0 -> 0.0, 1 -> +1.0, 2 -> -1.0 (the value's multiplier of its chunk's scale).
+_TRIT_VALUES = np.array([0.0, 1.0, -1.0], dtype=np.float32)[
+    (np.arange(243)[:, None] // 3 ** np.arange(5)[None, :]) % 3
+]
+_TRIT_WEIGHTS = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
+
+
+class TernaryCodec(Codec):
+    """Values in {-s, 0, +s}: one fp32 scale per chunk of the flattened tensor plus 5 ternary digits
+    per byte (1.6 bits per value). Within a chunk of y, values with |y| <= THRESHOLD x mean|y| become
+    0 and the rest +-s, s = mean |y| over them (the least-squares scale for that support). Unlike
+    sign it has a zero, so a mean of members' directions that cancel stays near 0 instead of
+    becoming +-s (worker/allreduce.py, schedule "scatter")."""
+
+    name = "ternary"
+    THRESHOLD = 0.5
+
+    def _payload_size(self, shape):
+        n = _numel(shape)
+        return 4 * -(-n // self.chunk) + -(-n // 5) if n else 0
+
+    def _encode_into(self, x, out):
+        n = x.numel()
+        if n == 0:
+            return []
+        groups, c = -(-n // self.chunk), self.chunk
+        y = torch.zeros(groups * c, dtype=torch.float32)
+        y[:n] = x.reshape(-1)
+        y = y.view(groups, c)
+        mag = y.abs()
+        if not _all_finite(mag):
+            raise ValueError("tensor holds NaN or Inf")
+        keep = mag > (mag.sum(1, keepdim=True) / c) * self.THRESHOLD
+        kept = keep.sum(1, keepdim=True).clamp_(min=1).to(torch.float32)
+        s = (mag * keep).sum(1, keepdim=True) / kept  # (groups, 1)
+        _check_scales(s, 1.0)
+        digits = torch.where(keep, torch.where(y < 0, 2, 1), 0).to(torch.uint8).reshape(-1)[:n]
+        dec = torch.where(keep, torch.where(y < 0, -s, s), torch.zeros((), dtype=torch.float32))
+        out.view(-1).copy_(dec.reshape(-1)[:n])
+        padded = np.zeros(-(-n // 5) * 5, dtype=np.uint8)
+        padded[:n] = digits.numpy()
+        packed = (padded.reshape(-1, 5) * _TRIT_WEIGHTS).sum(1, dtype=np.uint8)
+        return [memoryview(s.reshape(-1).numpy()).cast("B"), memoryview(packed).cast("B")]
+
+    def _decode(self, buf, shape, out):
+        n = _numel(shape)
+        if out is None:
+            out = _empty_f32(n).view(shape)
+        if n == 0:
+            return out
+        groups = -(-n // self.chunk)
+        s = _scales_from(buf, groups)
+        _check_scales(s, 1.0)
+        packed = buf[4 * groups :]
+        if int(packed.max()) > 242:
+            raise ValueError("ternary payload holds a byte above 242 (not 5 ternary digits)")
+        trits = _TRIT_VALUES[packed].reshape(-1)
+        if np.any(trits[n:]):
+            raise ValueError("ternary payload has nonzero padding digits")
+        flat = torch.zeros(groups * self.chunk, dtype=torch.float32)
+        flat[:n] = torch.from_numpy(trits[:n])
+        flat.view(groups, self.chunk).mul_(s[:, None])
+        out.view(-1).copy_(flat[:n])
+        return out
+
+
 _CODECS: dict[str, type[Codec]] = {
     "none": NoneCodec,
     "bf16": BF16Codec,
     "int8": Int8Codec,
     "int4": Int4Codec,
     "sign": SignCodec,
+    "ternary": TernaryCodec,
 }
 assert tuple(_CODECS) == SCHEMES
 

@@ -252,7 +252,7 @@ class MergeConfig:
 class CompressionConfig:
     """Codec for deltas in both directions (see common/compression.py)."""
 
-    scheme: str = "none"  # none | bf16 | int8 | int4 | sign
+    scheme: str = "none"  # none | bf16 | int8 | int4 | sign | ternary (common/compression.py)
     chunk: int = 256  # values per scale for chunked schemes
     zstd_level: int = 3
     # How a merged version reaches the workers:
@@ -276,6 +276,12 @@ class CompressionConfig:
     sync_schedule: str = "auto"
 
     def validate(self) -> "CompressionConfig":
+        if self.scheme not in DELTA_SCHEMES:
+            raise ValueError(f"compression.scheme must be one of {DELTA_SCHEMES}, got {self.scheme!r}")
+        if not 1 <= self.chunk <= 1 << 20:
+            raise ValueError(f"compression.chunk must be in [1, {1 << 20}], got {self.chunk!r}")
+        if not 1 <= self.zstd_level <= 22:
+            raise ValueError(f"compression.zstd_level must be in [1, 22], got {self.zstd_level!r}")
         if self.downlink not in DOWNLINKS:
             raise ValueError(f"compression.downlink must be one of {DOWNLINKS}, got {self.downlink!r}")
         if self.sync_schedule not in SYNC_SCHEDULES:
@@ -283,6 +289,7 @@ class CompressionConfig:
         return self
 
 
+DELTA_SCHEMES = ("none", "bf16", "int8", "int4", "sign", "ternary")  # == common.compression.SCHEMES
 DOWNLINKS = ("relay", "combine", "recode")
 REPLAYED_DOWNLINKS = ("relay", "combine")  # workers keep an outer-momentum replica and replay versions
 SYNC_SCHEDULES = ("auto", "doubling", "halving", "allgather", "scatter")  # worker/allreduce.py ALGORITHMS

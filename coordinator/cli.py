@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from common.config import apply_overrides, load_run_config
+from common.config import DELTA_SCHEMES, apply_overrides, load_run_config
 from common.rpc import read_token
 
 log = logging.getLogger("coordinator")
@@ -72,7 +72,7 @@ def install_signal_handlers(stop: threading.Event, what: str) -> None:
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--metrics-port", default=9090, show_default=True, type=click.IntRange(0, 65535), help="0 = off.")
-@click.option("--compression", type=click.Choice(["none", "bf16", "int8", "int4", "sign"]))
+@click.option("--compression", type=click.Choice(DELTA_SCHEMES))
 @click.option("--round-steps", type=click.IntRange(1), help="Inner steps per local round.")
 @click.option("--round-seconds", type=click.FloatRange(0, min_open=True), help="Seconds per local round.")
 @click.option("--merge-policy", type=click.Choice(["async", "semi-sync"]))

@@ -137,14 +137,14 @@ def test_allgather_quantizes_each_members_own_buffer_once(n):
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_scatter_sums_members_own_blocks_exactly_then_quantizes_the_mean_once(n):
     """scatter: the owner of block b sums every member's own 1-bit encoding of b exactly (rank
-    order), encodes the mean once; everyone decodes those bytes. Bytes sent per member:
-    log2(N)/2 + (N-1)/N encoded buffers (N=4: 1.75, allgather 3)."""
+    order), encodes the mean once, ternary; everyone decodes those bytes. Bytes sent per member:
+    log2(N)/2 1-bit buffers + (N-1)/N ternary ones."""
     from common.compression import get_codec
 
     members, servers = start_group(n, compression="sign", algorithm="scatter", chunk=64)
     try:
         results = run_all(members, lambda r, m: m.allreduce(grads(r, 1), step=1))
-        codec = get_codec("sign", chunk=64)
+        codec, ternary = get_codec("sign", chunk=64), get_codec("ternary", chunk=64)
         layout = members[0]._layout
         B = layout.block
 
@@ -157,13 +157,14 @@ def test_scatter_sums_members_own_blocks_exactly_then_quantizes_the_mean_once(n)
             for r in range(n):
                 own = codec.decode(enc(layout.flatten(grads(r, 1), n)[b * B : (b + 1) * B]), (B,))
                 acc = own.clone() if acc is None else acc.add_(own)
-            blocks.append(codec.decode(enc(acc.div_(n)), (B,)))
+            blocks.append(ternary.decode(ternary.encode(acc.div_(n))[0], (B,)))
         want = layout.unflatten(torch.cat(blocks), grads(0, 1))
         for k in want:
             assert all(torch.equal(out[k], want[k]) for out in results), k
-        block_payload = len(enc(torch.zeros(B)))
+        assert any(bool((b == 0).any()) for b in blocks)  # means that cancel stay 0
+        block_payload, mean_payload = len(enc(torch.zeros(B))), len(ternary.encode(torch.zeros(B))[0])
         levels = n.bit_length() - 1
-        expected = (levels * n // 2 + n - 1) * block_payload
+        expected = levels * n // 2 * block_payload + (n - 1) * mean_payload
         sent = members[0].last.bytes_sent
         assert expected <= sent < expected + 2048 * n, (sent, expected)
     finally:

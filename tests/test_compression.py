@@ -19,6 +19,7 @@ from common.compression import (
     MAX_CHUNK,
     SCHEMES,
     ErrorFeedback,
+    TernaryCodec,
     blob_info,
     decode_tensors,
     encode_tensors,
@@ -67,6 +68,15 @@ def test_round_trip_error_bound_and_bit_identity(scheme, shape):
         for xg, eg in zip(groups(x, scheme, chunk), groups(err, scheme, chunk)):
             s = float(xg.abs().max()) / qmax
             assert float(eg.max()) <= s / 2 * (1 + 1e-5) + 1e-30
+    elif scheme == "ternary":  # 0 where |x| <= half the chunk's mean |x|, else +-(mean |x| of the rest)
+        for xg, dg in zip(groups(x, scheme, chunk), groups(dec, scheme, chunk)):
+            mean_abs = float(xg.double().abs().sum()) / chunk  # a short last chunk counts its padding as 0
+            keep = xg.abs() > mean_abs * TernaryCodec.THRESHOLD
+            assert torch.equal(dg == 0, ~keep)
+            if keep.any():
+                assert bool((dg[keep].abs() == dg[keep].abs()[0]).all())
+                assert math.isclose(float(dg[keep].abs()[0]), float(xg[keep].double().abs().mean()), rel_tol=1e-5)
+                assert torch.equal(torch.signbit(dg[keep]), torch.signbit(xg[keep]))
     else:  # sign: decoded == mean|x| of the group with x's sign, exactly
         for xg, dg in zip(groups(x, scheme, chunk), groups(dec, scheme, chunk)):
             scale = dg.abs()
@@ -96,6 +106,21 @@ def test_payload_sizes_documented():
     assert get_codec("sign", 100).payload_size((n,)) == 4 * 11 + 126
     assert get_codec("sign", 100).payload_size((7, 143)) == 4 * 7 + 126  # one scale per row
     assert get_codec("sign", 100).payload_size((7, 11, 13)) == 4 * 11 + 126
+    assert get_codec("ternary", 100).payload_size((n,)) == 4 * 11 + 201  # 5 digits per byte
+    assert get_codec("ternary", 100).payload_size((7, 143)) == 4 * 11 + 201  # flat chunks
+
+
+def test_ternary_refuses_bytes_that_are_not_five_digits_and_nonzero_padding():
+    codec = get_codec("ternary", chunk=4)
+    payload, dec = codec.encode(torch.tensor([1.0, -1.0, 0.0, 2.0, 0.1, -3.0]))
+    assert dec.tolist()[2] == 0.0 and codec.decode(payload, (6,)).tolist() == dec.tolist()
+    bad = bytearray(payload)
+    bad[-1] = 243
+    with pytest.raises(ValueError, match="above 242"):
+        codec.decode(bytes(bad), (6,))
+    bad[-1] = 2 * 81  # the 5th digit of the last byte is padding (6 values = 2 bytes, 4 used of the 2nd)
+    with pytest.raises(ValueError, match="padding"):
+        codec.decode(bytes(bad), (6,))
 
 
 def test_sign_rms_scale_and_int4_nibbles():

@@ -184,6 +184,19 @@ def test_weighted_sum_applies_factor_then_weight_in_order():
         weighted_sum([a, b], [1.0], [0.5, 0.5])
 
 
+def test_bad_scheme_chunk_or_zstd_level_is_refused_and_schemes_match_the_codecs():
+    from common.compression import SCHEMES
+    from common.config import DELTA_SCHEMES
+
+    assert DELTA_SCHEMES == SCHEMES
+    with pytest.raises(ValueError, match="compression.scheme .*'int3'"):
+        CompressionConfig(scheme="int3").validate()
+    with pytest.raises(ValueError, match="compression.chunk"):
+        CompressionConfig(chunk=0).validate()
+    with pytest.raises(ValueError, match="compression.zstd_level"):
+        CompressionConfig(zstd_level=99).validate()
+
+
 def test_unknown_downlink_or_sync_schedule_is_refused():
     with pytest.raises(ValueError, match="compression.downlink"):
         CompressionConfig(downlink="broadcast").validate()

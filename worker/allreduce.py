@@ -351,6 +351,12 @@ class CompressedAllReduce:
         self._tls_ca = tls_ca
         self._codec = _codec(compression, chunk)
         self._feedback = _feedback(self._codec) if compression != "none" else None
+        # "scatter" under "sign": the owners' block means go out ternary (a mean of directions that
+        # cancel keeps its zero), with the owner's own error feedback.
+        self._mean_codec, self._mean_feedback = self._codec, self._feedback
+        if compression == "sign" and algorithm == "scatter":
+            self._mean_codec = _codec("ternary", chunk)
+            self._mean_feedback = _feedback(self._mean_codec)
         self._layout: _Layout | None = None
         self._inbox = _Inbox(max_messages=8 * (2 * self.levels + 2), max_bytes=max_buffered_bytes)
         self._channels: dict[int, grpc.Channel] = {}
@@ -415,12 +421,19 @@ class CompressedAllReduce:
 
     def residual_norm(self) -> float:
         """L2 norm of all error-feedback residuals (0 without compression)."""
-        return self._feedback.residual_norm() if self._feedback is not None else 0.0
+        if self._feedback is None:
+            return 0.0
+        own = self._feedback.residual_norm()
+        if self._mean_feedback is self._feedback:
+            return own
+        return (own**2 + self._mean_feedback.residual_norm() ** 2) ** 0.5
 
     def reset_feedback(self) -> None:
         """Drop the residuals (after a state repair or re-form the basepoint jumped)."""
         if self._feedback is not None:
             self._feedback.reset()
+        if self._mean_feedback is not None:
+            self._mean_feedback.reset()
 
     # ------------------------------------------------------------------ the collective
 
@@ -552,14 +565,18 @@ class CompressedAllReduce:
         acc = self._codec.decode(held[lo], (B,)).reshape(-1).to(torch.float32)
         for m in range(1, n):  # rank order: the owner's exact sum of the N quantized contributions
             acc.add_(self._codec.decode(held[m * n + lo], (B,)).reshape(-1).to(torch.float32))
-        mine, _ = self._encode("ag", acc.div_(n))  # owner encodes the mean of its block once
+        mean = acc.div_(n)
+        if self._mean_feedback is not None:  # owner encodes the mean of its block once
+            mine, _ = self._mean_feedback.compress("mean", mean)
+        else:
+            mine, _ = self._mean_codec.encode(mean)
         stats.encode_seconds += time.perf_counter() - t0
         blocks = {lo: mine}
         for level in reversed(range(self.levels)):  # all-gather by recursive doubling, bytes forwarded
             self._forward_held(blocks, self.rank ^ (1 << level), step, _Round(rnd, level, peer_pb2.ALL_GATHER), stats)
             rnd += 1
         t0 = time.perf_counter()
-        out = torch.cat([self._codec.decode(blocks[b], (B,)).reshape(-1) for b in range(n)])
+        out = torch.cat([self._mean_codec.decode(blocks[b], (B,)).reshape(-1) for b in range(n)])
         stats.encode_seconds += time.perf_counter() - t0
         return out
 
