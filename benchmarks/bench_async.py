@@ -134,8 +134,11 @@ def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 
         lines.append("[compression]")
         if chunk:
             lines.append(f"chunk = {chunk}")
-        if downlink:
-            lines.append(f"downlink = {json.dumps(downlink)}")
+        if downlink:  # "combine" or "combine:ternary" (downlink:downlink_scheme)
+            mode, _, down_scheme = downlink.partition(":")
+            lines.append(f"downlink = {json.dumps(mode)}")
+            if down_scheme:
+                lines.append(f"downlink_scheme = {json.dumps(down_scheme)}")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -237,7 +240,7 @@ def main() -> None:
     p.add_argument("--outer-momentum", type=float, default=-1.0)
     p.add_argument("--chunk", type=int, default=0, help="compression.chunk override")
     p.add_argument("--unit-tokens", type=int, default=0, help="plan.unit_tokens override (tokens per lease)")
-    p.add_argument("--downlink", default="", help="compression.downlink override (relay, combine, recode)")
+    p.add_argument("--downlink", default="", help="compression.downlink override (relay, combine, recode), optionally :downlink_scheme (combine:ternary)")
     p.add_argument("--tag", default="", help="suffix for the run names (use with outer/chunk overrides)")
     p.add_argument("--eval-batches", type=int, default=200)
     p.add_argument("--runs-dir", default="runs/bench")

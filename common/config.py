@@ -269,11 +269,18 @@ class CompressionConfig:
     #           coordinator: one payload per version, whatever the merge's size; the workers'
     #           basepoints lag the coordinator's exact update by the feedback residual.
     downlink: str = "relay"
+    # Scheme of the coordinator's payload under "combine" and "recode" ("" = `scheme`).
+    downlink_scheme: str = ""
     # Sync groups' all-reduce schedule (worker/allreduce.py), the same for every member of the run:
     # auto (doubling for 2, allgather for 4, halving from 8) | doubling | halving | allgather.
     # halving moves half of allgather's bytes at 4 members but quantizes partial sums, which costs
     # training quality (README, sync quality).
     sync_schedule: str = "auto"
+
+    @property
+    def down_scheme(self) -> str:
+        """The scheme of the coordinator's downlink payload (combine, recode)."""
+        return self.downlink_scheme or self.scheme
 
     def validate(self) -> "CompressionConfig":
         if self.scheme not in DELTA_SCHEMES:
@@ -282,6 +289,8 @@ class CompressionConfig:
             raise ValueError(f"compression.chunk must be in [1, {1 << 20}], got {self.chunk!r}")
         if not 1 <= self.zstd_level <= 22:
             raise ValueError(f"compression.zstd_level must be in [1, 22], got {self.zstd_level!r}")
+        if self.downlink_scheme not in ("", *DELTA_SCHEMES):
+            raise ValueError(f"compression.downlink_scheme must be '' or one of {DELTA_SCHEMES}, got {self.downlink_scheme!r}")
         if self.downlink not in DOWNLINKS:
             raise ValueError(f"compression.downlink must be one of {DOWNLINKS}, got {self.downlink!r}")
         if self.sync_schedule not in SYNC_SCHEDULES:

@@ -200,7 +200,7 @@ class CoordinatorState:
         self.outer = OuterOptimizer(run.outer, self.spec)
         self.gate = NormGate(run.merge)
         self.groups = GroupFormation(clock=self.clock)  # sync groups (coordinator/groups.py)
-        self.down_feedback = ErrorFeedback(get_codec(run.compression.scheme, run.compression.chunk))
+        self.down_feedback = ErrorFeedback(get_codec(run.compression.down_scheme, run.compression.chunk))
         train_shards = [(s.name, s.tokens) for s in data.manifest.shards if s.split == "train"]
         self.ledger = Ledger(
             train_shards,
@@ -684,7 +684,7 @@ class CoordinatorState:
         else:
             update = self.outer.update(mean_delta, tokens=tokens_in)
             blob, decoded = encode_tensors(
-                update, self.run.compression.scheme, self.run.compression.chunk, feedback=self.down_feedback,
+                update, self.run.compression.down_scheme, self.run.compression.chunk, feedback=self.down_feedback,
                 zstd_level=self.run.compression.zstd_level,
             )
             self._commit_version(blob, decoded, push_ids)
@@ -927,7 +927,7 @@ class CoordinatorState:
         bit-identical while the downlink costs one payload per version for any merge size.
         Caller holds the lock."""
         blob, decoded = encode_tensors(
-            mean_delta, self.run.compression.scheme, self.run.compression.chunk, feedback=self.down_feedback,
+            mean_delta, self.run.compression.down_scheme, self.run.compression.chunk, feedback=self.down_feedback,
             zstd_level=self.run.compression.zstd_level,
         )
         replayed = weighted_sum([decoded], [1.0], [1.0])

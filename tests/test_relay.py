@@ -195,6 +195,10 @@ def test_bad_scheme_chunk_or_zstd_level_is_refused_and_schemes_match_the_codecs(
         CompressionConfig(chunk=0).validate()
     with pytest.raises(ValueError, match="compression.zstd_level"):
         CompressionConfig(zstd_level=99).validate()
+    with pytest.raises(ValueError, match="compression.downlink_scheme"):
+        CompressionConfig(downlink_scheme="int2").validate()
+    assert CompressionConfig(scheme="sign").down_scheme == "sign"
+    assert CompressionConfig(scheme="sign", downlink_scheme="ternary").down_scheme == "ternary"
 
 
 def test_unknown_downlink_or_sync_schedule_is_refused():
