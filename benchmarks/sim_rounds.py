@@ -65,7 +65,7 @@ class SimConfig:
     #                       push, so receivers regenerate the positions), one mean-|x| scale per
     #                       up_group kept values; the rest stays in the replica's weights (error feedback)
     up_group: int = 512
-    up_shared: bool = False  # uplink signs scaled by a per-row scale every replica knows in advance (the
+    up_shared: str = ""  # "", "row" or "tensor": the shared scale's granularity  # uplink signs scaled by a per-row scale every replica knows in advance (the
     #                          mean of the replicas' own mean-|x| row scales of the previous round), so
     #                          pushes carry no scales and the exact merge is a count of signs per value;
     #                          downlink bytes are then those of each replica's zstd-coded count of the
@@ -98,7 +98,7 @@ class SimConfig:
         if self.up_keep < 1.0:
             s += f"_keep{self.up_keep:g}g{self.up_group}"
         if self.up_shared:
-            s += "_upshared"
+            s += f"_upshared{self.up_shared}"
         if self.eager != "off":
             s += f"_eager{self.eager}"
         if self.data_order != "random":
@@ -172,19 +172,22 @@ class UnitStream:
         return buf[:-1].view(n, BLOCK).to(dev), buf[1:].view(n, BLOCK).to(dev)
 
 
-def _row_view(t: torch.Tensor) -> torch.Tensor:
+def _row_view(t: torch.Tensor, by: str) -> torch.Tensor:
+    """The groups sharing one scale: rows of a 2-D tensor (by "row"), else the whole tensor."""
+    if by == "tensor":
+        return t.reshape(1, -1)
     return t.reshape(t.shape[0], -1) if t.dim() == 2 else t.reshape(1, -1)
 
 
-def own_row_scales(delta: dict) -> dict:
-    return {n: _row_view(t).abs().mean(1, keepdim=True) for n, t in delta.items()}
+def own_row_scales(delta: dict, by: str) -> dict:
+    return {n: _row_view(t, by).abs().mean(1, keepdim=True) for n, t in delta.items()}
 
 
-def shared_sign(delta: dict, scales: dict) -> tuple[int, dict, dict]:
+def shared_sign(delta: dict, scales: dict, by: str) -> tuple[int, dict, dict]:
     """(wire bytes, decoded, signs as +-1 int8) of --up-shared: sign bits only, times `scales`."""
     nbytes, dec, signs = 0, {}, {}
     for n, t in delta.items():
-        sg = torch.where(_row_view(t) >= 0, 1.0, -1.0)
+        sg = torch.where(_row_view(t, by) >= 0, 1.0, -1.0)
         dec[n] = (sg * scales[n]).view_as(t)
         signs[n] = sg.to(torch.int8).reshape(-1)
         nbytes += -(-t.numel() // 8)
@@ -199,7 +202,8 @@ def count_code_bytes(signs: list, me: int) -> int:
     others = [s for i, s in enumerate(signs) if i != me]
     total = 0
     for n in others[0]:
-        count = sum(((o[n] > 0).to(torch.uint8)) for o in others).numpy().astype(np.uint8)
+        # how many of the others agree with this worker's own sign (it knows its own)
+        count = sum(((o[n] == signs[me][n]).to(torch.uint8)) for o in others).numpy().astype(np.uint8)
         if len(signs) <= 4:
             pad = (-count.size) % 4
             c = np.concatenate([count, np.zeros(pad, np.uint8)]).reshape(-1, 4)
@@ -305,9 +309,9 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
             for i in range(n_rep):
                 delta = {n: (params[i][n].detach().float().cpu() - base[n]).contiguous() for n in glob}
                 if cfg.up_shared and rounds >= cfg.warmup_rounds:
-                    row_scales.append(own_row_scales(delta))
+                    row_scales.append(own_row_scales(delta, cfg.up_shared))
                     use = shared_scales or row_scales[-1]
-                    nbytes, dec, sg = shared_sign(delta, use)
+                    nbytes, dec, sg = shared_sign(delta, use, cfg.up_shared)
                     up_bytes += nbytes + (0 if shared_scales else 4 * sum(v.numel() for v in use.values()))
                     all_signs.append(sg)
                 elif cfg.up_keep < 1.0 and rounds >= cfg.warmup_rounds:
@@ -503,7 +507,8 @@ def main() -> None:
     p.add_argument("--down-mode", default="update", choices=["update", "delta"])
     p.add_argument("--up-keep", type=float, default=1.0, help="uplink: signs of this random share only")
     p.add_argument("--up-group", type=int, default=512, help="uplink with --up-keep: kept values per scale")
-    p.add_argument("--up-shared", action="store_true", help="uplink signs with shared row scales; count-code downlink")
+    p.add_argument("--up-shared", default="", choices=["", "row", "tensor"],
+                   help="uplink signs with shared scales per row or tensor; count-code downlink")
     p.add_argument("--data-order", default="random", choices=["random", "units", "units-shuffled"])
     p.add_argument("--unit-tokens", type=int, default=65536)
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)

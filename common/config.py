@@ -272,9 +272,9 @@ class CompressionConfig:
     # Scheme of the coordinator's payload under "combine" and "recode" ("" = `scheme`).
     downlink_scheme: str = ""
     # Sync groups' all-reduce schedule (worker/allreduce.py), the same for every member of the run:
-    # auto (doubling for 2, allgather for 4, halving from 8) | doubling | halving | allgather.
-    # halving moves half of allgather's bytes at 4 members but quantizes partial sums, which costs
-    # training quality (README, sync quality).
+    # auto (doubling for 2, allgather for 4, scatter from 8) | doubling | halving | allgather |
+    # scatter. halving and scatter move fewer bytes than allgather but re-quantize means, which
+    # costs training quality (worker/allreduce.py docstring, README).
     sync_schedule: str = "auto"
 
     @property

@@ -17,16 +17,17 @@ Schedules (partner at level l = rank XOR 2^l):
   only quantization is of each member's own contribution. Bytes: (N - 1) x encoded.
 - "scatter": the reduce-scatter of "halving", but forwarding every member's own encoded blocks
   unchanged instead of re-encoding partial sums, so the owner of a block sums all N members' 1-bit
-  contributions exactly; the owner then encodes the block's mean once (error feedback on the owner,
-  as a 1-bit Adam server does) and the all-gather forwards it. Two quantizations per value, never
-  of a partial sum. Bytes: (log2(N)/2 + (N-1)/N) x encoded: 1.75x at N = 4 (allgather 3x,
-  halving 1.5x), 2.375x at N = 8 (allgather 7x).
-"auto" picks the schedule that quantizes each member's contribution once while that costs at most
-2x halving's bytes: doubling at N = 2 (same bytes as halving, one quantization instead of two),
-allgather at N = 4 (3x the encoded buffer vs halving's 1.5x), halving from N = 8 (allgather: 7x vs
-1.75x). Quantizing partial sums costs quality: the sign of a sum of members' values has no zero
-where they disagree (worker/sync.py docstring: 4 members, 100 steps: +5.2% under halving, +1.2%
-under allgather; 8 members +9.0% vs +4.8%).
+  contributions exactly; the owner then encodes the block's mean once, ternary (a zero where the
+  members cancel; error feedback on the owner, as a 1-bit Adam server does), and the all-gather
+  forwards it. Bytes: log2(N)/2 1-bit buffers + (N-1)/N ternary ones (1.6 bits per value):
+  2.2 bits per value at N = 4 (allgather 3, halving 1.5), 3.0 at N = 8 (allgather 7, halving 1.75).
+"auto" picks: doubling at N = 2 (halving's bytes, one quantization instead of two), allgather at
+N = 4 (each member's contribution quantized once), scatter from N = 8 (allgather's bytes grow as
+N - 1). Quality against fp32 sync (worker/sync.py docstring; tiny model, 100 / 300 steps):
+4 members: allgather +1.2% / +3.8%, scatter +2.4-3.9% / +12%, halving +5.2% / +25-31%;
+8 members: allgather +4.8% / +2.5%, scatter +4.3% / +16%, halving +9.0% / +66%. Re-quantizing a
+mean costs quality because the sign of a sum of members' values has no zero where they disagree;
+ternary keeps the zero but still loses the magnitudes.
 
 Compression ("sign"): 1 bit per value plus one fp32 scale per `chunk` values (common/compression.py);
 every tensor starts on a chunk boundary of the flattened buffer, so a scale never spans two tensors.
@@ -342,8 +343,8 @@ class CompressedAllReduce:
         self.rank, self.world_size, self.peers = rank, world_size, list(peers)
         self.group_id, self.epoch = group_id, epoch
         self.compression, self.chunk = compression, chunk
-        if algorithm == "auto":  # quantize each member's contribution once while that costs <= 2x halving's bytes
-            algorithm = "doubling" if world_size <= 2 else "allgather" if world_size <= 4 else "halving"
+        if algorithm == "auto":  # see the module docstring
+            algorithm = "doubling" if world_size <= 2 else "allgather" if world_size <= 4 else "scatter"
         self.algorithm = algorithm
         self.levels = world_size.bit_length() - 1
         self._fixed_deadline, self.min_deadline_s = deadline_s, min_deadline_s

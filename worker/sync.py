@@ -43,14 +43,17 @@ direction quantized once, the decoded ones averaged) +0.5% / +0.05%; the same 2 
 (two quantizations) +14.7% at 300 steps. 4 members (fp32 1.655 / 0.468): "halving" (three
 quantizations, partial sums included) +5.2% / +25-31%; "allgather" (own direction once, the
 default for 4) 1.675 (+1.2%) / 0.486 (+3.8%; 300-step runs of 4 vary by a few % with the probe
-interval: every 2 steps +2.8%, every 4 +6.1%). 8 members, 100 steps: allgather +4.8%, halving +9.0%. Every `check_every` steps (and before the first
+interval: every 2 steps +2.8%, every 4 +6.1%); "scatter" (own directions summed exactly by the
+block's owner, the mean re-quantized ternary) 1.678-1.721 (+1.4% to +3.9% with the ternary
+threshold) / 0.515-0.544 (+10-16%). 8 members (fp32 1.594 / 0.397): allgather +4.8% / +2.5%,
+scatter (the default from 8) +4.3% / +16%, halving +9.0% / +66%. Every `check_every` steps (and before the first
 step of a group) the members compare a sha256 of their parameters with rank 0's; a member that
 differs fetches rank 0's full state (model + optimizer + step), logs it and counts it in `repairs`.
 
 Failure policy (what the worker driving this does with `PeerFailure`):
   `step()` raises the PeerFailure of the all-reduce (or of a checksum / state fetch) unchanged, with
   `survivors` (ranks that answered a Status probe and look healthy). No optimizer step is applied on
-  a failed all-reduce, but with halving/doubling some members may have completed theirs before the
+  a failed all-reduce, but with halving/doubling/scatter some members may have completed theirs before the
   failure: parameters may now differ by one step. The worker then
     1. closes the failed group's CompressedAllReduce (its server keeps running),
     2. reports the survivors to the coordinator, which re-forms the group from the largest power of
