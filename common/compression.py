@@ -47,7 +47,8 @@ All integers little-endian.::
     offset  size  field
     0       4     magic b"GTD1"
     4       1     version (u8) = 1
-    5       1     scheme id (u8): index in SCHEMES = ("none", "bf16", "int8", "int4", "sign", "ternary")
+    5       1     scheme id (u8): index in SCHEMES = ("none", "bf16", "int8", "int4", "sign", "ternary",
+                  "tsign")
     6       2     flags (u16) = 0 (reserved; decoders reject nonzero)
     8       4     chunk (u32): values per chunk, 1 <= chunk <= MAX_CHUNK
     12      4     count (u32): number of tensors
@@ -81,7 +82,7 @@ import zstandard
 if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
     raise ImportError("common.compression assumes a little-endian host (payloads are raw LE arrays)")
 
-SCHEMES = ("none", "bf16", "int8", "int4", "sign", "ternary")
+SCHEMES = ("none", "bf16", "int8", "int4", "sign", "ternary", "tsign")
 SIGN_SCALES = ("mean_abs", "rms")
 
 MAGIC = b"GTD1"
@@ -589,6 +590,53 @@ class TernaryCodec(Codec):
         return out
 
 
+class TensorSignCodec(Codec):
+    """1 bit per value plus ONE fp32 scale for the whole tensor: mean |x|, or a scale the caller
+    imposes (encode_tensors(..., scales=)). Workers of a downlink "count" run encode with the scales
+    the coordinator published, so the merge of their deltas is a count of signs per value
+    (coordinator/merge.py::counted_mean)."""
+
+    name = "tsign"
+
+    def _payload_size(self, shape):
+        n = _numel(shape)
+        return 4 + (n + 7) // 8 if n else 0
+
+    def _encode_into(self, x, out, scale: float | None = None):
+        n = x.numel()
+        if n == 0:
+            return []
+        flat = x.reshape(-1)
+        if scale is None:
+            s = torch.sum(torch.abs(flat)) / n
+        else:
+            s = torch.tensor(scale, dtype=torch.float32)
+        s = s.reshape(1).to(torch.float32)
+        if not _all_finite(flat):
+            raise ValueError("tensor holds NaN or Inf")
+        _check_scales(s, 1.0)
+        torch.copysign(s.expand(n), flat, out=out.view(-1))
+        bits = np.packbits(torch.signbit(flat).numpy())
+        return [memoryview(s.numpy()).cast("B"), memoryview(bits).cast("B")]
+
+    def _decode(self, buf, shape, out):
+        n = _numel(shape)
+        if out is None:
+            out = _empty_f32(n).view(shape)
+        if n == 0:
+            return out
+        s = _scales_from(buf, 1)
+        _check_scales(s, 1.0)
+        packed = buf[4:]
+        if n % 8 and int(packed[-1]) & (0xFF >> (n % 8)):
+            raise ValueError("tsign payload has nonzero padding bits")
+        negative = torch.from_numpy(np.unpackbits(packed)[:n].astype(np.bool_))
+        flat = out.view(-1)
+        flat.copy_(s.expand(n))
+        flat.copy_(torch.where(negative, -flat, flat))
+        return out
+
+
 _CODECS: dict[str, type[Codec]] = {
     "none": NoneCodec,
     "bf16": BF16Codec,
@@ -596,6 +644,7 @@ _CODECS: dict[str, type[Codec]] = {
     "int4": Int4Codec,
     "sign": SignCodec,
     "ternary": TernaryCodec,
+    "tsign": TensorSignCodec,
 }
 assert tuple(_CODECS) == SCHEMES
 
@@ -712,9 +761,12 @@ def encode_tensors(
     zstd_level: int = DEFAULT_ZSTD_LEVEL,
     *,
     sign_scale: str = "mean_abs",
+    scales: Mapping[str, float] | None = None,
 ) -> tuple[bytes, dict[str, torch.Tensor]]:
     """Encode a named set of float32 tensors into one blob (layout in the module docstring).
 
+    scales ("tsign" only, without feedback): name -> the scale to encode that tensor with instead
+    of its mean |x|; every name needs one.
     Returns (blob, decoded): decoded[name] is bit-identical to what decode_tensors(blob) yields.
     With feedback, error feedback is applied per name (feedback.codec must match scheme/chunk).
     The decoded tensors are views into one shared fresh buffer (one allocation, not per tensor).
@@ -728,6 +780,15 @@ def encode_tensors(
             raise ValueError(f"feedback codec {feedback.codec!r} does not match {codec!r}")
     if isinstance(zstd_level, bool) or not isinstance(zstd_level, int) or not 1 <= zstd_level <= 22:
         raise ValueError(f"zstd_level must be an int in [1, 22], got {zstd_level!r}")
+    if scales is not None:
+        if scheme != "tsign" or feedback is not None:
+            raise ValueError(f"scales are for scheme 'tsign' without feedback (got scheme {scheme!r})")
+        missing = [n for n in tensors if n not in scales]
+        if missing:
+            raise ValueError(f"scales has no entry for {missing[:3]}")
+        bad = [n for n in tensors if not (math.isfinite(scales[n]) and scales[n] >= 0)]
+        if bad:
+            raise ValueError(f"scales must be finite and >= 0: {bad[0]!r} has {scales[bad[0]]!r}")
     if not isinstance(tensors, Mapping):
         raise ValueError(f"tensors must be a mapping of name -> tensor, got {type(tensors).__name__}")
     if len(tensors) >= 2**32:
@@ -750,6 +811,8 @@ def encode_tensors(
         try:
             if feedback is not None:
                 parts = feedback._compress_into(name, t, out)
+            elif scales is not None:
+                parts = codec._encode_into(t, out, scale=float(scales[name]))
             else:
                 parts = codec._encode_into(t, out)
         except ValueError as e:

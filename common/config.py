@@ -298,7 +298,7 @@ class CompressionConfig:
         return self
 
 
-DELTA_SCHEMES = ("none", "bf16", "int8", "int4", "sign", "ternary")  # == common.compression.SCHEMES
+DELTA_SCHEMES = ("none", "bf16", "int8", "int4", "sign", "ternary", "tsign")  # == common.compression.SCHEMES
 DOWNLINKS = ("relay", "combine", "recode")
 REPLAYED_DOWNLINKS = ("relay", "combine")  # workers keep an outer-momentum replica and replay versions
 SYNC_SCHEDULES = ("auto", "doubling", "halving", "allgather", "scatter")  # worker/allreduce.py ALGORITHMS

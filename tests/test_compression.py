@@ -39,7 +39,10 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def groups(x: torch.Tensor, scheme: str, chunk: int) -> list[torch.Tensor]:
-    """The value groups sharing one scale: rows for 2-D sign, else flat chunks (last one shorter)."""
+    """The value groups sharing one scale: rows for 2-D sign, the tensor for tsign, else flat
+    chunks (last one shorter)."""
+    if scheme == "tsign":
+        return [x.reshape(-1)] if x.numel() else []
     if scheme == "sign" and x.ndim == 2:
         return [row for row in x if row.numel()]
     return [g for g in x.reshape(-1).split(chunk) if g.numel()]
@@ -108,6 +111,23 @@ def test_payload_sizes_documented():
     assert get_codec("sign", 100).payload_size((7, 11, 13)) == 4 * 11 + 126
     assert get_codec("ternary", 100).payload_size((n,)) == 4 * 11 + 201  # 5 digits per byte
     assert get_codec("ternary", 100).payload_size((7, 143)) == 4 * 11 + 201  # flat chunks
+    assert get_codec("tsign", 100).payload_size((7, 143)) == 4 + 126  # one scale per tensor
+
+
+def test_tsign_encodes_with_imposed_scales_and_refuses_bad_ones():
+    x = {"a": torch.tensor([[0.5, -2.0], [0.0, 3.0]]), "b": torch.tensor([-1.0, 1.0, -0.0])}
+    blob, dec = encode_tensors(x, "tsign", scales={"a": 0.25, "b": 2.0})
+    assert dec["a"].tolist() == [[0.25, -0.25], [0.25, 0.25]] and dec["b"].tolist() == [-2.0, 2.0, -2.0]
+    back = decode_tensors(blob, {"a": (2, 2), "b": (3,)})
+    assert all(same_bits(back[n], dec[n]) for n in x)
+    _, own = encode_tensors(x, "tsign")
+    assert float(own["a"].abs()[0, 0]) == 1.375  # mean |x| without imposed scales
+    with pytest.raises(ValueError, match="no entry"):
+        encode_tensors(x, "tsign", scales={"a": 1.0})
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        encode_tensors(x, "tsign", scales={"a": 1.0, "b": float("nan")})
+    with pytest.raises(ValueError, match="'tsign' without feedback"):
+        encode_tensors(x, "sign", scales={"a": 1.0, "b": 1.0})
 
 
 def test_ternary_refuses_bytes_that_are_not_five_digits_and_nonzero_padding():
