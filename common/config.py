@@ -265,6 +265,13 @@ class CompressionConfig:
     #           coordinator, as one relayed delta; every worker replays the outer step on exactly
     #           what it decodes (bit-identical, like relay). One payload per version for any merge
     #           size; what quantization drops joins the next merge.
+    #   count:  for scheme "tsign": the coordinator publishes per-tensor scales with every version
+    #           and the workers encode their next deltas with them, so a merge of N such deltas
+    #           with equal weights is k x scale x weight, k the sum of their signs per value; each
+    #           worker then receives, per value, how many of the others share its own delta's sign
+    #           (common/counts.py: 2 bits before zstd for 4 workers, where relay sends 3) and
+    #           replays the merge bit-identically. Merges that are not counts (unequal tokens, a
+    #           clipped or stale delta, the first round) are relayed. Lossless like relay.
     #   recode: the outer update itself, compressed with `scheme` and error feedback on the
     #           coordinator: one payload per version, whatever the merge's size; the workers'
     #           basepoints lag the coordinator's exact update by the feedback residual.
@@ -293,14 +300,16 @@ class CompressionConfig:
             raise ValueError(f"compression.downlink_scheme must be '' or one of {DELTA_SCHEMES}, got {self.downlink_scheme!r}")
         if self.downlink not in DOWNLINKS:
             raise ValueError(f"compression.downlink must be one of {DOWNLINKS}, got {self.downlink!r}")
+        if self.downlink == "count" and self.scheme != "tsign":
+            raise ValueError(f"compression.downlink 'count' needs compression.scheme 'tsign', got {self.scheme!r}")
         if self.sync_schedule not in SYNC_SCHEDULES:
             raise ValueError(f"compression.sync_schedule must be one of {SYNC_SCHEDULES}, got {self.sync_schedule!r}")
         return self
 
 
 DELTA_SCHEMES = ("none", "bf16", "int8", "int4", "sign", "ternary", "tsign")  # == common.compression.SCHEMES
-DOWNLINKS = ("relay", "combine", "recode")
-REPLAYED_DOWNLINKS = ("relay", "combine")  # workers keep an outer-momentum replica and replay versions
+DOWNLINKS = ("relay", "combine", "recode", "count")
+REPLAYED_DOWNLINKS = ("relay", "combine", "count")  # workers keep an outer-momentum replica and replay versions
 SYNC_SCHEDULES = ("auto", "doubling", "halving", "allgather", "scatter")  # worker/allreduce.py ALGORITHMS
 
 

@@ -11,6 +11,8 @@ the negative of the weighted mean delta, so a positive outer learning rate moves
   update on any device (downlink "relay", worker/runner.py): fp32 throughout, one IEEE operation
   per kernel (no fused multiply-add such as `add_(x, alpha=w)`, whose rounding differs between
   CPUs and GPUs), a fixed order of the deltas.
+- `counted_mean`: the merge of N 1-bit deltas that share per-tensor scales and a weight (downlink
+  "count"): k x (scale x weight) with k the sum of their signs, which a worker rebuilds from counts.
 - `OuterOptimizer`: "average" (update = lr * mean delta) or "nesterov" (SGD with Nesterov momentum
   on the outer gradient, DiLoCo style: m = mu*m + D; update = lr * (D + mu*m)); a merge that
   carries only a fraction f of a typical merge's tokens gets m = mu**f * m + D and
@@ -47,7 +49,8 @@ class Contribution:
     ranges: list = field(default_factory=list)  # ledger TrainedRange list
     wire_bytes: int = 0
     factor: float = 1.0  # the outlier gate's clip factor (NormGate), applied in weighted_sum
-    blob: bytes = b""  # the pushed payload (kept for downlink "relay")
+    blob: bytes = b""  # the pushed payload (kept for downlinks "relay" and "count")
+    own_scales: list[float] = field(default_factory=list)  # downlink "count": per tensor, as reported
 
 
 def staleness_weight(staleness: int, power: float) -> float:
@@ -89,6 +92,50 @@ def weighted_sum(
             if factor != 1.0:
                 x = x * _f32(factor, x)
             acc.add_(x * _f32(weight, x))
+    return out
+
+
+def counted_mean(
+    k: Mapping[str, torch.Tensor], scales: Mapping[str, float], weight: float
+) -> dict[str, torch.Tensor]:
+    """The mean delta of a count merge (downlink "count"): k * (fp32(scale) * fp32(weight)) per
+    tensor, k the integer sum of the N deltas' signs. One rounding for the scalar product and one
+    per value, the same on every device; the coordinator and every worker call it."""
+    out = {}
+    for n, kn in k.items():
+        kf = kn.to(torch.float32)
+        out[n] = kf * (_f32(scales[n], kf) * _f32(weight, kf))
+    return out
+
+
+def negative_signs(tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    """Concatenated sign bits (True = negative, -0.0 included) of `tensors` in `names` order."""
+    return torch.cat([torch.signbit(tensors[n].detach().reshape(-1).cpu()) for n in names])
+
+
+def sign_sum_from_agree(
+    own_negative: torch.Tensor, agree: torch.Tensor, n_deltas: int, shapes: Mapping[str, Sequence[int]]
+) -> dict[str, torch.Tensor]:
+    """k per tensor from a reference delta's signs and, per value, how many of the other
+    n_deltas - 1 share its sign: k = s_own * (2 * agree - n_deltas + 2)."""
+    own = 1 - 2 * own_negative.to(torch.int16)
+    return _split(own * (2 * agree.to(torch.int16) - (n_deltas - 2)), shapes)
+
+
+def sign_sum_from_plus(plus: torch.Tensor, n_deltas: int, shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+    """k per tensor from, per value, how many of the n_deltas signs are positive: k = 2 * plus - n."""
+    return _split(2 * plus.to(torch.int16) - n_deltas, shapes)
+
+
+def _split(flat: torch.Tensor, shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+    out, pos = {}, 0
+    for n, shape in shapes.items():
+        size = 1
+        for d in shape:
+            size *= int(d)
+        out[n] = flat[pos : pos + size].reshape(tuple(shape))
+        pos += size
+    assert pos == flat.numel(), (pos, flat.numel())
     return out
 
 

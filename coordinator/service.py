@@ -151,6 +151,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             updates=[_update_info(u) for u in reply.updates],
             merged_push_ids=reply.merged_push_ids,
             momentum_bytes=reply.momentum_bytes,
+            next_scales=reply.next_scales,
         )
         return self._stream_model(header, reply.blob)
 
@@ -204,7 +205,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if not math.isfinite(h.mean_loss):
             raise InvalidArgument("mean_loss is not finite")
         outcome = self.state.push(
-            h.worker_id, h.session_id, h.push_id, h.base_version, h.tokens, h.steps, h.mean_loss, ranges, blob
+            h.worker_id, h.session_id, h.push_id, h.base_version, h.tokens, h.steps, h.mean_loss, ranges, blob,
+            own_scales=list(h.own_scales),
         )
         return pb.PushReply(
             result=pb.PushReply.Result.ACCEPTED if outcome.accepted else pb.PushReply.Result.STALE,
@@ -245,11 +247,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 def _update_info(u) -> pb.UpdateInfo:
     """coordinator/state.py UpdateSlice -> UpdateInfo (relayed deltas with their placement)."""
     r = u.record
-    return pb.UpdateInfo(
+    info = pb.UpdateInfo(
         version=r.version, offset=u.offset, size=u.size, merged_push_ids=r.merged_push_ids,
-        params_sha256=r.params_sha256, outer_fraction=r.outer_fraction,
+        params_sha256=r.params_sha256, outer_fraction=r.outer_fraction, next_scales=r.next_scales,
         relayed=[
             pb.RelayedDelta(push_id=d.push_id, offset=offset, size=size, weight=d.weight, factor=d.factor)
             for d, (offset, size) in zip(r.relayed, u.parts)
         ],
     )
+    if r.counted is not None:
+        c = r.counted
+        info.counted.CopyFrom(pb.CountedMerge(
+            push_ids=c.push_ids, reference_push_id=u.reference, deltas=len(c.push_ids), weight=c.weight,
+            scales=c.scales, offset=u.offset, size=u.size,
+        ))
+    return info

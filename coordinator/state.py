@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -36,8 +37,9 @@ import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Container
+from typing import Any, Callable, Container, Sequence
 
+import numpy as np
 import torch
 
 from common import __version__
@@ -50,7 +52,16 @@ from common.rpc import PROTOCOL_VERSION
 from common.tensors import clone_tensors, global_norm, model_tensors, params_sha256, tensor_spec
 from coordinator.groups import Assignment, GroupFormation
 from coordinator.ledger import Ledger, LedgerError, TrainedRange
-from coordinator.merge import Contribution, NormGate, OuterOptimizer, merge_weights, weighted_sum
+from common.counts import encode_counts
+from coordinator.merge import (
+    Contribution,
+    NormGate,
+    OuterOptimizer,
+    counted_mean,
+    merge_weights,
+    negative_signs,
+    weighted_sum,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +131,17 @@ class RelayedDelta:
 
 
 @dataclass
+class CountedRecord:
+    """A count merge (downlink "count"): N "tsign" deltas with the same scales and weight."""
+
+    push_ids: list[str]
+    blobs: list[bytes]  # as pushed, in merge order (the count payloads are computed from them)
+    weight: float
+    scales: list[float]  # per tensor, the model's tensor order
+    payloads: dict[str, bytes] = field(default_factory=dict)  # reference push id ("" = plus counts) -> payload
+
+
+@dataclass
 class UpdateRecord:
     """One version: global(version) = global(version - 1) + U, where U is decode(blob) (a plain
     update) or, when `relayed` is set, the replay of the merge: OuterOptimizer.update(
@@ -131,9 +153,14 @@ class UpdateRecord:
     params_sha256: str
     relayed: list[RelayedDelta] = field(default_factory=list)
     outer_fraction: float = 1.0
+    counted: CountedRecord | None = None
+    next_scales: list[float] = field(default_factory=list)  # downlink "count": published with this version
 
     def wire_size(self, held: Container[str] = ()) -> int:
-        """Bytes on the wire for a worker that holds the pushes in `held` (omitted when relayed)."""
+        """Bytes on the wire for a worker that holds the pushes in `held` (omitted when relayed;
+        for a count merge, an upper bound: the blobs' sign bits, about what the counts pack to)."""
+        if self.counted is not None:
+            return max(len(b) for b in self.counted.blobs)
         if not self.relayed:
             return len(self.blob)
         return sum(len(r.blob) for r in self.relayed if r.push_id not in held)
@@ -148,6 +175,7 @@ class UpdateSlice:
     offset: int
     size: int
     parts: list[tuple[int, int]] = field(default_factory=list)
+    reference: str = ""  # for a count merge: the requester's push the counts refer to ("" = plus counts)
 
 
 @dataclass
@@ -167,6 +195,7 @@ class ModelReply:
     updates: list[UpdateSlice]
     merged_push_ids: list[str] = field(default_factory=list)  # for FULL: the caller's pushes since have_version
     momentum_bytes: int = 0  # for FULL under downlink "relay": the blob's tail is the outer momentum
+    next_scales: list[float] = field(default_factory=list)  # for FULL under downlink "count"
 
 
 # --------------------------------------------------------------------------- state
@@ -218,6 +247,9 @@ class CoordinatorState:
         self.initial_sha = self.params_sha
         self.history: deque[UpdateRecord] = deque()  # trimmed in _merge: see _history_limit
         self.full_blob_cache: tuple[int, bytes, int] | None = None  # (version, blob, momentum bytes)
+        # Downlink "count": the per-tensor scales (model tensor order, fp32 values) that deltas based
+        # on the current version are encoded with; [] = none published (deltas use their own).
+        self.shared_scales: list[float] = []
         self.workers: dict[str, WorkerRecord] = {}
         self.pending: list[Contribution] = []
         self.first_pending_at: float | None = None
@@ -502,12 +534,17 @@ class CoordinatorState:
             record = self.workers.get(worker_id)
             own = [p for v, p in record.merged_pushes if v > have_version] if record else []
             _, blob, momentum_bytes = self.full_blob_cache
-            return ModelReply("FULL", self.version, blob, self.params_sha, [], own, momentum_bytes)
+            return ModelReply("FULL", self.version, blob, self.params_sha, [], own, momentum_bytes, list(self.shared_scales))
 
     def _updates_reply(self, records: list[UpdateRecord], held_push_ids: Container[str]) -> ModelReply:
         slices, blob = [], bytearray()
         for u in records:
             start, parts = len(blob), []
+            if u.counted is not None:
+                reference = next((p for p in u.counted.push_ids if p in held_push_ids), "")
+                blob += self._count_payload(u.counted, reference)
+                slices.append(UpdateSlice(u, start, len(blob) - start, [], reference))
+                continue
             if not u.relayed:
                 blob += u.blob
             for r in u.relayed:
@@ -537,8 +574,14 @@ class CoordinatorState:
         mean_loss: float,
         ranges: list[TrainedRange],
         blob: bytes,
+        own_scales: Sequence[float] = (),
     ) -> PushOutcome:
-        """Validate a delta and queue it (semi-sync) or merge it (async)."""
+        """Validate a delta and queue it (semi-sync) or merge it (async). own_scales (downlink
+        "count"): the delta's own mean |value| per tensor, in the model's tensor order, or empty."""
+        own_scales = list(own_scales)
+        if own_scales and (len(own_scales) != len(self.spec)
+                           or not all(math.isfinite(x) and x >= 0 for x in own_scales)):
+            raise InvalidArgument(f"own_scales must hold {len(self.spec)} finite values >= 0, got {len(own_scales)}")
         with self.lock:
             self._session(worker_id, session_id)
             rank = self.groups.rank_of(worker_id)
@@ -572,7 +615,7 @@ class CoordinatorState:
             self.pending = [c for c in self.pending if c.worker_id != worker_id]  # at most one each
             self.pending.append(
                 Contribution(push_id, worker_id, base_version, tokens, steps, mean_loss, tensors, ranges, len(blob),
-                             factor, blob if self.run.compression.downlink == "relay" else b"")
+                             factor, blob if self.run.compression.downlink in ("relay", "count") else b"", own_scales)
             )
             if self.first_pending_at is None:
                 self.first_pending_at = self.clock()
@@ -681,6 +724,20 @@ class CoordinatorState:
         elif downlink == "combine":  # one payload: the merged delta, compressed with error feedback
             combined, update = self._combined_update(mean_delta, tokens_in)
             self._commit_version(b"", update, push_ids, [combined], self.outer.last_fraction)
+        elif downlink == "count":  # a count merge when the deltas allow it, else relayed
+            counted = self._counted_record(valid, weights)
+            if counted is not None:
+                k = {n: sum(1 - 2 * torch.signbit(c.tensors[n]).to(torch.int16) for c in valid) for n in self.spec}
+                mean = counted_mean(k, dict(zip(self.spec, counted.scales)), counted.weight)
+                update = self.outer.update(mean, tokens=tokens_in)
+                relayed = []
+            else:
+                update = self.outer.update(mean_delta, tokens=tokens_in)
+                relayed = [RelayedDelta(c.push_id, c.blob, w, c.factor) for c, w in zip(valid, weights)]
+            if valid and all(c.own_scales for c in valid):  # the next round's scales: the mean of the merged deltas' own
+                self.shared_scales = [float(np.float32(sum(c.own_scales[i] for c in valid) / len(valid)))
+                                      for i in range(len(self.spec))]
+            self._commit_version(b"", update, push_ids, relayed, self.outer.last_fraction, counted)
         else:
             update = self.outer.update(mean_delta, tokens=tokens_in)
             blob, decoded = encode_tensors(
@@ -821,6 +878,7 @@ class CoordinatorState:
                 "val_loss": self.val_loss,
                 "params_sha256": self.params_sha,
                 "contributors": sorted(self.contributors),
+                "shared_scales": list(self.shared_scales),
                 "state": self.state,
                 "software_version": __version__,
             }
@@ -880,6 +938,10 @@ class CoordinatorState:
         self.train_loss = float(state["train_loss"])
         self.val_loss = float(state["val_loss"])
         self.contributors = set(state.get("contributors", []))
+        scales = state.get("shared_scales", [])  # downlink "count"; anything odd: none published
+        ok = isinstance(scales, list) and len(scales) == len(self.spec)
+        self.shared_scales = [float(x) for x in scales] if ok and all(
+            isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in scales) else []
         self.params_sha = params_sha256(self.global_params)
         if self.params_sha != state["params_sha256"]:
             raise ValueError(f"checkpoint {path}: restored weights do not match their recorded checksum")
@@ -919,6 +981,38 @@ class CoordinatorState:
         log.info("run finished: version %d, %d tokens, validation loss %.4f", self.version, summary["tokens"], val)
         return summary
 
+    def _counted_record(self, valid: list[Contribution], weights: list[float]) -> CountedRecord | None:
+        """A CountedRecord when this merge is a count of signs: at least 2 deltas, all based on the
+        current version and decoding to +-(the published scale) per tensor, with equal weights
+        and no clipping. None: relay it. Caller holds the lock."""
+        if len(valid) < 2 or not self.shared_scales or len(set(weights)) != 1:
+            return None
+        if any(c.base_version != self.version or c.factor != 1.0 for c in valid):
+            return None
+        for c in valid:
+            for name, s in zip(self.spec, self.shared_scales):
+                t = c.tensors[name]
+                if t.numel() and not bool(torch.all(t.abs() == s)):
+                    return None
+        return CountedRecord([c.push_id for c in valid], [c.blob for c in valid], weights[0], list(self.shared_scales))
+
+    def _count_payload(self, counted: CountedRecord, reference: str) -> bytes:
+        """The count payload of a count merge for a requester holding `reference` ("" = plus
+        counts); computed once per (version, reference). Caller holds the lock."""
+        payload = counted.payloads.get(reference)
+        if payload is None:
+            names = list(self.spec)
+            negative = [negative_signs(decode_tensors(b, self.spec), names) for b in counted.blobs]
+            if reference:
+                i = counted.push_ids.index(reference)
+                agree = sum((negative[j] == negative[i]).to(torch.uint8) for j in range(len(negative)) if j != i)
+                payload = encode_counts(agree.numpy(), len(negative) - 1, self.run.compression.zstd_level)
+            else:
+                plus = sum((~n).to(torch.uint8) for n in negative)
+                payload = encode_counts(plus.numpy(), len(negative), self.run.compression.zstd_level)
+            counted.payloads[reference] = payload
+        return payload
+
     def _combined_update(self, mean_delta: dict[str, torch.Tensor], tokens: int) -> tuple[RelayedDelta, dict[str, torch.Tensor]]:
         """Downlink "combine": the merge's weighted mean delta, compressed with `scheme` and the
         coordinator's error feedback (what quantization drops joins the next merge), goes out as a
@@ -937,6 +1031,7 @@ class CoordinatorState:
     def _commit_version(
         self, blob: bytes, decoded: dict[str, torch.Tensor], push_ids: list[str],
         relayed: list[RelayedDelta] | None = None, outer_fraction: float = 1.0,
+        counted: CountedRecord | None = None,
     ) -> None:
         """Apply a decoded update to the global model as the next version, kept in the history
         (as `blob`, or as the relayed deltas, what workers download) for catch-up. Caller holds
@@ -946,7 +1041,8 @@ class CoordinatorState:
         self.version += 1
         self._write_version_mark()
         self.params_sha = params_sha256(self.global_params)
-        self.history.append(UpdateRecord(self.version, blob, push_ids, self.params_sha, relayed or [], outer_fraction))
+        self.history.append(UpdateRecord(self.version, blob, push_ids, self.params_sha, relayed or [], outer_fraction,
+                                         counted, list(self.shared_scales)))
         while len(self.history) > self._history_limit():
             self.history.popleft()
 

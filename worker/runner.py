@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import sys
@@ -45,13 +46,14 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import grpc
 import numpy as np
 import torch
 
 from common.config import REPLAYED_DOWNLINKS, ModelConfig, RunConfig, run_config_from_dict
+from common.counts import decode_counts
 from common.data import gather_sequences, sequence_order
 from common.tensors import (
     add_,
@@ -63,7 +65,14 @@ from common.tensors import (
     sub,
     tensor_spec,
 )
-from coordinator.merge import OuterOptimizer, weighted_sum  # the merge arithmetic a relaying worker replays
+from coordinator.merge import (  # the merge arithmetic a replaying worker repeats
+    OuterOptimizer,
+    counted_mean,
+    negative_signs,
+    sign_sum_from_agree,
+    sign_sum_from_plus,
+    weighted_sum,
+)
 from protos import geotrain_pb2 as pb
 from worker.client import CoordinatorClient, FatalError, ModelReply, SessionRenewed
 
@@ -138,6 +147,43 @@ def replay_relayed(
             payload = stream[d.offset : d.offset + d.size]
         deltas.append(decode(payload))
     mean = weighted_sum(deltas, [d.factor for d in info.relayed], [d.weight for d in info.relayed])
+    return outer.update(mean, fraction=info.outer_fraction)
+
+
+def replay_counted(
+    info: pb.UpdateInfo,
+    stream: bytes,
+    held: Mapping[str, bytes],
+    decode: Callable[[bytes], dict[str, torch.Tensor]],
+    outer: OuterOptimizer,
+    shapes: Mapping[str, Sequence[int]],
+) -> dict[str, torch.Tensor]:
+    """The update U of a count merge (downlink "count", geotrain.proto CountedMerge): rebuild k,
+    the sum of the N deltas' signs per value, from the count payload (and our own delta's signs
+    when the counts refer to it), then U = outer.update(counted_mean(k, scales, weight), fraction).
+    Bit-identical to the coordinator's U when `outer` holds its momentum at version - 1. On
+    ValueError (a bad payload, a missing delta) nothing has changed."""
+    c = info.counted
+    names = list(shapes)
+    if c.deltas < 2 or len(c.push_ids) != c.deltas or len(c.scales) != len(names):
+        raise ValueError(f"update {info.version}: malformed count merge ({c.deltas} deltas, "
+                         f"{len(c.push_ids)} push ids, {len(c.scales)} scales for {len(names)} tensors)")
+    if c.offset + c.size > len(stream):
+        raise ValueError(f"update {info.version}: count payload outside the stream ({c.offset}+{c.size} > {len(stream)})")
+    payload = stream[c.offset : c.offset + c.size]
+    total = sum(math.prod(shape) for shape in shapes.values())
+    if c.reference_push_id:
+        if c.reference_push_id not in c.push_ids:
+            raise ValueError(f"update {info.version}: reference {c.reference_push_id} is not one of the merged deltas")
+        own = held.get(c.reference_push_id)
+        if own is None:
+            raise ValueError(f"update {info.version} counts against push {c.reference_push_id}, which this worker does not hold")
+        agree = torch.from_numpy(decode_counts(payload, total, c.deltas - 1))
+        k = sign_sum_from_agree(negative_signs(decode(own), names), agree, c.deltas, shapes)
+    else:
+        plus = torch.from_numpy(decode_counts(payload, total, c.deltas))
+        k = sign_sum_from_plus(plus, c.deltas, shapes)
+    mean = counted_mean(k, dict(zip(names, c.scales)), c.weight)
     return outer.update(mean, fraction=info.outer_fraction)
 
 
@@ -259,6 +305,7 @@ class WorkerRunner:
         self.metrics = None
         self.client: CoordinatorClient | None = None
         self.base_version = 0
+        self.base_scales: list[float] = []  # downlink "count": the scales published with base_version
         self._inflight: _Push | None = None
         # [unit_id, shard, start, end, epoch, steps, loss_sum, session]: session = the client's
         # session epoch the range was leased in (a push is never sent under a later one)
@@ -374,7 +421,7 @@ class WorkerRunner:
         # the comm thread (and by _first_model before it starts). "relay" only: our recent push
         # payloads, which relayed updates omit.
         self._outer: OuterOptimizer | None = None
-        self._holds_pushes = self.run_cfg.compression.downlink == "relay"
+        self._holds_pushes = self.run_cfg.compression.downlink in ("relay", "count")
         if self.run_cfg.compression.downlink in REPLAYED_DOWNLINKS:
             self._outer = OuterOptimizer(self.run_cfg.outer, self.spec)
         self._push_blobs: OrderedDict[str, bytes] = OrderedDict()
@@ -419,6 +466,7 @@ class WorkerRunner:
             h = rep.header
             if h.kind == pb.ModelHeader.UNCHANGED:
                 log.info("initial model rebuilt from the seed (checksum verified): nothing to download")
+                self.base_scales = []
                 return h.version, initial
             if h.kind == pb.ModelHeader.UPDATES:
                 if self._outer is not None:  # version 1 has no momentum yet
@@ -430,9 +478,11 @@ class WorkerRunner:
                 if params_sha256(initial) == h.params_sha256:
                     log.info("initial model rebuilt from the seed plus %d update(s) to version %d",
                              len(h.updates), h.version)
+                    self.base_scales = list(h.updates[-1].next_scales) if h.updates else []
                     return h.version, initial
                 log.error("seed model plus updates does not match version %d's checksum: downloading it", h.version)
             elif params_sha256(full := self._full_tensors(rep)) == h.params_sha256:
+                self.base_scales = list(h.next_scales)
                 return h.version, full
         rep = self.client.get_model(0, self.model_bytes, self.max_blob_bytes, force_full=True)
         full = self._full_tensors(rep)
@@ -440,6 +490,7 @@ class WorkerRunner:
             log.error("model checksum mismatch on the first download; fetching it again")
             rep = self.client.get_model(0, self.model_bytes, self.max_blob_bytes, force_full=True)
             full = self._full_tensors(rep)
+        self.base_scales = list(rep.header.next_scales)
         return rep.header.version, full
 
     def _reset_for_new_run(self) -> None:
@@ -469,6 +520,13 @@ class WorkerRunner:
 
     def _update_tensors(self, u: pb.UpdateInfo, blob: bytes) -> dict[str, torch.Tensor]:
         """The update of one version of an UPDATES reply (plain, or relayed: replayed)."""
+        if u.HasField("counted"):
+            if self._outer is None or not self._holds_pushes:
+                raise ValueError(f"update {u.version} is a count merge but this run's downlink is "
+                                 f"{self.run_cfg.compression.downlink!r}")
+            with self._push_blobs_lock:
+                held = dict(self._push_blobs)
+            return replay_counted(u, blob, held, self._decode, self._outer, self.spec)
         if not u.relayed:
             return self._decode(blob[u.offset : u.offset + u.size])
         if self._outer is None:
@@ -829,7 +887,13 @@ class WorkerRunner:
 
         c = self.run_cfg.compression
         delta = sub(self.params, self.base)
-        blob, decoded = encode_tensors(delta, scheme or c.scheme, c.chunk, feedback=None, zstd_level=c.zstd_level)
+        scheme = scheme or c.scheme
+        own_scales, scales = [], None
+        if c.downlink == "count" and scheme == "tsign":  # encode with the published scales (count merges)
+            own_scales = [float(delta[n].abs().float().mean()) if delta[n].numel() else 0.0 for n in self.spec]
+            if len(self.base_scales) == len(self.spec):
+                scales = dict(zip(self.spec, self.base_scales))
+        blob, decoded = encode_tensors(delta, scheme, c.chunk, feedback=None, zstd_level=c.zstd_level, scales=scales)
         decoded = {n: t.detach().float().cpu() for n, t in decoded.items()}
         residual = global_norm(sub(delta, decoded))
         ranges = [pb.TokenRange(unit_id=p[0], shard=p[1], start=p[2], end=p[3], epoch=p[4]) for p in self._pending]
@@ -839,7 +903,7 @@ class WorkerRunner:
         push = _Push(uuid.uuid4().hex, self.base_version, decoded, len(self._pending), steps, tokens, loss_sum,
                      pushed_at_step=self.local_step, session=self._push_session())
         header = pb.DeltaHeader(push_id=push.push_id, base_version=push.base_version, tokens=tokens, steps=steps,
-                                mean_loss=loss_sum / max(1, steps), ranges=ranges)
+                                mean_loss=loss_sum / max(1, steps), ranges=ranges, own_scales=own_scales)
         if self._holds_pushes:
             with self._push_blobs_lock:  # a relayed merge of it omits these bytes: we decode our own
                 self._push_blobs[push.push_id] = blob
@@ -934,7 +998,8 @@ class WorkerRunner:
                 # than the push's base means the push was lost with a coordinator crash.
                 own = full_contains_push(h.version, push.base_version, push.push_id, h.merged_push_ids)
             self.comm_version = h.version
-            self._inbox.put(("full", h.version, full, h.params_sha256, push if own else None, own is None))
+            self._inbox.put(("full", h.version, full, h.params_sha256, push if own else None, own is None,
+                             list(h.next_scales)))
             return push is not None and own is not False
         updates = []
         contains = False
@@ -948,7 +1013,7 @@ class WorkerRunner:
                 break
             mine = push is not None and push.push_id in u.merged_push_ids
             contains = contains or mine
-            updates.append((u.version, tensors, u.params_sha256, push if mine else None))
+            updates.append((u.version, tensors, u.params_sha256, push if mine else None, list(u.next_scales)))
             version = u.version
         self.comm_version = version
         if updates:
@@ -1017,12 +1082,12 @@ class WorkerRunner:
             self._resolve(push, merged=False)
         elif kind == "updates":
             with torch.no_grad():
-                for version, tensors, sha, own in msg[1]:
+                for version, tensors, sha, own, scales in msg[1]:
                     decoded = own.decoded if own is not None and own is self._inflight else None
                     apply_update(self.params, self.base, tensors, decoded)
                     if decoded is not None:
                         self._resolve(own, merged=True)
-                    self.base_version = version
+                    self.base_version, self.base_scales = version, scales
                     if sha and params_sha256(self.base) != sha:
                         log.error("basepoint checksum mismatch at version %d: resyncing with the full model", version)
                         with self._stats_lock:
@@ -1031,7 +1096,7 @@ class WorkerRunner:
                         break
             self._after_rebase()
         elif kind == "full":
-            _, version, full, sha, own, lost = msg
+            _, version, full, sha, own, lost, scales = msg
             decoded = own.decoded if own is not None and own is self._inflight else None
             with torch.no_grad():
                 rebase_full(self.params, self.base, full, decoded)
@@ -1039,7 +1104,7 @@ class WorkerRunner:
                 self._resolve(own, merged=True)
             elif lost and self._inflight is not None:
                 self._resolve(self._inflight, merged=False)
-            self.base_version = version
+            self.base_version, self.base_scales = version, scales
             if sha and params_sha256(self.base) != sha:
                 log.error("full model at version %d does not match its announced checksum", version)
             self._after_rebase()

@@ -1,0 +1,202 @@
+"""Downlink "count": 1-bit deltas with published per-tensor scales merge as counts of signs; each
+worker gets per-value counts and replays the merge bit-identically."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.compression import decode_tensors, encode_tensors
+from common.counts import decode_counts, encode_counts, packed_size
+from common.tensors import clone_tensors, params_sha256
+from coordinator.ledger import TrainedRange
+from coordinator.merge import OuterOptimizer
+from coordinator.service import _update_info
+from coordinator.state import CoordinatorState
+from protos import geotrain_pb2 as pb
+from test_coordinator import data, join, small_run  # noqa: F401 - the data fixture
+from worker.runner import replay_counted, replay_relayed
+
+
+def count_run(**changes):
+    return small_run(merge__policy="semi-sync", outer__kind="nesterov", outer__lr=0.7, outer__momentum=0.9,
+                     compression__scheme="tsign", compression__downlink="count", **changes)
+
+
+class Workers:
+    """n joined workers pushing tsign deltas encoded with the published scales (as
+    worker/runner.py does), reporting their own scales; one semi-sync merge per round."""
+
+    def __init__(self, state: CoordinatorState, n: int):
+        self.state = state
+        self.workers = [join(state, f"w{i}") for i in range(n)]
+        self.used = [0] * n
+        self.round = 0
+
+    def rounds(self, count: int, tokens=lambda i, k: 64) -> dict[str, bytes]:
+        state, blobs = self.state, {}
+        for _ in range(count):
+            k = self.round
+            gen = torch.Generator().manual_seed(k)
+            scales = dict(zip(state.spec, state.shared_scales)) if state.shared_scales else None
+            for i, (record, r) in enumerate(self.workers):
+                delta = {name: torch.randn(t.shape, generator=gen) * 0.01 for name, t in state.global_params.items()}
+                own = [float(delta[n].abs().mean()) for n in state.spec]
+                blob, _ = encode_tensors(delta, "tsign", scales=scales)
+                start = r.start + self.used[i]
+                n_tok = tokens(i, k)
+                outcome = state.push(record.worker_id, record.session_id, f"p{k}-{i}", state.version, n_tok, 1,
+                                     2.5, [TrainedRange(r.unit_id, start, start + n_tok, r.epoch)], blob, own_scales=own)
+                assert outcome.accepted, outcome.message
+                self.used[i] += n_tok
+                blobs[f"p{k}-{i}"] = blob
+            self.round += 1
+        return blobs
+
+
+def replica(state) -> OuterOptimizer:
+    out = OuterOptimizer(state.run.outer, state.spec)
+    out.load_momentum({n: torch.zeros_like(t) for n, t in state.global_params.items()})
+    return out
+
+
+def replay_all(state, initial, infos, stream, held):
+    """A worker's replay of `infos` from the `initial` weights: every version's checksum matches."""
+    weights = clone_tensors(initial)
+    outer = replica(state)
+    decode = lambda b: decode_tensors(b, state.spec)  # noqa: E731
+    for info in infos:
+        if info.HasField("counted"):
+            update = replay_counted(info, stream, held, decode, outer, state.spec)
+        else:
+            update = replay_relayed(info, stream, held, decode, outer)
+        for n, t in weights.items():
+            t.add_(update[n])
+        assert params_sha256(weights) == info.params_sha256, f"version {info.version} differs"
+    return weights, outer
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_count_merges_replay_bit_identically_for_members_and_others(data, tmp_path, n):  # noqa: F811
+    state = CoordinatorState(count_run(), data, tmp_path)
+    initial = clone_tensors(state.global_params)
+    blobs = Workers(state, n).rounds(4)
+    assert state.version == 5
+    kinds = [("counted" if u.counted else "relayed") for u in state.history]
+    assert kinds == ["relayed", "counted", "counted", "counted"]  # round 1: no scales published yet
+    assert len(state.shared_scales) == len(state.spec) and all(s > 0 for s in state.shared_scales)
+    # worker 0 holds its own pushes: agree counts against them; a worker holding none: plus counts
+    held = {pid: b for pid, b in blobs.items() if pid.endswith("-0")}
+    for hold in (held, {}):
+        reply = state.model_reply(1, False, 0.0, held_push_ids=set(hold))
+        infos = [_update_info(u) for u in reply.updates]
+        refs = [i.counted.reference_push_id for i in infos if i.HasField("counted")]
+        assert refs == ([f"p{k}-0" for k in (1, 2, 3)] if hold else ["", "", ""])
+        weights, outer = replay_all(state, initial, infos, reply.blob, hold)
+        assert params_sha256(weights) == state.params_sha
+        for name, m in outer.momentum.items():
+            assert torch.equal(m, state.outer.momentum[name])
+    # the counts are smaller than the N - 1 relayed sign payloads they replace
+    reply = state.model_reply(4, False, 0.0, held_push_ids={"p3-0"})
+    (info,) = [_update_info(u) for u in reply.updates]
+    relayed_bytes = sum(len(blobs[f"p3-{i}"]) for i in range(1, n))
+    assert info.counted.size < relayed_bytes * (0.75 if n >= 3 else 1.25), (info.counted.size, relayed_bytes)
+
+
+def test_merges_that_are_not_counts_are_relayed(data, tmp_path):  # noqa: F811
+    state = CoordinatorState(count_run(), data, tmp_path)
+    workers = Workers(state, 2)
+    workers.rounds(2)
+    assert state.history[-1].counted is not None
+    workers.rounds(1, tokens=lambda i, k: 64 if i == 0 else 32)  # unequal weights
+    assert state.history[-1].counted is None and len(state.history[-1].relayed) == 2
+    # a delta encoded with its own scales instead of the published ones
+    record, r = workers.workers[0]
+    other, r1 = workers.workers[1]
+    for (rec, rr, i) in ((record, r, 0), (other, r1, 1)):
+        delta = {name: torch.randn(t.shape) * 0.01 for name, t in state.global_params.items()}
+        scales = dict(zip(state.spec, state.shared_scales)) if i == 0 else None
+        blob, _ = encode_tensors(delta, "tsign", scales=scales)
+        start = rr.start + workers.used[i]
+        state.push(rec.worker_id, rec.session_id, f"x-{i}", state.version, 64, 1, 2.5,
+                   [TrainedRange(rr.unit_id, start, start + 64, rr.epoch)], blob, own_scales=[0.01] * len(state.spec))
+        workers.used[i] += 64
+    assert state.history[-1].counted is None and state.history[-1].version == state.version
+
+
+def test_bad_count_updates_are_refused_and_change_nothing(data, tmp_path):  # noqa: F811
+    state = CoordinatorState(count_run(), data, tmp_path)
+    blobs = Workers(state, 3).rounds(2)
+    reply = state.model_reply(2, False, 0.0, held_push_ids={"p1-0"})
+    (info,) = [_update_info(u) for u in reply.updates]
+    outer = replica(state)
+    before = clone_tensors(outer.momentum)
+    decode = lambda b: decode_tensors(b, state.spec)  # noqa: E731
+    held = {"p1-0": blobs["p1-0"]}
+    with pytest.raises(ValueError, match="does not hold"):
+        replay_counted(info, reply.blob, {}, decode, outer, state.spec)
+    with pytest.raises(ValueError, match="outside the stream"):
+        replay_counted(info, reply.blob[:-1], held, decode, outer, state.spec)
+    bad = pb.UpdateInfo()
+    bad.CopyFrom(info)
+    bad.counted.deltas = 1
+    with pytest.raises(ValueError, match="malformed"):
+        replay_counted(bad, reply.blob, held, decode, outer, state.spec)
+    bad.CopyFrom(info)
+    del bad.counted.scales[-1]
+    with pytest.raises(ValueError, match="malformed"):
+        replay_counted(bad, reply.blob, held, decode, outer, state.spec)
+    bad.CopyFrom(info)
+    bad.counted.reference_push_id = "p1-9"
+    with pytest.raises(ValueError, match="not one of the merged"):
+        replay_counted(bad, reply.blob, held, decode, outer, state.spec)
+    corrupt = bytearray(reply.blob)
+    corrupt[info.counted.offset + info.counted.size - 5] ^= 0xFF  # inside the frame: checksum or content
+    with pytest.raises(ValueError, match="count payload"):
+        replay_counted(info, bytes(corrupt), held, decode, outer, state.spec)
+    for n, m in outer.momentum.items():
+        assert torch.equal(m, before[n])
+
+
+def test_count_payloads_round_trip_and_refuse_garbage():
+    rng = np.random.default_rng(0)
+    for maxval, n in ((1, 9), (3, 1001), (4, 1001), (15, 17), (200, 5)):
+        counts = rng.integers(0, maxval + 1, n).astype(np.uint8)
+        payload = encode_counts(counts, maxval)
+        assert np.array_equal(decode_counts(payload, n, maxval), counts)
+    assert packed_size(1001, 3) == 251 and packed_size(1001, 4) == 501 and packed_size(5, 200) == 5
+    payload = encode_counts(np.array([3, 1, 2], np.uint8), 3)
+    with pytest.raises(ValueError, match="declares"):
+        decode_counts(payload, 9, 3)  # another length
+    with pytest.raises(ValueError, match="above 2"):
+        decode_counts(payload, 3, 2)  # the 2-bit lane holds a 3
+    with pytest.raises(ValueError, match="not a zstd frame"):
+        decode_counts(b"garbage!" * 4, 3, 3)
+    with pytest.raises(ValueError, match="above maxval"):
+        encode_counts(np.array([5], np.uint8), 4)
+    import zstandard
+
+    padded = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(bytes([0b11000000]))
+    with pytest.raises(ValueError, match="padding"):
+        decode_counts(padded, 3, 3)
+    with pytest.raises(ValueError, match="maxval"):
+        encode_counts(np.array([0], np.uint8), 0)
+
+
+def test_count_needs_tsign_and_checkpoints_its_scales(data, tmp_path):  # noqa: F811
+    from common.config import CompressionConfig
+
+    with pytest.raises(ValueError, match="'count' needs compression.scheme 'tsign'"):
+        CompressionConfig(scheme="sign", downlink="count").validate()
+    state = CoordinatorState(count_run(), data, tmp_path)
+    Workers(state, 2).rounds(2)
+    state.checkpoint()
+    restored = CoordinatorState(count_run(), data, tmp_path)
+    assert restored.shared_scales == state.shared_scales and restored.shared_scales
+    record, r = join(state, "late")
+    with pytest.raises(Exception, match="own_scales"):
+        state.push(record.worker_id, record.session_id, "bad", state.version, 64, 1, 2.5,
+                   [TrainedRange(r.unit_id, r.start, r.start + 64, r.epoch)],
+                   encode_tensors({n: torch.zeros(t.shape) for n, t in state.global_params.items()}, "tsign")[0],
+                   own_scales=[1.0])
