@@ -122,7 +122,8 @@ def run_train(batch: int, steps: int, runs: Path, force: bool, threads: int) -> 
             "command": f"geotrain train --model nano --max-iters {steps} --batch-size {batch} --out {out.relative_to(ROOT)}"}
 
 
-def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 0, downlink: str = "") -> None:
+def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 0, downlink: str = "",
+                 scheme: str = "") -> None:
     lines = []
     if unit_tokens:
         lines += ["[plan]", f"unit_tokens = {unit_tokens}"]
@@ -136,6 +137,7 @@ def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 
             lines.append(f"chunk = {chunk}")
         if downlink:  # "combine" or "combine:ternary" (downlink:downlink_scheme)
             mode, _, down_scheme = downlink.partition(":")
+            lines.append(f"scheme = {json.dumps(scheme)}")  # the file is validated on its own
             lines.append(f"downlink = {json.dumps(mode)}")
             if down_scheme:
                 lines.append(f"downlink_scheme = {json.dumps(down_scheme)}")
@@ -155,7 +157,7 @@ def run_demo(n: int, h: int, scheme: str, steps: int, runs: Path, force: bool, o
     if outer or chunk or unit_tokens or downlink:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = runs / f"{name}.toml"
-        write_config(cfg, outer, chunk, unit_tokens, downlink)
+        write_config(cfg, outer, chunk, unit_tokens, downlink, scheme)
         cmd += ["--config", str(cfg)]
     if force or not (run_dir / "summary.json").exists():
         run_dir.mkdir(parents=True, exist_ok=True)

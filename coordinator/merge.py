@@ -61,18 +61,23 @@ def staleness_weight(staleness: int, power: float) -> float:
 
 
 def merge_weights(
-    contributions: Sequence[Contribution], current_version: int, staleness_power: float, scale: float = 1.0
+    contributions: Sequence[Contribution], current_version: int, staleness_power: float, scale: float = 1.0,
+    by_tokens: bool = True,
 ) -> list[float]:
-    """Each delta's weight in the merge: scale x tokens_i / sum(tokens), damped by staleness.
+    """Each delta's weight in the merge: scale x tokens_i / sum(tokens) (or scale / N with
+    by_tokens False), damped by staleness.
 
     With staleness 0 everywhere the weighted sum is the token-weighted mean. Damping multiplies a
     stale delta's contribution without renormalizing, so stale work moves the model less.
+    by_tokens False (downlink "count"): workers keep training while their push is in flight, so the
+    deltas of one round differ by a few steps; equal weights keep the merge a count of signs.
     """
     if not contributions:
         raise ValueError("a merge needs at least one contribution")
     total_tokens = sum(max(c.tokens, 1) for c in contributions)
     return [
-        scale * max(c.tokens, 1) / total_tokens * staleness_weight(current_version - c.base_version, staleness_power)
+        scale * (max(c.tokens, 1) / total_tokens if by_tokens else 1.0 / len(contributions))
+        * staleness_weight(current_version - c.base_version, staleness_power)
         for c in contributions
     ]
 

@@ -712,7 +712,8 @@ class CoordinatorState:
         scale = 1.0
         if self.run.merge.policy == "async":
             scale = 1.0 / max(1, self._participants())  # one delta moves the model by its share
-        weights = merge_weights(valid, self.version, self.run.merge.staleness_power, scale)
+        weights = merge_weights(valid, self.version, self.run.merge.staleness_power, scale,
+                                by_tokens=self.run.compression.downlink != "count")
         mean_delta = weighted_sum([c.tensors for c in valid], [c.factor for c in valid], weights)
         push_ids = [c.push_id for c in valid]
         tokens_in = sum(c.tokens for c in valid)
@@ -765,8 +766,9 @@ class CoordinatorState:
         self._update_shard_gauge()
         self.version_changed.notify_all()
         log.info(
-            "version %d: merged %d delta(s), %d tokens, train loss %.4f",
-            self.version, len(valid), tokens, self.train_loss,
+            "version %d: merged %d delta(s)%s, %d tokens, train loss %.4f",
+            self.version, len(valid), " as counts" if self.history and self.history[-1].counted else "",
+            tokens, self.train_loss,
         )
 
     # ------------------------------------------------------------------ periodic work

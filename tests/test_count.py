@@ -109,7 +109,17 @@ def test_merges_that_are_not_counts_are_relayed(data, tmp_path):  # noqa: F811
     workers = Workers(state, 2)
     workers.rounds(2)
     assert state.history[-1].counted is not None
-    workers.rounds(1, tokens=lambda i, k: 64 if i == 0 else 32)  # unequal weights
+    workers.rounds(1, tokens=lambda i, k: 64 if i == 0 else 32)  # unequal tokens: still equal weights
+    assert state.history[-1].counted is not None
+    # deltas based on an older version (stale) are relayed
+    base = state.version - 1
+    for i, (rec, rr) in enumerate(workers.workers):
+        delta = {name: torch.randn(t.shape) * 0.01 for name, t in state.global_params.items()}
+        blob, _ = encode_tensors(delta, "tsign", scales=dict(zip(state.spec, state.history[-2].next_scales)))
+        start = rr.start + workers.used[i]
+        state.push(rec.worker_id, rec.session_id, f"s-{i}", base, 64, 1, 2.5,
+                   [TrainedRange(rr.unit_id, start, start + 64, rr.epoch)], blob, own_scales=[0.01] * len(state.spec))
+        workers.used[i] += 64
     assert state.history[-1].counted is None and len(state.history[-1].relayed) == 2
     # a delta encoded with its own scales instead of the published ones
     record, r = workers.workers[0]

@@ -135,12 +135,13 @@ def test_no_token_trained_twice(finished_run):
 
 
 @pytest.mark.timeout(200)
-def test_sign_compressed_run_learns_and_delivers_its_residuals(data_dir, tmp_path):
-    """1-bit deltas up, relayed down: the run still learns well below the unigram entropy, every
-    relayed version replays to the coordinator's checksum (no resync), and a worker left without
-    data sends its pending steps at 8 bits (carrying the error feedback residual left in its
-    weights)."""
-    cfg = tiny_config(compression__scheme="sign", plan__max_tokens=163_840)
+@pytest.mark.parametrize("scheme,downlink", [("sign", "relay"), ("tsign", "count")])
+def test_sign_compressed_run_learns_and_delivers_its_residuals(data_dir, tmp_path, scheme, downlink):
+    """1-bit deltas up, relayed (or count-coded) down: the run still learns well below the unigram
+    entropy, every replayed version matches the coordinator's checksum (no resync), and a worker
+    left without data sends its pending steps at 8 bits (carrying the error feedback residual left
+    in its weights)."""
+    cfg = tiny_config(compression__scheme=scheme, compression__downlink=downlink, plan__max_tokens=163_840)
     with Cluster(tmp_path, data_dir, cfg) as c:
         coord = c.start_coordinator()
         workers = [c.start_worker(f"s{i}") for i in range(2)]
@@ -159,6 +160,8 @@ def test_sign_compressed_run_learns_and_delivers_its_residuals(data_dir, tmp_pat
         assert all(f == ("int8", "ACCEPTED") for found in finals for f in found), finals
         for text in logs:  # replayed merges match bit for bit: never a full resync
             assert "checksum mismatch" not in text and "unusable" not in text, text[-2000:]
+        if downlink == "count":  # from the second round on, merges are counts
+            assert coord.log().count("as counts") >= 3, coord.log()[-3000:]
 
 
 # --------------------------------------------------------------------------- 2: worker SIGKILL
