@@ -1209,7 +1209,7 @@ class WorkerRunner:
 
     def _last_steps_scheme(self) -> str | None:
         """FINAL_PUSH_SCHEME when the run's scheme is coarser than it, else None (the run's)."""
-        return FINAL_PUSH_SCHEME if self.run_cfg.compression.scheme in ("sign", "int4") else None
+        return FINAL_PUSH_SCHEME if self.run_cfg.compression.scheme in ("sign", "tsign", "ternary", "int4") else None
 
     def _finish_up(self, reason: str, patience: float) -> None:
         give_up = time.monotonic() + patience
