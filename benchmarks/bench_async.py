@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -160,6 +161,8 @@ def run_demo(n: int, h: int, scheme: str, steps: int, runs: Path, force: bool, o
         write_config(cfg, outer, chunk, unit_tokens, downlink, scheme)
         cmd += ["--config", str(cfg)]
     if force or not (run_dir / "summary.json").exists():
+        if run_dir.exists():  # a coordinator would resume the run found there
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(runs / f"{name}.log", "w") as log:
             subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
