@@ -184,6 +184,12 @@ def _scales_from(buf: np.ndarray, groups: int) -> torch.Tensor:
     return torch.from_numpy(buf[: 4 * groups].view(np.uint8).copy().view(np.float32))
 
 
+def _decode_target(shape: tuple[int, ...], out: torch.Tensor | None) -> tuple[int, torch.Tensor]:
+    """(numel, the tensor a decoder fills: `out`, or a new float32 one of `shape`)."""
+    n = _numel(shape)
+    return n, (_empty_f32(n).view(shape) if out is None else out)
+
+
 def _as_u8(payload: object) -> np.ndarray:
     """A writable uint8 numpy copy of a bytes-like payload (copy: callers' bytes are read-only)."""
     try:
@@ -364,9 +370,7 @@ class _ChunkedIntCodec(Codec):
         return [memoryview(s.numpy()).cast("B"), memoryview(codes).cast("B")]
 
     def _decode(self, buf, shape, out):
-        n = _numel(shape)
-        if out is None:
-            out = _empty_f32(n).view(shape)
+        n, out = _decode_target(shape, out)
         if n == 0:
             return out
         groups = self._groups(n)
@@ -495,9 +499,7 @@ class SignCodec(Codec):
         return [memoryview(s.numpy()).cast("B"), memoryview(bits).cast("B")]
 
     def _decode(self, buf, shape, out):
-        n = _numel(shape)
-        if out is None:
-            out = _empty_f32(n).view(shape)
+        n, out = _decode_target(shape, out)
         if n == 0:
             return out
         pieces = _pieces(n, self._cols(shape))
@@ -569,9 +571,7 @@ class TernaryCodec(Codec):
         return [memoryview(s.reshape(-1).numpy()).cast("B"), memoryview(packed).cast("B")]
 
     def _decode(self, buf, shape, out):
-        n = _numel(shape)
-        if out is None:
-            out = _empty_f32(n).view(shape)
+        n, out = _decode_target(shape, out)
         if n == 0:
             return out
         groups = -(-n // self.chunk)
@@ -620,9 +620,7 @@ class TensorSignCodec(Codec):
         return [memoryview(s.numpy()).cast("B"), memoryview(bits).cast("B")]
 
     def _decode(self, buf, shape, out):
-        n = _numel(shape)
-        if out is None:
-            out = _empty_f32(n).view(shape)
+        n, out = _decode_target(shape, out)
         if n == 0:
             return out
         s = _scales_from(buf, 1)

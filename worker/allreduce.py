@@ -505,14 +505,7 @@ class CompressedAllReduce:
         t0 = time.perf_counter()
         mine, _ = self._encode("ag", acc[lo * B : hi * B] / n)  # owner encodes the mean of its block once
         stats.encode_seconds += time.perf_counter() - t0
-        blocks = {lo: mine}
-        for level in reversed(range(self.levels)):  # all-gather by recursive doubling, bytes forwarded
-            self._forward_held(blocks, self.rank ^ (1 << level), step, _Round(rnd, level, peer_pb2.ALL_GATHER), stats)
-            rnd += 1
-        t0 = time.perf_counter()
-        out = torch.cat([self._codec.decode(blocks[b], (B,)).reshape(-1) for b in range(n)])
-        stats.encode_seconds += time.perf_counter() - t0
-        return out
+        return self._all_gather_blocks({lo: mine}, self._codec, step, rnd, stats)
 
     def _gather_own(self, flat: torch.Tensor, step: int, stats: AllReduceStats) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -572,12 +565,17 @@ class CompressedAllReduce:
         else:
             mine, _ = self._mean_codec.encode(mean)
         stats.encode_seconds += time.perf_counter() - t0
-        blocks = {lo: mine}
-        for level in reversed(range(self.levels)):  # all-gather by recursive doubling, bytes forwarded
+        return self._all_gather_blocks({lo: mine}, self._mean_codec, step, rnd, stats)
+
+    def _all_gather_blocks(self, blocks: dict[int, bytes], codec, step: int, rnd: int, stats: AllReduceStats) -> torch.Tensor:
+        """All-gather by recursive doubling of the owners' encoded blocks (bytes forwarded
+        unchanged, from round index `rnd` on), then decode all N in block order."""
+        for level in reversed(range(self.levels)):
             self._forward_held(blocks, self.rank ^ (1 << level), step, _Round(rnd, level, peer_pb2.ALL_GATHER), stats)
             rnd += 1
         t0 = time.perf_counter()
-        out = torch.cat([self._mean_codec.decode(blocks[b], (B,)).reshape(-1) for b in range(n)])
+        B = self._layout.block
+        out = torch.cat([codec.decode(blocks[b], (B,)).reshape(-1) for b in range(self.world_size)])
         stats.encode_seconds += time.perf_counter() - t0
         return out
 
