@@ -22,7 +22,9 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import grpc
 
-PROTOCOL_VERSION = 2  # 2: relayed updates (UpdateInfo.relayed, ModelHeader.momentum_bytes)
+# 2: relayed updates (UpdateInfo.relayed, ModelHeader.momentum_bytes); 3: count merges
+# (UpdateInfo.counted, next_scales; DeltaHeader.own_scales) and combined deltas.
+PROTOCOL_VERSION = 3
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = CHUNK_BYTES + (1 << 20)
 KEEPALIVE_MS = 20_000
