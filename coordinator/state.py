@@ -726,19 +726,7 @@ class CoordinatorState:
             combined, update = self._combined_update(mean_delta, tokens_in)
             self._commit_version(b"", update, push_ids, [combined], self.outer.last_fraction)
         elif downlink == "count":  # a count merge when the deltas allow it, else relayed
-            counted = self._counted_record(valid, weights)
-            if counted is not None:
-                k = {n: sum(1 - 2 * torch.signbit(c.tensors[n]).to(torch.int16) for c in valid) for n in self.spec}
-                mean = counted_mean(k, dict(zip(self.spec, counted.scales)), counted.weight)
-                update = self.outer.update(mean, tokens=tokens_in)
-                relayed = []
-            else:
-                update = self.outer.update(mean_delta, tokens=tokens_in)
-                relayed = [RelayedDelta(c.push_id, c.blob, w, c.factor) for c, w in zip(valid, weights)]
-            if valid and all(c.own_scales for c in valid):  # the next round's scales: the mean of the merged deltas' own
-                self.shared_scales = [float(np.float32(sum(c.own_scales[i] for c in valid) / len(valid)))
-                                      for i in range(len(self.spec))]
-            self._commit_version(b"", update, push_ids, relayed, self.outer.last_fraction, counted)
+            self._merge_counted(valid, weights, mean_delta, tokens_in)
         else:
             update = self.outer.update(mean_delta, tokens=tokens_in)
             blob, decoded = encode_tensors(
@@ -982,6 +970,24 @@ class CoordinatorState:
         self.final_summary = summary
         log.info("run finished: version %d, %d tokens, validation loss %.4f", self.version, summary["tokens"], val)
         return summary
+
+    def _merge_counted(
+        self, valid: list[Contribution], weights: list[float], mean_delta: dict[str, torch.Tensor], tokens: int
+    ) -> None:
+        """Downlink "count": commit the merge as a count of signs (or relayed when it is not one),
+        and publish the next round's scales: the mean of the merged deltas' own. Caller holds the lock."""
+        counted = self._counted_record(valid, weights)
+        relayed = []
+        if counted is not None:
+            k = {n: sum(1 - 2 * torch.signbit(c.tensors[n]).to(torch.int16) for c in valid) for n in self.spec}
+            update = self.outer.update(counted_mean(k, dict(zip(self.spec, counted.scales)), counted.weight), tokens=tokens)
+        else:
+            update = self.outer.update(mean_delta, tokens=tokens)
+            relayed = [RelayedDelta(c.push_id, c.blob, w, c.factor) for c, w in zip(valid, weights)]
+        if all(c.own_scales for c in valid):
+            self.shared_scales = [float(np.float32(sum(c.own_scales[i] for c in valid) / len(valid)))
+                                  for i in range(len(self.spec))]
+        self._commit_version(b"", update, [c.push_id for c in valid], relayed, self.outer.last_fraction, counted)
 
     def _counted_record(self, valid: list[Contribution], weights: list[float]) -> CountedRecord | None:
         """A CountedRecord when this merge is a count of signs: at least 2 deltas, all based on the
