@@ -135,6 +135,14 @@ def test_merges_that_are_not_counts_are_relayed(data, tmp_path):  # noqa: F811
     assert state.history[-1].counted is None and state.history[-1].version == state.version
 
 
+def test_count_runs_weigh_the_deltas_of_a_merge_equally():
+    from coordinator.merge import Contribution, merge_weights
+
+    cs = [Contribution(f"p{i}", f"w{i}", 5, tokens, 1, 0.0, {}) for i, tokens in enumerate((64, 70, 58))]
+    assert merge_weights(cs, 5, 0.5, by_tokens=False) == [1 / 3] * 3
+    assert merge_weights(cs, 5, 0.5) == [64 / 192, 70 / 192, 58 / 192]
+
+
 def test_bad_count_updates_are_refused_and_change_nothing(data, tmp_path):  # noqa: F811
     state = CoordinatorState(count_run(), data, tmp_path)
     blobs = Workers(state, 3).rounds(2)
