@@ -65,6 +65,7 @@ from coordinator.merge import (
 
 log = logging.getLogger(__name__)
 
+COUNT_TOKEN_SPREAD = 1.5  # downlink "count": deltas within this token ratio are weighed equally
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 EVAL_SEED = 20_231_105
 
@@ -712,8 +713,12 @@ class CoordinatorState:
         scale = 1.0
         if self.run.merge.policy == "async":
             scale = 1.0 / max(1, self._participants())  # one delta moves the model by its share
-        weights = merge_weights(valid, self.version, self.run.merge.staleness_power, scale,
-                                by_tokens=self.run.compression.downlink != "count")
+        # Downlink "count": the deltas of one round differ by the steps trained while a push was in
+        # flight; equal weights keep their merge a count of signs. Merges of deltas of clearly
+        # different sizes (the run's last, partial rounds) keep token weights (and are relayed).
+        sizes = [max(1, c.tokens) for c in valid]
+        equal = self.run.compression.downlink == "count" and max(sizes) <= COUNT_TOKEN_SPREAD * min(sizes)
+        weights = merge_weights(valid, self.version, self.run.merge.staleness_power, scale, by_tokens=not equal)
         mean_delta = weighted_sum([c.tensors for c in valid], [c.factor for c in valid], weights)
         push_ids = [c.push_id for c in valid]
         tokens_in = sum(c.tokens for c in valid)

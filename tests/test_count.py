@@ -109,8 +109,11 @@ def test_merges_that_are_not_counts_are_relayed(data, tmp_path):  # noqa: F811
     workers = Workers(state, 2)
     workers.rounds(2)
     assert state.history[-1].counted is not None
-    workers.rounds(1, tokens=lambda i, k: 64 if i == 0 else 32)  # unequal tokens: still equal weights
+    workers.rounds(1, tokens=lambda i, k: 64 if i == 0 else 48)  # a few steps apart: equal weights, counted
     assert state.history[-1].counted is not None
+    workers.rounds(1, tokens=lambda i, k: 64 if i == 0 else 16)  # a partial delta: token weights, relayed
+    assert state.history[-1].counted is None and len(state.history[-1].relayed) == 2
+    assert [d.weight for d in state.history[-1].relayed] == [0.8, 0.2]
     # deltas based on an older version (stale) are relayed
     base = state.version - 1
     for i, (rec, rr) in enumerate(workers.workers):
