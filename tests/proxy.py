@@ -11,6 +11,9 @@ coordinator; heartbeats and leases are a few hundred bytes). Faults, each armed 
   server starts answering it (drop the reply): the server has handled the push, the client sees
   UNAVAILABLE and retries the same push (a replay).
 - ``throttle_up_bps``: client-to-server bandwidth, so an upload stays in flight for a while.
+- ``cut_all()``: close every connection now, with whatever it still buffers: the host behind the
+  proxy vanished (a SIGKILLed process alone would still have its kernel send the bytes it had
+  buffered, and a throttled upload could then arrive complete).
 
 Events tell the test what happened: `upload_seen` (an upload passed `big_stream_bytes`),
 `cut_done`. Everything runs in daemon threads; `close()` stops it.
@@ -87,6 +90,10 @@ class Proxy:
         with self._lock:
             self._cut_reply = True
             self.cut_done.clear()
+
+    def cut_all(self) -> None:
+        for conn in list(self._conns):
+            self._cut(conn, "every connection cut")
 
     def _cut(self, conn: _Conn, why: str) -> None:
         self.cuts.append(why)

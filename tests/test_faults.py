@@ -65,6 +65,7 @@ def test_worker_sigkill_mid_upload(data_dir, tmp_path):
         assert before is not None
         mark = len(coord.log())
         victim.kill()
+        proxy.cut_all()  # the victim's host is gone, with the upload bytes its kernel still held
         c.wait_for(lambda: "delta stream refused: stream truncated" in coord.log()[mark:], 20,
                    "the coordinator to refuse the cut upload", fail_if_dead=[coord])
         row = worker_row(c.status(), "victim")
