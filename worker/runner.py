@@ -127,8 +127,8 @@ def replay_relayed(
     decode: Callable[[bytes], dict[str, torch.Tensor]],
     outer: OuterOptimizer,
 ) -> dict[str, torch.Tensor]:
-    """The update U of a relayed version (downlinks "relay", "combine"): decode every merged delta (from the
-    stream, or our own copy in `held` when the coordinator omitted it), then replay the
+    """The update U of a relayed version (downlinks "relay", "combine"): decode every merged delta
+    (from the stream, or our own copy in `held` when the coordinator omitted it), then replay the
     coordinator's merge: U = outer.update(weighted_sum(deltas, factors, weights), fraction).
     Bit-identical to the coordinator's U when `outer` holds its momentum at version - 1. Advances
     outer's momentum; on ValueError (a missing or bad delta) nothing has changed."""
@@ -417,9 +417,9 @@ class WorkerRunner:
         self.spec = tensor_spec(self.params)
         self.model_bytes = sum(t.numel() * 4 for t in self.params.values())
         self.max_blob_bytes = 2 * self.model_bytes * (self.run_cfg.merge.max_staleness + 2) + (16 << 20)
-        # Downlinks "relay" and "combine": a replica of the coordinator's outer optimizer, owned by
-        # the comm thread (and by _first_model before it starts). "relay" only: our recent push
-        # payloads, which relayed updates omit.
+        # Replayed downlinks ("relay", "combine", "count"): a replica of the coordinator's outer
+        # optimizer, owned by the comm thread (and by _first_model before it starts). "relay" and
+        # "count": our recent push payloads (relayed updates omit them; counts refer to them).
         self._outer: OuterOptimizer | None = None
         self._holds_pushes = self.run_cfg.compression.downlink in ("relay", "count")
         if self.run_cfg.compression.downlink in REPLAYED_DOWNLINKS:
