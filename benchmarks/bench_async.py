@@ -124,8 +124,10 @@ def run_train(batch: int, steps: int, runs: Path, force: bool, threads: int) -> 
 
 
 def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 0, downlink: str = "",
-                 scheme: str = "") -> None:
+                 scheme: str = "", merge_weights: str = "") -> None:
     lines = []
+    if merge_weights:
+        lines += ["[merge]", f"weights = {json.dumps(merge_weights)}"]
     if unit_tokens:
         lines += ["[plan]", f"unit_tokens = {unit_tokens}"]
     if outer:
@@ -146,7 +148,7 @@ def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 
 
 
 def run_demo(n: int, h: int, scheme: str, steps: int, runs: Path, force: bool, outer: dict, chunk: int | None,
-             tag: str, unit_tokens: int = 0, downlink: str = "") -> dict:
+             tag: str, unit_tokens: int = 0, downlink: str = "", merge_weights: str = "") -> dict:
     name = f"demo_n{n}_h{h}_{scheme}_s{steps}" + (f"_{tag}" if tag else "")
     run_dir = runs / name
     cmd = [
@@ -155,10 +157,10 @@ def run_demo(n: int, h: int, scheme: str, steps: int, runs: Path, force: bool, o
     ]
     if DATA_DIR:
         cmd += ["--data", DATA_DIR]
-    if outer or chunk or unit_tokens or downlink:
+    if outer or chunk or unit_tokens or downlink or merge_weights:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = runs / f"{name}.toml"
-        write_config(cfg, outer, chunk, unit_tokens, downlink, scheme)
+        write_config(cfg, outer, chunk, unit_tokens, downlink, scheme, merge_weights)
         cmd += ["--config", str(cfg)]
     if force or not (run_dir / "summary.json").exists():
         if run_dir.exists():  # a coordinator would resume the run found there
@@ -245,6 +247,7 @@ def main() -> None:
     p.add_argument("--outer-momentum", type=float, default=-1.0)
     p.add_argument("--chunk", type=int, default=0, help="compression.chunk override")
     p.add_argument("--unit-tokens", type=int, default=0, help="plan.unit_tokens override (tokens per lease)")
+    p.add_argument("--merge-weights", default="", help="merge.weights override (tokens, equal)")
     p.add_argument("--downlink", default="", help="compression.downlink override (relay, combine, recode), optionally :downlink_scheme (combine:ternary)")
     p.add_argument("--tag", default="", help="suffix for the run names (use with outer/chunk overrides)")
     p.add_argument("--eval-batches", type=int, default=200)
@@ -295,7 +298,7 @@ def main() -> None:
             for scheme in _csv(args.compression):
                 t0 = time.monotonic()
                 info = run_demo(n, h, scheme, args.steps, runs, args.force, outer, args.chunk or None, args.tag,
-                                args.unit_tokens, args.downlink)
+                                args.unit_tokens, args.downlink, args.merge_weights)
                 s = info["summary"]
                 model = load_coordinator_model(ROOT / info["dir"])
                 params = sum(p.numel() for p in model.parameters())
@@ -311,6 +314,8 @@ def main() -> None:
                     desc += f",unit_tokens={args.unit_tokens}"
                 if args.downlink:
                     desc += f",downlink={args.downlink}"
+                if args.merge_weights:
+                    desc += f",weights={args.merge_weights}"
                 res["runs"][key] = dict(
                     kind="demo", n=n, h=h, scheme=scheme, steps=args.steps, tokens=tokens, params=params,
                     outer=outer, outer_desc=desc, unit_tokens=args.unit_tokens or None, chunk=args.chunk or None,

@@ -239,12 +239,17 @@ class MergeConfig:
     staleness_power: float = 0.5  # weight multiplier 1 / (1 + staleness) ** power
     max_delta_norm_ratio: float = 0.0  # >0: refuse deltas whose norm exceeds ratio x recent median
     clip_outliers: bool = False  # with max_delta_norm_ratio: clip instead of refusing
+    # "tokens": a delta weighs its share of the merge's tokens; "equal": every delta of a merge the
+    # same (before staleness damping). Downlink "count" weighs deltas of similar size equally anyway.
+    weights: str = "tokens"
 
     def validate(self) -> "MergeConfig":
         if self.policy not in ("async", "semi-sync"):
             raise ValueError(f"merge.policy must be 'async' or 'semi-sync', got {self.policy!r}")
         if self.max_staleness < 0:
             raise ValueError(f"merge.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.weights not in ("tokens", "equal"):
+            raise ValueError(f"merge.weights must be 'tokens' or 'equal', got {self.weights!r}")
         return self
 
 

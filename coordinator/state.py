@@ -717,7 +717,8 @@ class CoordinatorState:
         # flight; equal weights keep their merge a count of signs. Merges of deltas of clearly
         # different sizes (the run's last, partial rounds) keep token weights (and are relayed).
         sizes = [max(1, c.tokens) for c in valid]
-        equal = self.run.compression.downlink == "count" and max(sizes) <= COUNT_TOKEN_SPREAD * min(sizes)
+        equal = self.run.merge.weights == "equal" or (
+            self.run.compression.downlink == "count" and max(sizes) <= COUNT_TOKEN_SPREAD * min(sizes))
         weights = merge_weights(valid, self.version, self.run.merge.staleness_power, scale, by_tokens=not equal)
         mean_delta = weighted_sum([c.tensors for c in valid], [c.factor for c in valid], weights)
         push_ids = [c.push_id for c in valid]

@@ -20,8 +20,9 @@ from worker.runner import replay_counted, replay_relayed
 
 
 def count_run(**changes):
-    return small_run(merge__policy="semi-sync", outer__kind="nesterov", outer__lr=0.7, outer__momentum=0.9,
-                     compression__scheme="tsign", compression__downlink="count", **changes)
+    settings = dict(merge__policy="semi-sync", outer__kind="nesterov", outer__lr=0.7, outer__momentum=0.9,
+                    compression__scheme="tsign", compression__downlink="count")
+    return small_run(**{**settings, **changes})
 
 
 class Workers:
@@ -144,6 +145,16 @@ def test_count_runs_weigh_the_deltas_of_a_merge_equally():
     cs = [Contribution(f"p{i}", f"w{i}", 5, tokens, 1, 0.0, {}) for i, tokens in enumerate((64, 70, 58))]
     assert merge_weights(cs, 5, 0.5, by_tokens=False) == [1 / 3] * 3
     assert merge_weights(cs, 5, 0.5) == [64 / 192, 70 / 192, 58 / 192]
+    from common.config import MergeConfig
+
+    with pytest.raises(ValueError, match="merge.weights"):
+        MergeConfig(weights="tokens2").validate()
+
+
+def test_equal_merge_weights_for_a_relay_run(data, tmp_path):  # noqa: F811
+    state = CoordinatorState(count_run(compression__downlink="relay", merge__weights="equal"), data, tmp_path)
+    Workers(state, 2).rounds(1, tokens=lambda i, k: 64 if i == 0 else 16)
+    assert [d.weight for d in state.history[-1].relayed] == [0.5, 0.5]
 
 
 def test_bad_count_updates_are_refused_and_change_nothing(data, tmp_path):  # noqa: F811
