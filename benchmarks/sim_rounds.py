@@ -60,7 +60,7 @@ class SimConfig:
     down_predict: float = 0.0  # downlink sends U - p * (previous decoded U); receivers add p * previous back
     down_mode: str = "update"  # update: the coordinator codes U; delta: it codes the mean delta D and
     #                            every replica applies the same outer step to the decoded D exactly
-    eager: str = "off"  # off | prev: during the delay, replicas stand at base + the last update (worker/runner.py)
+    eager: str = "off"  # off | prev | own | mix: where replicas stand during the delay (see push_and_move)
     up_keep: float = 1.0  # < 1: the uplink sends the signs of a random share of each delta (seeded per
     #                       push, so receivers regenerate the positions), one mean-|x| scale per
     #                       up_group kept values; the rest stays in the replica's weights (error feedback)
@@ -328,6 +328,8 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
                 shared_scales.update({n: sum(r[n] for r in row_scales) / len(row_scales) for n in row_scales[0]})
                 down_bytes += count_code_bytes(all_signs, 0) * n_rep
                 D = combine(contribs, rounds, 0.5)
+                last_mean.clear()
+                last_mean.update({n: t.clone() for n, t in D.items()})
                 U_dec = {n: t.clone() for n, t in outer.update(D).items()}
                 for n in glob:
                     glob[n].add_(U_dec[n])
@@ -345,7 +347,10 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
                     glob[n].add_(U_dec[n])
                 rounds += 1
                 return U_dec, decs, step + cfg.delay
-            U = outer.update(combine(contribs, rounds, 0.5))
+            D = combine(contribs, rounds, 0.5)
+            last_mean.clear()
+            last_mean.update({n: t.clone() for n, t in D.items()})
+            U = outer.update(D)
             fb = feedback.get(down)
             if fb is None:
                 fb = feedback[down] = ErrorFeedback(get_codec(down, cfg.chunk, cfg.sign_scale))
@@ -365,11 +370,36 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
             return U_dec, decs, step + cfg.delay
 
         last_update: dict | None = None
+        last_mean: dict = {}  # the last merge's mean delta (--eager mix)
+
+        def eager_estimate(own: dict, m_before: dict, prev_mean: dict | None) -> dict:
+            lr, mu, n_w = cfg.outer_lr, cfg.outer_momentum, n_rep
+            out = {}
+            for n, d in own.items():
+                if prev_mean is not None and n in prev_mean:
+                    d = d / n_w + prev_mean[n] * ((n_w - 1) / n_w)
+                if cfg.outer_kind == "nesterov":
+                    out[n] = (d + (m_before[n] * mu + d) * mu) * lr
+                else:
+                    out[n] = d * lr
+            return out
 
         def push_and_move(step: int) -> tuple:
             """push_and_merge; with --eager prev every replica then moves from base + own delta to
             base + the last update while its push is in flight, and that becomes its offset."""
+            m_before = {n: t.clone() for n, t in outer.momentum.items()}
+            prev_mean = dict(last_mean)  # push_and_merge replaces last_mean with this merge's
             U, decs, at = push_and_merge(step)
+            if cfg.eager in ("own", "mix") and rounds > 1:
+                # the outer step each replica would take if the merge were its own delta ("own"),
+                # or its own delta 1/N plus the previous merge's mean delta (N-1)/N ("mix")
+                ests = [eager_estimate(decs[i], m_before, prev_mean if cfg.eager == "mix" else None)
+                        for i in range(n_rep)]
+                with torch.no_grad():
+                    for i in range(n_rep):
+                        for n in glob:
+                            params[i][n].add_((ests[i][n] - decs[i][n]).to(dev))
+                return U, ests, at
             if cfg.eager == "prev" and last_update is not None:
                 with torch.no_grad():
                     for i in range(n_rep):
@@ -501,7 +531,7 @@ def main() -> None:
     p.add_argument("--warmup-rounds", type=int, default=0)
     p.add_argument("--warmup-scheme", default="none")
     p.add_argument("--delay", type=int, default=0)
-    p.add_argument("--eager", default="off", choices=["off", "prev"])
+    p.add_argument("--eager", default="off", choices=["off", "prev", "own", "mix"])
     p.add_argument("--down-scheme", default="", help="the downlink's scheme (default: --compression)")
     p.add_argument("--down-predict", type=float, default=0.0, help="downlink codes U - P x previous update")
     p.add_argument("--down-mode", default="update", choices=["update", "delta"])
