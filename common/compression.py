@@ -710,6 +710,15 @@ class ErrorFeedback:
         r.sub_(out)  # residual = y - decoded, in place
         return parts
 
+    def residual(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The residual of `name`, for a sender that quantizes outside a codec (the sync
+        all-reduce's "count" schedule): the stored fp32 CPU tensor itself (update it in place),
+        created as zeros shaped like `like` when absent or shaped differently."""
+        r = self._residuals.get(name)
+        if r is None or r.shape != like.shape:
+            r = self._residuals[name] = torch.zeros(like.shape, dtype=torch.float32)
+        return r
+
     def reset(self, name: str | None = None) -> None:
         """Forget one residual (no-op if absent) or, with None, all of them."""
         if name is None:

@@ -284,9 +284,9 @@ class CompressionConfig:
     # Scheme of the coordinator's payload under "combine" and "recode" ("" = `scheme`).
     downlink_scheme: str = ""
     # Sync groups' all-reduce schedule (worker/allreduce.py), the same for every member of the run:
-    # auto (doubling for 2, allgather for 4, scatter from 8) | doubling | halving | allgather |
-    # scatter. halving and scatter move fewer bytes than allgather but re-quantize means, which
-    # costs training quality (worker/allreduce.py docstring, README).
+    # auto (doubling for 2, count from 4; halving from 4 without compression) | doubling | halving
+    # | allgather | scatter | count (1-bit only). halving and scatter re-quantize means, which costs
+    # training quality; count moves the fewest bytes from 4 members (worker/allreduce.py, README).
     sync_schedule: str = "auto"
 
     @property
@@ -315,7 +315,7 @@ class CompressionConfig:
 DELTA_SCHEMES = ("none", "bf16", "int8", "int4", "sign", "ternary", "tsign")  # == common.compression.SCHEMES
 DOWNLINKS = ("relay", "combine", "recode", "count")
 REPLAYED_DOWNLINKS = ("relay", "combine", "count")  # workers keep an outer-momentum replica and replay versions
-SYNC_SCHEDULES = ("auto", "doubling", "halving", "allgather", "scatter")  # worker/allreduce.py ALGORITHMS
+SYNC_SCHEDULES = ("auto", "doubling", "halving", "allgather", "scatter", "count")  # worker/allreduce.py ALGORITHMS
 
 
 @dataclass

@@ -17,6 +17,11 @@ workers an agree count is 2 bits before zstd (about 1.85 after) where relaying t
 costs 3. Decoding checks the frame's declared size before decompressing, every count against
 maxval and the padding, and raises ValueError on anything else.
 
+Scale codes (the sync all-reduce's "count" schedule, worker/allreduce.py): a positive scale as one
+byte, 4 codes per octave: code = clamp(round(4 log2 s) + 128, 1, 255), 0 for a zero scale. Decoding
+is the same everywhere (a fixed float32 quarter-octave times a power of two), so members that hold the same codes hold the same
+scales bit for bit.
+
 Plain module: numpy and zstandard only.
 """
 
@@ -86,3 +91,33 @@ def decode_counts(payload: bytes, n: int, maxval: int) -> np.ndarray:
     if counts.size and int(counts.max()) > maxval:
         raise ValueError(f"count payload holds {int(counts.max())}, above {maxval}")
     return counts
+
+
+SCALE_CODES_PER_OCTAVE = 4
+SCALE_CODE_ZERO = 128  # the code of scale 1.0
+
+
+def scale_codes(scales: np.ndarray) -> np.ndarray:
+    """Non-negative finite scales -> uint8 codes (see the module docstring); ValueError otherwise."""
+    s = np.asarray(scales, dtype=np.float64).reshape(-1)
+    if s.size and (not np.isfinite(s).all() or (s < 0).any()):
+        raise ValueError("scales must be finite and >= 0")
+    codes = np.zeros(s.size, dtype=np.uint8)
+    pos = s > 0
+    if pos.any():
+        c = np.rint(np.log2(s[pos]) * SCALE_CODES_PER_OCTAVE) + SCALE_CODE_ZERO
+        codes[pos] = np.clip(c, 1, 255).astype(np.uint8)
+    return codes
+
+
+# 2^(j/4), j = 0..3, as fixed float32 values: a code's scale is one of them times a power of two
+# (np.ldexp, exact), so no libm call decides a scale's last bit.
+_QUARTER_OCTAVES = np.array([1.0, 1.1892071, 1.4142135, 1.6817929], dtype=np.float32)
+
+
+def scales_from_codes(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes -> float32 scales (0 for code 0), bit-identical on every machine."""
+    c = np.asarray(codes, dtype=np.uint8).reshape(-1).astype(np.int32) - SCALE_CODE_ZERO
+    out = np.ldexp(_QUARTER_OCTAVES[c % SCALE_CODES_PER_OCTAVE], c // SCALE_CODES_PER_OCTAVE).astype(np.float32)
+    out[c == -SCALE_CODE_ZERO] = 0.0
+    return out

@@ -7,10 +7,12 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import threading
 import time
 from concurrent import futures
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -87,7 +89,7 @@ def test_fp32_allreduce_is_exact_mean(n, algorithm):
 
 
 @pytest.mark.parametrize("n", [2, 4])
-@pytest.mark.parametrize("algorithm", ["halving", "doubling", "allgather", "scatter"])
+@pytest.mark.parametrize("algorithm", ["halving", "doubling", "allgather", "scatter", "count"])
 def test_sign_allreduce_bit_identical_and_close(n, algorithm):
     members, servers = start_group(n, compression="sign", algorithm=algorithm)
     try:
@@ -171,6 +173,76 @@ def test_scatter_sums_members_own_blocks_exactly_then_quantizes_the_mean_once(n)
         stop_group(members, servers)
 
 
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_count_sums_own_signs_on_shared_scales_exactly(n):
+    """count: every member quantizes its own buffer to sign x the group's shared chunk scale (the
+    scale code of the mean of the members' mean |value| codes); the mean is the exact sum of those
+    over members / N, identical on every member; the residual is y - shared scale x sign. Bytes:
+    (N-1) x (sign bits + one code per chunk) up, (N-1) x (codes + zstd agree counts) back."""
+    from common.counts import packed_size, scale_codes, scales_from_codes
+
+    C = 64
+    members, servers = start_group(n, compression="sign", algorithm="count", chunk=C)
+    try:
+        results = run_all(members, lambda r, m: m.allreduce(grads(r, 1), step=1))
+        layout = members[0]._layout
+        flats = [layout.flatten(grads(r, 1), n) for r in range(n)]
+        own = [scales_from_codes(scale_codes(f.view(-1, C).abs().mean(dim=1).numpy())) for f in flats]
+        shared = torch.from_numpy(scales_from_codes(scale_codes(np.mean(own, axis=0, dtype=np.float64))))
+        shared = shared.repeat_interleave(C)
+        contributions = [torch.where(torch.signbit(f), -shared, shared) for f in flats]
+        want = layout.unflatten(torch.stack(contributions).sum(0).div_(n), grads(0, 1))
+        for k in want:
+            assert all(torch.equal(out[k], results[0][k]) for out in results), k  # bit-identical
+            torch.testing.assert_close(results[0][k], want[k], rtol=1e-6, atol=1e-7)
+        for r, m in enumerate(members):  # error feedback: what the sign and shared scale dropped
+            torch.testing.assert_close(m._feedback.residual("own", flats[r]), flats[r] - contributions[r])
+        B = layout.block
+        up = (n - 1) * (-(-B // 8) + B // C)
+        sent = members[0].last.bytes_sent
+        assert up + (n - 1) * B // C < sent < up + (n - 1) * (B // C + packed_size(B, n - 1) + 64) + 512 * n, sent
+    finally:
+        stop_group(members, servers)
+
+
+def test_count_refuses_a_garbled_count_payload(monkeypatch):
+    """A member whose all-gather message does not decode raises PeerFailure naming it, and its
+    error feedback is not committed (the call failed)."""
+    import worker.allreduce as allreduce_module
+
+    members, servers = start_group(2, compression="sign", algorithm="count", chunk=64, deadline_s=3.0)
+    real = allreduce_module.encode_counts
+
+    def garbled(counts, maxval):
+        payload = real(counts, maxval)
+        return payload[:-4] + b"\0\0\0\0" if threading.current_thread().name.startswith("garble") else payload
+
+    monkeypatch.setattr(allreduce_module, "encode_counts", garbled)
+    try:
+        def fn(r, m):
+            threading.current_thread().name = "garble" if r == 1 else "clean"
+            try:
+                return m.allreduce(grads(r, 1), step=1)
+            except PeerFailure as exc:
+                return exc
+
+        out = run_all(members, fn)
+        assert isinstance(out[0], PeerFailure) and "count all-gather message unusable" in str(out[0]), out[0]
+        assert out[0].rank == 1
+        flat = members[0]._layout.flatten(grads(0, 1), 2)
+        assert float(members[0]._feedback.residual("own", flat).abs().sum()) == 0.0
+    finally:
+        stop_group(members, servers)
+
+
+def test_count_needs_sign_compression():
+    with pytest.raises(ValueError, match="count"):
+        CompressedAllReduce(0, 2, ["a:1", "b:1"], compression="none", algorithm="count")
+    for n, compression, auto in ((4, "sign", "count"), (8, "sign", "count"), (4, "none", "halving"), (2, "sign", "doubling")):
+        with CompressedAllReduce(0, n, ["a:1"] * n, compression=compression) as ar:
+            assert ar.algorithm == auto, (n, compression, ar.algorithm)
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_error_feedback_tracks_true_sum(n):
     """Summed over steps, 1-bit all-reduced values follow the summed true means: the gap stays
@@ -204,7 +276,7 @@ def test_error_feedback_tracks_true_sum(n):
 
 
 @pytest.mark.parametrize("n,algorithm", [(2, "doubling"), (4, "halving"), (8, "halving"), (4, "doubling"), (4, "allgather"),
-                                                 (4, "scatter"), (8, "scatter")])
+                                                 (4, "scatter"), (8, "scatter"), (4, "count"), (8, "count")])
 def test_rank0_batch_plan_reaches_every_member(n, algorithm):
     """Rank 0's BatchPlan rides the all-reduce headers: every member holds it after the call, and
     a call without one leaves every member's last_plan None."""

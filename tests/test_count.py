@@ -232,3 +232,24 @@ def test_count_needs_tsign_and_checkpoints_its_scales(data, tmp_path):  # noqa: 
                    [TrainedRange(r.unit_id, r.start, r.start + 64, r.epoch)],
                    encode_tensors({n: torch.zeros(t.shape) for n, t in state.global_params.items()}, "tsign")[0],
                    own_scales=[1.0])
+
+
+def test_scale_codes_round_trip_within_a_quarter_octave():
+    from common.counts import scale_codes, scales_from_codes
+
+    s = np.array([0.0, 1.0, 0.5, 3.3e-3, 7.77, 1e-12, 1e30, 1e-40])
+    codes = scale_codes(s)
+    back = scales_from_codes(codes)
+    assert codes.dtype == np.uint8 and back.dtype == np.float32
+    assert codes[0] == 0 and back[0] == 0.0 and codes[1] == 128 and back[1] == 1.0 and back[2] == 0.5
+    ratio = back[1:5] / s[1:5]
+    assert np.all((ratio > 2 ** -0.125 - 1e-6) & (ratio < 2 ** 0.125 + 1e-6)), ratio  # nearest code
+    assert codes[5] == 1 and codes[6] == 255 and codes[7] == 1  # clamped, never 0 for a positive scale
+    assert back[129 - 128 + 1] != back[1]  # distinct codes, distinct scales
+    every = scales_from_codes(np.arange(256, dtype=np.uint8))
+    assert np.all(np.diff(every[1:]) > 0)  # monotone
+    assert every[132] == np.float32(2.0) and every[124] == np.float32(0.5)  # powers of two exact
+    assert np.array_equal(scale_codes(every[1:]), np.arange(1, 256, dtype=np.uint8))  # codes are fixed points
+    for bad in ([-1.0], [float("nan")], [float("inf")]):
+        with pytest.raises(ValueError, match="scales"):
+            scale_codes(np.array(bad))

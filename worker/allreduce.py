@@ -21,13 +21,23 @@ Schedules (partner at level l = rank XOR 2^l):
   members cancel; error feedback on the owner, as a 1-bit Adam server does), and the all-gather
   forwards it. Bytes: log2(N)/2 1-bit buffers + (N-1)/N ternary ones (1.6 bits per value):
   2.2 bits per value at N = 4 (allgather 3, halving 1.5), 3.0 at N = 8 (allgather 7, halving 1.75).
-"auto" picks: doubling at N = 2 (halving's bytes, one quantization instead of two), allgather at
-N = 4 (each member's contribution quantized once), scatter from N = 8 (allgather's bytes grow as
-N - 1). Quality against fp32 sync (worker/sync.py docstring; tiny model, 100 / 300 steps):
-4 members: allgather +1.2% / +3.8%, scatter +2.4-3.9% / +12%, halving +5.2% / +25-31%;
-8 members: allgather +4.8% / +2.5%, scatter +4.3% / +16%, halving +9.0% / +66%. Re-quantizing a
-mean costs quality because the sign of a sum of members' values has no zero where they disagree;
-ternary keeps the zero but still loses the magnitudes.
+- "count": each member's own contribution quantized once, as in "allgather", but on scales the
+  group shares, so a block's owner holds the exact sum of the N signs and sends each member, per
+  value, how many of the other N - 1 agree with that member's own sign: pairwise exchanges with
+  rank XOR r, r = 1 .. N-1 (direct, nothing forwarded). Reduce-scatter: my sign bits of block p and
+  my scale per chunk of it (one byte, common/counts.py scale codes) to p; all-gather: p's shared
+  scales (the mean of the members') and my agree counts over block p (2 bits for N = 4, about 1.9
+  after zstd). Bytes: (N-1)/N x (1 + 1.9) bits per value at N = 4 plus 2 bytes per chunk: 22x
+  fewer than a fp32 ring all-reduce (allgather: 14x). 2 (N-1) exchanges per call.
+"auto" picks: doubling at N = 2 (halving's bytes, one quantization instead of two), count from
+N = 4 (one quantization per member, fewest bytes); without compression, halving from N = 4 (the
+ring's bytes). Quality against fp32 sync (worker/sync.py docstring; tiny model, 100 / 300 steps,
+one seed): 4 members: allgather +1.2% / +3.8%, scatter +2.4-3.9% / +12%, halving +5.2% / +25-31%;
+8 members: allgather +4.8% / +2.5%, scatter +4.3% / +16%, halving +9.0% / +66%. Over seeds 1-3
+(100 steps) the spread is wider than those gaps: 4 members allgather +0.4 to +6.1%, count +0.2
+to +6.4% (tests/test_sync.py measures count against allgather). Re-quantizing a mean costs quality
+because the sign of a sum of members' values has no zero where they disagree; ternary keeps the
+zero but still loses the magnitudes.
 
 Compression ("sign"): 1 bit per value plus one fp32 scale per `chunk` values (common/compression.py);
 every tensor starts on a chunk boundary of the flattened buffer, so a scale never spans two tensors.
@@ -57,15 +67,17 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
 import grpc
+import numpy as np
 import torch
 
 from common import rpc
+from common.counts import decode_counts, encode_counts, scale_codes, scales_from_codes
 from protos import peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("sign", "none")
-ALGORITHMS = ("auto", "halving", "doubling", "allgather", "scatter")
+ALGORITHMS = ("auto", "halving", "doubling", "allgather", "scatter", "count")
 DEADLINE_P99_FACTOR = 5.0
 PROBE_TIMEOUT_S = 2.0
 _Key = tuple  # (step, round, sender)
@@ -147,6 +159,20 @@ class _Layout:
             n = shape.numel()
             out[name] = flat[off : off + n].view(shape).to(device=like[name].device, dtype=dtype, copy=True)
         return out
+
+
+def _count_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lookup tables of the "count" schedule for n members:
+    agree[s * (n + 1) + plus]: how many of the other n - 1 share the sign s (1 = negative) of a
+      member, given `plus` members with a + sign (entries that cannot occur are 0);
+    k[s * n + a]: the sum of the n signs (fp32) given a member's sign s and a others agreeing."""
+    agree = np.zeros(2 * (n + 1), dtype=np.uint8)
+    for plus in range(1, n + 1):
+        agree[plus] = plus - 1
+    for plus in range(0, n):
+        agree[(n + 1) + plus] = n - plus - 1
+    k = np.array([(1 - 2 * s) * (2 * a - n + 2) for s in (0, 1) for a in range(n)], dtype=np.float32)
+    return agree, k
 
 
 def _codec(scheme: str, chunk: int):
@@ -344,7 +370,12 @@ class CompressedAllReduce:
         self.group_id, self.epoch = group_id, epoch
         self.compression, self.chunk = compression, chunk
         if algorithm == "auto":  # see the module docstring
-            algorithm = "doubling" if world_size <= 2 else "allgather" if world_size <= 4 else "scatter"
+            if world_size <= 2:
+                algorithm = "doubling"
+            else:
+                algorithm = "count" if compression == "sign" else "halving"
+        if algorithm == "count" and compression != "sign":
+            raise ValueError(f"algorithm 'count' needs compression 'sign', got {compression!r}")
         self.algorithm = algorithm
         self.levels = world_size.bit_length() - 1
         self._fixed_deadline, self.min_deadline_s = deadline_s, min_deadline_s
@@ -473,6 +504,8 @@ class CompressedAllReduce:
                 result = self._gather_own(flat, step, stats)
             elif self.algorithm == "scatter":
                 result = self._scatter_own(flat, step, stats)
+            elif self.algorithm == "count":
+                result = self._count_own(flat, step, stats)
             else:
                 result = self._recursive_doubling(flat, step, stats)
         except PeerFailure as exc:
@@ -566,6 +599,73 @@ class CompressedAllReduce:
             mine, _ = self._mean_codec.encode(mean)
         stats.encode_seconds += time.perf_counter() - t0
         return self._all_gather_blocks({lo: mine}, self._mean_codec, step, rnd, stats)
+
+    def _count_own(self, flat: torch.Tensor, step: int, stats: AllReduceStats) -> torch.Tensor:
+        """Schedule "count": every member's own 1-bit contribution on scales the group shares, summed
+        exactly by the block's owner, which sends each member, per value, how many of the other
+        N - 1 members share that member's own sign (2 bits for N = 4, then zstd) instead of their
+        N - 1 sign bits. Both phases are pairwise exchanges with partner rank XOR r, r = 1 .. N-1
+        (direct sends, nothing forwarded):
+          reduce-scatter: to the owner of block p, my sign bits of block p + my scale code per chunk
+            of it (my mean |value| there, one byte: common/counts.py scale codes);
+          all-gather: from the owner of block p, the block's shared scale codes (the mean of the
+            members' scales) + my agree counts.
+        A sign does not depend on its scale, so every member quantizes with the shared scale of the
+        same call; its error feedback (residual = y - shared scale x sign) is committed only when
+        the call succeeds. The mean is k x scale / N with k the integer sum of the N signs: the same
+        bits on every member."""
+        C, B, n, me = self.chunk, self._layout.block, self.world_size, self.rank
+        chunks = B // C  # scale chunks per block
+        sign_bytes = -(-B // 8)
+        t0 = time.perf_counter()
+        residual = self._feedback.residual("own", flat)
+        y = flat + residual
+        rows = y.view(-1, C)  # (n * chunks, C)
+        bits = np.packbits(torch.signbit(y).view(n, B).numpy(), axis=1)  # (n, sign_bytes); 1 = negative
+        own_codes = scale_codes((torch.linalg.vector_norm(rows, ord=1, dim=1) / C).numpy()).reshape(n, chunks)
+        stats.encode_seconds += time.perf_counter() - t0
+        signs, codes = {me: bits[me]}, {me: own_codes[me]}  # member -> its part of my block
+        for r in range(1, n):
+            p = me ^ r
+            payload = bits[p].tobytes() + own_codes[p].tobytes()
+            _, got = self._exchange(p, step, _Round(r - 1, r, peer_pb2.REDUCE_SCATTER), payload, [(p, len(payload))], stats)
+            if len(got) != sign_bytes + chunks:
+                raise PeerFailure(p, f"count reduce-scatter message of {len(got)} bytes, expected {sign_bytes + chunks}")
+            signs[p] = np.frombuffer(got, dtype=np.uint8, count=sign_bytes)
+            codes[p] = np.frombuffer(got, dtype=np.uint8, offset=sign_bytes)
+        t0 = time.perf_counter()
+        negs = np.unpackbits(np.stack([signs[m] for m in range(n)]), axis=1, count=B)  # (n, B)
+        plus = np.uint8(n) - negs.sum(axis=0, dtype=np.uint8)  # members with a + sign, per value
+        block_codes = scale_codes(np.stack([scales_from_codes(codes[m]) for m in range(n)]).mean(axis=0, dtype=np.float64))
+        agree_of, k_of = _count_tables(n)
+        k = np.empty(n * B, dtype=np.float32)  # the sum of the N signs, per value of the buffer
+        np.subtract(2 * plus.astype(np.float32), np.float32(n), out=k[me * B : (me + 1) * B])
+        stats.encode_seconds += time.perf_counter() - t0
+        block_codes_of = {me: block_codes}
+        for r in range(1, n):
+            p = me ^ r
+            t0 = time.perf_counter()
+            agree = np.take(agree_of, negs[p] * np.uint8(n + 1) + plus)  # the others sharing p's sign
+            payload = block_codes.tobytes() + encode_counts(agree, n - 1)
+            stats.encode_seconds += time.perf_counter() - t0
+            _, got = self._exchange(p, step, _Round(n - 2 + r, r, peer_pb2.ALL_GATHER), payload, [(p, len(payload))], stats)
+            t0 = time.perf_counter()
+            try:
+                if len(got) < chunks:
+                    raise ValueError(f"{len(got)} bytes, fewer than its {chunks} scale codes")
+                agree_mine = decode_counts(got[chunks:], B, n - 1)
+            except ValueError as exc:
+                raise PeerFailure(p, f"count all-gather message unusable: {exc}") from None
+            mine_negative = np.unpackbits(bits[p], count=B)
+            np.take(k_of, mine_negative * np.uint8(n) + agree_mine, out=k[p * B : (p + 1) * B])
+            block_codes_of[p] = np.frombuffer(got, dtype=np.uint8, count=chunks)
+            stats.encode_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scale = torch.from_numpy(scales_from_codes(np.concatenate([block_codes_of[b] for b in range(n)])))[:, None]
+        torch.sub(rows, torch.copysign(scale, rows), out=residual.view(-1, C))  # commit the error feedback
+        out = torch.from_numpy(k).view(-1, C).mul_(scale).div_(n).view(-1)  # same inputs and ops everywhere
+        stats.encode_seconds += time.perf_counter() - t0
+        return out
 
     def _all_gather_blocks(self, blocks: dict[int, bytes], codec, step: int, rnd: int, stats: AllReduceStats) -> torch.Tensor:
         """All-gather by recursive doubling of the owners' encoded blocks (bytes forwarded

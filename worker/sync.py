@@ -42,8 +42,11 @@ between members that disagree (a sign has no zero). 2 members ("doubling": each 
 direction quantized once, the decoded ones averaged) +0.5% / +0.05%; the same 2 under "halving"
 (two quantizations) +14.7% at 300 steps. 4 members (fp32 1.655 / 0.468): "halving" (three
 quantizations, partial sums included) +5.2% / +25-31%; "allgather" (own direction once, the
-default for 4) 1.675 (+1.2%) / 0.486 (+3.8%; 300-step runs of 4 vary by a few % with the probe
-interval: every 2 steps +2.8%, every 4 +6.1%); "scatter" (own directions summed exactly by the
+default for 4 until "count") 1.675 (+1.2%) / 0.486 (+3.8%; 300-step runs of 4 vary by a few % with
+the probe interval: every 2 steps +2.8%, every 4 +6.1%); "count" (the default from 4: own
+directions once, on scales shared per chunk, summed exactly, sent back as agree counts) 1.708
+(+3.2%) / 0.502 (+7.2%), and on seeds 1-3 at 100 steps +4.5%, +6.4%, +0.2% where allgather gave
++6.1%, +5.9%, +0.4% (one seed's gap between schedules is noise); "scatter" (own directions summed exactly by the
 block's owner, the mean re-quantized ternary) 1.678-1.721 (+1.4% to +3.9% with the ternary
 threshold) / 0.515-0.544 (+10-16%). 8 members (fp32 1.594 / 0.397): allgather +4.8% / +2.5%,
 scatter (the default from 8) +4.3% / +16%, halving +9.0% / +66%. Every `check_every` steps (and before the first
@@ -494,7 +497,7 @@ def _fp32_sibling(ar: CompressedAllReduce) -> CompressedAllReduce:
     routed by the same server (the warmup and variance-refresh steps of 1-bit Adam)."""
     sibling = CompressedAllReduce(
         ar.rank, ar.world_size, ar.peers, f"{ar.group_id}/fp32", epoch=ar.epoch, compression="none",
-        chunk=ar.chunk, algorithm=ar.algorithm, deadline_s=ar._fixed_deadline, min_deadline_s=ar.min_deadline_s,
+        chunk=ar.chunk, algorithm="auto" if ar.algorithm == "count" else ar.algorithm, deadline_s=ar._fixed_deadline, min_deadline_s=ar.min_deadline_s,
         tls_ca=ar._tls_ca,
     )
     sibling._metadata = ar._metadata
