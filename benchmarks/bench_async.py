@@ -124,8 +124,10 @@ def run_train(batch: int, steps: int, runs: Path, force: bool, threads: int) -> 
 
 
 def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 0, downlink: str = "",
-                 scheme: str = "", merge_weights: str = "") -> None:
+                 scheme: str = "", merge_weights: str = "", round_seconds: float = 0.0) -> None:
     lines = []
+    if round_seconds:
+        lines += ["[round]", "steps = 0", f"seconds = {round_seconds}"]
     if merge_weights:
         lines += ["[merge]", f"weights = {json.dumps(merge_weights)}"]
     if unit_tokens:
@@ -147,20 +149,24 @@ def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 
     path.write_text("\n".join(lines) + "\n")
 
 
-def run_demo(n: int, h: int, scheme: str, steps: int, runs: Path, force: bool, outer: dict, chunk: int | None,
-             tag: str, unit_tokens: int = 0, downlink: str = "", merge_weights: str = "") -> dict:
+def run_demo(n: int, h: int | str, scheme: str, steps: int, runs: Path, force: bool, outer: dict, chunk: int | None,
+             tag: str, unit_tokens: int = 0, downlink: str = "", merge_weights: str = "",
+             round_seconds: float = 0.0) -> dict:
+    """h: inner steps per round, or the label of a time-based round (round_seconds > 0)."""
     name = f"demo_n{n}_h{h}_{scheme}_s{steps}" + (f"_{tag}" if tag else "")
     run_dir = runs / name
     cmd = [
-        *_geotrain(), "demo", "--workers", str(n), "--steps", str(steps), "--round-steps", str(h),
+        *_geotrain(), "demo", "--workers", str(n), "--steps", str(steps),
         "--compression", scheme, "--run-dir", str(run_dir), "--json",
     ]
+    if not round_seconds:
+        cmd += ["--round-steps", str(h)]
     if DATA_DIR:
         cmd += ["--data", DATA_DIR]
-    if outer or chunk or unit_tokens or downlink or merge_weights:
+    if outer or chunk or unit_tokens or downlink or merge_weights or round_seconds:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = runs / f"{name}.toml"
-        write_config(cfg, outer, chunk, unit_tokens, downlink, scheme, merge_weights)
+        write_config(cfg, outer, chunk, unit_tokens, downlink, scheme, merge_weights, round_seconds)
         cmd += ["--config", str(cfg)]
     if force or not (run_dir / "summary.json").exists():
         if run_dir.exists():  # a coordinator would resume the run found there
@@ -239,6 +245,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", default="1,2,4", help="demo worker counts, comma separated ('' = none)")
     p.add_argument("--round-steps", default="50", help="H values, comma separated")
+    p.add_argument("--round-seconds", type=float, default=0.0,
+                   help="time-based rounds of this many seconds instead of --round-steps (run label tS)")
     p.add_argument("--compression", default="none,sign")
     p.add_argument("--steps", type=int, default=2000, help="inner steps per worker")
     p.add_argument("--baselines", default="", help="N values whose train baselines to run (batch 12 x N)")
@@ -293,12 +301,13 @@ def main() -> None:
         outer["lr"] = args.outer_lr
     if args.outer_momentum >= 0:
         outer["momentum"] = args.outer_momentum
+    rounds = [f"t{args.round_seconds:g}"] if args.round_seconds else _csv(args.round_steps, int)
     for n in _csv(args.workers, int):
-        for h in _csv(args.round_steps, int):
+        for h in rounds:
             for scheme in _csv(args.compression):
                 t0 = time.monotonic()
                 info = run_demo(n, h, scheme, args.steps, runs, args.force, outer, args.chunk or None, args.tag,
-                                args.unit_tokens, args.downlink, args.merge_weights)
+                                args.unit_tokens, args.downlink, args.merge_weights, args.round_seconds)
                 s = info["summary"]
                 model = load_coordinator_model(ROOT / info["dir"])
                 params = sum(p.numel() for p in model.parameters())
