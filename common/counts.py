@@ -53,12 +53,30 @@ def encode_counts(counts: np.ndarray, maxval: int, zstd_level: int = 3) -> bytes
     per = 8 // bits
     padded = np.zeros(-(-counts.size // per) * per, dtype=np.uint8)
     padded[: counts.size] = counts
-    lanes = padded.reshape(-1, per)
-    packed = np.zeros(lanes.shape[0], dtype=np.uint8)
-    for j in range(per):
-        packed |= lanes[:, j] << np.uint8(j * bits)
+    if per == 1:
+        packed = padded
+    else:  # lanes of `per` counts read as one little-endian word; count j moves to bits j*bits
+        word = padded.view("<u4" if per == 4 else "<u2")
+        acc = word.copy()
+        for j in range(1, per):
+            acc |= word >> np.uint8(j * (8 - bits))
+        packed = acc.astype(np.uint8)  # keeps the low byte
     cctx = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True, write_content_size=True, threads=0)
     return cctx.compress(packed.tobytes())
+
+
+_UNPACK_TABLES: dict[int, np.ndarray] = {}
+
+
+def _unpack_table(bits: int) -> np.ndarray:
+    """byte -> its 8 // bits counts, lowest bits first, as one little-endian word per byte."""
+    table = _UNPACK_TABLES.get(bits)
+    if table is None:
+        per = 8 // bits
+        b = np.arange(256, dtype=np.uint8)[:, None]
+        lanes = (b >> (np.arange(per, dtype=np.uint8) * bits)[None, :]) & np.uint8((1 << bits) - 1)
+        table = _UNPACK_TABLES[bits] = np.ascontiguousarray(lanes).view("<u4" if per == 4 else "<u2").reshape(-1)
+    return table
 
 
 def decode_counts(payload: bytes, n: int, maxval: int) -> np.ndarray:
@@ -81,10 +99,8 @@ def decode_counts(payload: bytes, n: int, maxval: int) -> np.ndarray:
         raise ValueError(f"count payload does not decompress: {exc}") from None
     if len(packed) != expected:
         raise ValueError(f"count payload holds {len(packed)} bytes, expected {expected}")
-    per = 8 // bits
     raw = np.frombuffer(packed, dtype=np.uint8)
-    shifts = (np.arange(per, dtype=np.uint8) * bits)[None, :]
-    counts = ((raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)
+    counts = np.take(_unpack_table(bits), raw).view(np.uint8) if bits < 8 else raw.copy()
     if counts[n:].any():
         raise ValueError("count payload has nonzero padding")
     counts = counts[:n]

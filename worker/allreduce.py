@@ -161,18 +161,20 @@ class _Layout:
         return out
 
 
-def _count_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+def _count_tables(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lookup tables of the "count" schedule for n members:
     agree[s * (n + 1) + plus]: how many of the other n - 1 share the sign s (1 = negative) of a
       member, given `plus` members with a + sign (entries that cannot occur are 0);
-    k[s * n + a]: the sum of the n signs (fp32) given a member's sign s and a others agreeing."""
+    k[s * n + a]: the sum of the n signs / n (fp32, exact: n is a power of two) given a member's
+      sign s and a others agreeing; k_plus[plus]: the same given the number of + signs."""
     agree = np.zeros(2 * (n + 1), dtype=np.uint8)
     for plus in range(1, n + 1):
         agree[plus] = plus - 1
     for plus in range(0, n):
         agree[(n + 1) + plus] = n - plus - 1
-    k = np.array([(1 - 2 * s) * (2 * a - n + 2) for s in (0, 1) for a in range(n)], dtype=np.float32)
-    return agree, k
+    k = np.array([(1 - 2 * s) * (2 * a - n + 2) / n for s in (0, 1) for a in range(n)], dtype=np.float32)
+    k_plus = np.array([(2 * plus - n) / n for plus in range(n + 1)], dtype=np.float32)
+    return agree, k, k_plus
 
 
 def _codec(scheme: str, chunk: int):
@@ -614,16 +616,28 @@ class CompressedAllReduce:
         same call; its error feedback (residual = y - shared scale x sign) is committed only when
         the call succeeds. The mean is k x scale / N with k the integer sum of the N signs: the same
         bits on every member."""
-        C, B, n, me = self.chunk, self._layout.block, self.world_size, self.rank
-        chunks = B // C  # scale chunks per block
-        sign_bytes = -(-B // 8)
+        C, B, n = self.chunk, self._layout.block, self.world_size
         t0 = time.perf_counter()
         residual = self._feedback.residual("own", flat)
-        y = flat + residual
+        y = residual.add_(flat)  # y = x + residual, in the residual's buffer (undone on failure)
         rows = y.view(-1, C)  # (n * chunks, C)
         bits = np.packbits(torch.signbit(y).view(n, B).numpy(), axis=1)  # (n, sign_bytes); 1 = negative
-        own_codes = scale_codes((torch.linalg.vector_norm(rows, ord=1, dim=1) / C).numpy()).reshape(n, chunks)
+        own_codes = scale_codes((torch.linalg.vector_norm(rows, ord=1, dim=1) / C).numpy()).reshape(n, B // C)
         stats.encode_seconds += time.perf_counter() - t0
+        try:
+            mean = self._count_exchange(y, bits, own_codes, step, stats)
+        except BaseException:
+            residual.sub_(flat)  # the call failed: the residual as it was (up to rounding)
+            raise
+        return mean
+
+    def _count_exchange(self, y: torch.Tensor, bits: np.ndarray, own_codes: np.ndarray, step: int,
+                        stats: AllReduceStats) -> torch.Tensor:
+        """The two phases of "count" (see _count_own); on success y (the residual's buffer) becomes
+        the new residual."""
+        C, B, n, me = self.chunk, self._layout.block, self.world_size, self.rank
+        chunks, sign_bytes = B // C, -(-B // 8)
+        rows = y.view(-1, C)
         signs, codes = {me: bits[me]}, {me: own_codes[me]}  # member -> its part of my block
         for r in range(1, n):
             p = me ^ r
@@ -637,9 +651,9 @@ class CompressedAllReduce:
         negs = np.unpackbits(np.stack([signs[m] for m in range(n)]), axis=1, count=B)  # (n, B)
         plus = np.uint8(n) - negs.sum(axis=0, dtype=np.uint8)  # members with a + sign, per value
         block_codes = scale_codes(np.stack([scales_from_codes(codes[m]) for m in range(n)]).mean(axis=0, dtype=np.float64))
-        agree_of, k_of = _count_tables(n)
-        k = np.empty(n * B, dtype=np.float32)  # the sum of the N signs, per value of the buffer
-        np.subtract(2 * plus.astype(np.float32), np.float32(n), out=k[me * B : (me + 1) * B])
+        agree_of, k_of, k_of_plus = _count_tables(n)
+        k = np.empty(n * B, dtype=np.float32)  # the sum of the N signs / N, per value of the buffer
+        np.take(k_of_plus, plus, out=k[me * B : (me + 1) * B])
         stats.encode_seconds += time.perf_counter() - t0
         block_codes_of = {me: block_codes}
         for r in range(1, n):
@@ -662,8 +676,8 @@ class CompressedAllReduce:
             stats.encode_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         scale = torch.from_numpy(scales_from_codes(np.concatenate([block_codes_of[b] for b in range(n)])))[:, None]
-        torch.sub(rows, torch.copysign(scale, rows), out=residual.view(-1, C))  # commit the error feedback
-        out = torch.from_numpy(k).view(-1, C).mul_(scale).div_(n).view(-1)  # same inputs and ops everywhere
+        rows.sub_(torch.copysign(scale, rows))  # commit the error feedback: y - scale x sign
+        out = torch.from_numpy(k).view(-1, C).mul_(scale).view(-1)  # same inputs and ops everywhere
         stats.encode_seconds += time.perf_counter() - t0
         return out
 
