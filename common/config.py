@@ -218,10 +218,16 @@ class RoundConfig:
 
     steps: int = 50
     seconds: float = 0.0
+    # Inner steps a worker may train past its push before it waits for that push's merge (0: no
+    # limit, the worker never waits). The steps trained on the old basepoint while a merge is in
+    # flight cost quality (README: merge lag); a small bound trades a little waiting for it.
+    max_lag_steps: int = 0
 
     def validate(self) -> "RoundConfig":
         if self.steps <= 0 and self.seconds <= 0:
             raise ValueError("round needs steps > 0 or seconds > 0")
+        if not isinstance(self.max_lag_steps, int) or self.max_lag_steps < 0:
+            raise ValueError(f"round.max_lag_steps must be an int >= 0, got {self.max_lag_steps!r}")
         return self
 
 

@@ -141,7 +141,9 @@ def test_sign_compressed_run_learns_and_delivers_its_residuals(data_dir, tmp_pat
     entropy, every replayed version matches the coordinator's checksum (no resync), and a worker
     left without data sends its pending steps at 8 bits (carrying the error feedback residual left
     in its weights)."""
-    cfg = tiny_config(compression__scheme=scheme, compression__downlink=downlink, plan__max_tokens=163_840)
+    lag = 1 if downlink == "count" else 0  # the count run also bounds the merge lag (round.max_lag_steps)
+    cfg = tiny_config(compression__scheme=scheme, compression__downlink=downlink, plan__max_tokens=163_840,
+                      round__max_lag_steps=lag)
     with Cluster(tmp_path, data_dir, cfg) as c:
         coord = c.start_coordinator()
         workers = [c.start_worker(f"s{i}") for i in range(2)]
@@ -162,6 +164,10 @@ def test_sign_compressed_run_learns_and_delivers_its_residuals(data_dir, tmp_pat
             assert "checksum mismatch" not in text and "unusable" not in text, text[-2000:]
         if downlink == "count":  # from the second round on, merges are counts
             assert coord.log().count("as counts") >= 3, coord.log()[-3000:]
+        lags = [float(x) for text in logs for x in re.findall(r"merge lag ([\d.]+) steps", text)]
+        assert len(lags) >= len(workers), [text[-1500:] for text in logs]  # at least each worker's last summary
+        if lag:  # never more than `lag` steps trained on an old basepoint
+            assert max(lags) <= lag, lags
 
 
 # --------------------------------------------------------------------------- 2: worker SIGKILL

@@ -542,6 +542,25 @@ class WorkerRunner:
         with self._push_blobs_lock:
             return tuple(self._push_blobs)
 
+    def _lag_exhausted(self) -> bool:
+        """round.max_lag_steps > 0 and the push in flight is that many steps old."""
+        limit = self.run_cfg.round.max_lag_steps
+        push = self._inflight
+        return limit > 0 and push is not None and self.local_step - push.pushed_at_step >= limit
+
+    def _wait_for_merge(self) -> None:
+        """Hold training until the push in flight is resolved (merged, stale, lost) or the worker
+        stops, handling what the comm thread delivers as it arrives; the time counts as waiting on
+        the network. The comm thread's deadlines and retries bound how long a push stays in flight."""
+        t0 = time.monotonic()
+        while self._lag_exhausted() and not (self._stop.is_set() or self._finish.is_set()):
+            try:
+                msg = self._inbox.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            self._handle(msg)
+        self._add_wait(time.monotonic() - t0)
+
     def _add_wait(self, seconds: float) -> None:
         with self._stats_lock:
             self._stats.wait_seconds += seconds
@@ -602,6 +621,9 @@ class WorkerRunner:
                     if got.session == self.client.session_epoch:
                         lease = got
                     continue
+                if self._lag_exhausted():
+                    self._wait_for_merge()
+                    continue
                 self._train_step(lease)
                 bar.update(1)
                 if time.monotonic() - last_summary >= self.config.summary_seconds:
@@ -610,6 +632,7 @@ class WorkerRunner:
                 if self._round_over() and self._inflight is None:
                     self._start_push()
         finally:
+            self._summary(bar)  # the last figures, also when the loop ended between summaries
             bar.close()
         self.state = "finishing"
         patience = self.config.shutdown_patience if reason == "signal" else self.config.finish_patience
