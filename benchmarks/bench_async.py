@@ -124,7 +124,8 @@ def run_train(batch: int, steps: int, runs: Path, force: bool, threads: int) -> 
 
 
 def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 0, downlink: str = "",
-                 scheme: str = "", merge_weights: str = "", round_seconds: float = 0.0, max_lag: int = 0) -> None:
+                 scheme: str = "", merge_weights: str = "", round_seconds: float = 0.0, max_lag: int = 0,
+                 last_scheme: str = "") -> None:
     lines = []
     if round_seconds or max_lag:
         lines.append("[round]")
@@ -140,8 +141,10 @@ def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 
         lines.append("[outer]")
         for k, v in outer.items():
             lines.append(f"{k} = {json.dumps(v)}")
-    if chunk or downlink:
+    if chunk or downlink or last_scheme:
         lines.append("[compression]")
+        if last_scheme:
+            lines.append(f"last_scheme = {json.dumps(last_scheme)}")
         if chunk:
             lines.append(f"chunk = {chunk}")
         if downlink:  # "combine" or "combine:ternary" (downlink:downlink_scheme)
@@ -155,7 +158,7 @@ def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 
 
 def run_demo(n: int, h: int | str, scheme: str, steps: int, runs: Path, force: bool, outer: dict, chunk: int | None,
              tag: str, unit_tokens: int = 0, downlink: str = "", merge_weights: str = "",
-             round_seconds: float = 0.0, max_lag: int = 0) -> dict:
+             round_seconds: float = 0.0, max_lag: int = 0, last_scheme: str = "") -> dict:
     """h: inner steps per round, or the label of a time-based round (round_seconds > 0)."""
     name = f"demo_n{n}_h{h}_{scheme}_s{steps}" + (f"_{tag}" if tag else "")
     run_dir = runs / name
@@ -167,10 +170,11 @@ def run_demo(n: int, h: int | str, scheme: str, steps: int, runs: Path, force: b
         cmd += ["--round-steps", str(h)]
     if DATA_DIR:
         cmd += ["--data", DATA_DIR]
-    if outer or chunk or unit_tokens or downlink or merge_weights or round_seconds or max_lag:
+    if outer or chunk or unit_tokens or downlink or merge_weights or round_seconds or max_lag or last_scheme:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = runs / f"{name}.toml"
-        write_config(cfg, outer, chunk, unit_tokens, downlink, scheme, merge_weights, round_seconds, max_lag)
+        write_config(cfg, outer, chunk, unit_tokens, downlink, scheme, merge_weights, round_seconds, max_lag,
+                     last_scheme)
         cmd += ["--config", str(cfg)]
     if force or not (run_dir / "summary.json").exists():
         if run_dir.exists():  # a coordinator would resume the run found there
@@ -249,6 +253,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", default="1,2,4", help="demo worker counts, comma separated ('' = none)")
     p.add_argument("--round-steps", default="50", help="H values, comma separated")
+    p.add_argument("--last-scheme", default="", help="compression.last_scheme (int8, int4)")
     p.add_argument("--max-lag-steps", type=int, default=0, help="round.max_lag_steps (0: no limit)")
     p.add_argument("--round-seconds", type=float, default=0.0,
                    help="time-based rounds of this many seconds instead of --round-steps (run label tS)")
@@ -313,7 +318,7 @@ def main() -> None:
                 t0 = time.monotonic()
                 info = run_demo(n, h, scheme, args.steps, runs, args.force, outer, args.chunk or None, args.tag,
                                 args.unit_tokens, args.downlink, args.merge_weights, args.round_seconds,
-                                args.max_lag_steps)
+                                args.max_lag_steps, args.last_scheme)
                 s = info["summary"]
                 model = load_coordinator_model(ROOT / info["dir"])
                 params = sum(p.numel() for p in model.parameters())
@@ -333,6 +338,8 @@ def main() -> None:
                     desc += f",weights={args.merge_weights}"
                 if args.max_lag_steps:
                     desc += f",max_lag_steps={args.max_lag_steps}"
+                if args.last_scheme:
+                    desc += f",last_scheme={args.last_scheme}"
                 res["runs"][key] = dict(
                     kind="demo", n=n, h=h, scheme=scheme, steps=args.steps, tokens=tokens, params=params,
                     outer=outer, outer_desc=desc, unit_tokens=args.unit_tokens or None, chunk=args.chunk or None,

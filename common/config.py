@@ -289,6 +289,10 @@ class CompressionConfig:
     downlink: str = "relay"
     # Scheme of the coordinator's payload under "combine" and "recode" ("" = `scheme`).
     downlink_scheme: str = ""
+    # Scheme of a worker's last delta of the run (its final partial round, sent when its data runs
+    # out) under the coarse schemes sign, tsign, ternary and int4: the error-feedback residual left
+    # in its weights goes out with it, so it must not be 1-bit. int8 (default) or int4.
+    last_scheme: str = "int8"
     # Sync groups' all-reduce schedule (worker/allreduce.py), the same for every member of the run:
     # auto (doubling for 2, count from 4; halving from 4 without compression) | doubling | halving
     # | allgather | scatter | count (1-bit only). halving and scatter re-quantize means, which costs
@@ -307,6 +311,8 @@ class CompressionConfig:
             raise ValueError(f"compression.chunk must be in [1, {1 << 20}], got {self.chunk!r}")
         if not 1 <= self.zstd_level <= 22:
             raise ValueError(f"compression.zstd_level must be in [1, 22], got {self.zstd_level!r}")
+        if self.last_scheme not in ("int8", "int4"):
+            raise ValueError(f"compression.last_scheme must be 'int8' or 'int4', got {self.last_scheme!r}")
         if self.downlink_scheme not in ("", *DELTA_SCHEMES):
             raise ValueError(f"compression.downlink_scheme must be '' or one of {DELTA_SCHEMES}, got {self.downlink_scheme!r}")
         if self.downlink not in DOWNLINKS:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.compression import decode_tensors, encode_tensors
-from common.config import CompressionConfig, RunConfig
+from common.config import CompressionConfig, RunConfig, RoundConfig
 from common.tensors import clone_tensors, params_sha256
 from coordinator.merge import OuterOptimizer, weighted_sum
 from coordinator.service import _update_info
@@ -210,6 +210,10 @@ def test_unknown_downlink_or_sync_schedule_is_refused():
         run.validate()
     with pytest.raises(ValueError, match="compression.sync_schedule"):
         CompressionConfig(sync_schedule="ring").validate()
+    with pytest.raises(ValueError, match="compression.last_scheme"):
+        CompressionConfig(last_scheme="sign").validate()
+    with pytest.raises(ValueError, match="round.max_lag_steps"):
+        RoundConfig(max_lag_steps=-1).validate()
     from worker.allreduce import ALGORITHMS
     from common.config import SYNC_SCHEDULES
 

@@ -187,7 +187,6 @@ def replay_counted(
     return outer.update(mean, fraction=info.outer_fraction)
 
 
-FINAL_PUSH_SCHEME = "int8"  # a worker's last delta of the run (see WorkerRunner._finish_up)
 
 
 def initial_weights_from_seed(run: RunConfig, model: ModelConfig, initial_sha: str) -> dict[str, torch.Tensor] | None:
@@ -1231,8 +1230,10 @@ class WorkerRunner:
         self._start_push(scheme)
 
     def _last_steps_scheme(self) -> str | None:
-        """FINAL_PUSH_SCHEME when the run's scheme is coarser than it, else None (the run's)."""
-        return FINAL_PUSH_SCHEME if self.run_cfg.compression.scheme in ("sign", "tsign", "ternary", "int4") else None
+        """compression.last_scheme when the run's scheme is coarser than it, else None (the run's)."""
+        c = self.run_cfg.compression
+        coarse = ("sign", "tsign", "ternary") + (("int4",) if c.last_scheme == "int8" else ())
+        return c.last_scheme if c.scheme in coarse else None
 
     def _finish_up(self, reason: str, patience: float) -> None:
         give_up = time.monotonic() + patience
