@@ -592,9 +592,8 @@ class TernaryCodec(Codec):
 
 class TensorSignCodec(Codec):
     """1 bit per value plus ONE fp32 scale for the whole tensor: mean |x|, or a scale the caller
-    imposes (encode_tensors(..., scales=)). Workers of a downlink "count" run encode with the scales
-    the coordinator published, so the merge of their deltas is a count of signs per value
-    (coordinator/merge.py::counted_mean)."""
+    imposes (encode_tensors(..., scales=)). A downlink "count" merge of such deltas takes them at
+    the mean of their scales, so it is a count of signs per value (coordinator/merge.py::counted_mean)."""
 
     name = "tsign"
 

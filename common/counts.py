@@ -1,8 +1,9 @@
 """Count payloads of the downlink "count" (coordinator/state.py, worker/runner.py).
 
-When every delta of a merge is 1-bit with the same per-tensor scales and the same merge weight (the
-workers encoded with the scales the coordinator published, scheme "tsign"), the merged mean is
-`scale x weight x k` per value, with k the sum of the N signs. The coordinator then sends each
+When every delta of a merge is 1-bit with one scale per tensor (scheme "tsign") and the deltas have
+the same merge weight, the coordinator takes each at the mean of their scales: the merged mean is
+`scale x weight x k` per value, with k the sum of the N signs, and each merged worker subtracts its
+delta as scale x its own signs. The coordinator then sends each
 worker, instead of the other deltas' sign bits (N - 1 bits per value), one count per value:
 
 - "agree" payload, for a worker whose own delta is in the merge (it still holds it): how many of

@@ -23,8 +23,9 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import grpc
 
 # 2: relayed updates (UpdateInfo.relayed, ModelHeader.momentum_bytes); 3: count merges
-# (UpdateInfo.counted, next_scales; DeltaHeader.own_scales) and combined deltas.
-PROTOCOL_VERSION = 3
+# (UpdateInfo.counted, next_scales; DeltaHeader.own_scales) and combined deltas; 4: count merges
+# take the mean of the deltas' own scales (next_scales and own_scales retired).
+PROTOCOL_VERSION = 4
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = CHUNK_BYTES + (1 << 20)
 KEEPALIVE_MS = 20_000

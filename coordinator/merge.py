@@ -50,7 +50,6 @@ class Contribution:
     wire_bytes: int = 0
     factor: float = 1.0  # the outlier gate's clip factor (NormGate), applied in weighted_sum
     blob: bytes = b""  # the pushed payload (kept for downlinks "relay" and "count")
-    own_scales: list[float] = field(default_factory=list)  # downlink "count": per tensor, as reported
 
 
 def staleness_weight(staleness: int, power: float) -> float:

@@ -151,7 +151,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             updates=[_update_info(u) for u in reply.updates],
             merged_push_ids=reply.merged_push_ids,
             momentum_bytes=reply.momentum_bytes,
-            next_scales=reply.next_scales,
         )
         return self._stream_model(header, reply.blob)
 
@@ -206,7 +205,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             raise InvalidArgument("mean_loss is not finite")
         outcome = self.state.push(
             h.worker_id, h.session_id, h.push_id, h.base_version, h.tokens, h.steps, h.mean_loss, ranges, blob,
-            own_scales=list(h.own_scales),
         )
         return pb.PushReply(
             result=pb.PushReply.Result.ACCEPTED if outcome.accepted else pb.PushReply.Result.STALE,
@@ -249,7 +247,7 @@ def _update_info(u) -> pb.UpdateInfo:
     r = u.record
     info = pb.UpdateInfo(
         version=r.version, offset=u.offset, size=u.size, merged_push_ids=r.merged_push_ids,
-        params_sha256=r.params_sha256, outer_fraction=r.outer_fraction, next_scales=r.next_scales,
+        params_sha256=r.params_sha256, outer_fraction=r.outer_fraction,
         relayed=[
             pb.RelayedDelta(push_id=d.push_id, offset=offset, size=size, weight=d.weight, factor=d.factor)
             for d, (offset, size) in zip(r.relayed, u.parts)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -37,7 +36,7 @@ import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Container, Sequence
+from typing import Any, Callable, Container
 
 import numpy as np
 import torch
@@ -155,7 +154,6 @@ class UpdateRecord:
     relayed: list[RelayedDelta] = field(default_factory=list)
     outer_fraction: float = 1.0
     counted: CountedRecord | None = None
-    next_scales: list[float] = field(default_factory=list)  # downlink "count": published with this version
 
     def wire_size(self, held: Container[str] = ()) -> int:
         """Bytes on the wire for a worker that holds the pushes in `held` (omitted when relayed;
@@ -196,7 +194,6 @@ class ModelReply:
     updates: list[UpdateSlice]
     merged_push_ids: list[str] = field(default_factory=list)  # for FULL: the caller's pushes since have_version
     momentum_bytes: int = 0  # for FULL under downlink "relay": the blob's tail is the outer momentum
-    next_scales: list[float] = field(default_factory=list)  # for FULL under downlink "count"
 
 
 # --------------------------------------------------------------------------- state
@@ -248,9 +245,6 @@ class CoordinatorState:
         self.initial_sha = self.params_sha
         self.history: deque[UpdateRecord] = deque()  # trimmed in _merge: see _history_limit
         self.full_blob_cache: tuple[int, bytes, int] | None = None  # (version, blob, momentum bytes)
-        # Downlink "count": the per-tensor scales (model tensor order, fp32 values) that deltas based
-        # on the current version are encoded with; [] = none published (deltas use their own).
-        self.shared_scales: list[float] = []
         self.workers: dict[str, WorkerRecord] = {}
         self.pending: list[Contribution] = []
         self.first_pending_at: float | None = None
@@ -535,7 +529,7 @@ class CoordinatorState:
             record = self.workers.get(worker_id)
             own = [p for v, p in record.merged_pushes if v > have_version] if record else []
             _, blob, momentum_bytes = self.full_blob_cache
-            return ModelReply("FULL", self.version, blob, self.params_sha, [], own, momentum_bytes, list(self.shared_scales))
+            return ModelReply("FULL", self.version, blob, self.params_sha, [], own, momentum_bytes)
 
     def _updates_reply(self, records: list[UpdateRecord], held_push_ids: Container[str]) -> ModelReply:
         slices, blob = [], bytearray()
@@ -575,14 +569,8 @@ class CoordinatorState:
         mean_loss: float,
         ranges: list[TrainedRange],
         blob: bytes,
-        own_scales: Sequence[float] = (),
     ) -> PushOutcome:
-        """Validate a delta and queue it (semi-sync) or merge it (async). own_scales (downlink
-        "count"): the delta's own mean |value| per tensor, in the model's tensor order, or empty."""
-        own_scales = list(own_scales)
-        if own_scales and (len(own_scales) != len(self.spec)
-                           or not all(math.isfinite(x) and x >= 0 for x in own_scales)):
-            raise InvalidArgument(f"own_scales must hold {len(self.spec)} finite values >= 0, got {len(own_scales)}")
+        """Validate a delta and queue it (semi-sync) or merge it (async)."""
         with self.lock:
             self._session(worker_id, session_id)
             rank = self.groups.rank_of(worker_id)
@@ -616,7 +604,7 @@ class CoordinatorState:
             self.pending = [c for c in self.pending if c.worker_id != worker_id]  # at most one each
             self.pending.append(
                 Contribution(push_id, worker_id, base_version, tokens, steps, mean_loss, tensors, ranges, len(blob),
-                             factor, blob if self.run.compression.downlink in ("relay", "count") else b"", own_scales)
+                             factor, blob if self.run.compression.downlink in ("relay", "count") else b"")
             )
             if self.first_pending_at is None:
                 self.first_pending_at = self.clock()
@@ -874,7 +862,6 @@ class CoordinatorState:
                 "val_loss": self.val_loss,
                 "params_sha256": self.params_sha,
                 "contributors": sorted(self.contributors),
-                "shared_scales": list(self.shared_scales),
                 "state": self.state,
                 "software_version": __version__,
             }
@@ -934,10 +921,6 @@ class CoordinatorState:
         self.train_loss = float(state["train_loss"])
         self.val_loss = float(state["val_loss"])
         self.contributors = set(state.get("contributors", []))
-        scales = state.get("shared_scales", [])  # downlink "count"; anything odd: none published
-        ok = isinstance(scales, list) and len(scales) == len(self.spec)
-        self.shared_scales = [float(x) for x in scales] if ok and all(
-            isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in scales) else []
         self.params_sha = params_sha256(self.global_params)
         if self.params_sha != state["params_sha256"]:
             raise ValueError(f"checkpoint {path}: restored weights do not match their recorded checksum")
@@ -980,8 +963,8 @@ class CoordinatorState:
     def _merge_counted(
         self, valid: list[Contribution], weights: list[float], mean_delta: dict[str, torch.Tensor], tokens: int
     ) -> None:
-        """Downlink "count": commit the merge as a count of signs (or relayed when it is not one),
-        and publish the next round's scales: the mean of the merged deltas' own. Caller holds the lock."""
+        """Downlink "count": commit the merge as a count of signs (or relayed when it is not one).
+        Caller holds the lock."""
         counted = self._counted_record(valid, weights)
         relayed = []
         if counted is not None:
@@ -990,25 +973,30 @@ class CoordinatorState:
         else:
             update = self.outer.update(mean_delta, tokens=tokens)
             relayed = [RelayedDelta(c.push_id, c.blob, w, c.factor) for c, w in zip(valid, weights)]
-        if all(c.own_scales for c in valid):
-            self.shared_scales = [float(np.float32(sum(c.own_scales[i] for c in valid) / len(valid)))
-                                  for i in range(len(self.spec))]
         self._commit_version(b"", update, [c.push_id for c in valid], relayed, self.outer.last_fraction, counted)
 
     def _counted_record(self, valid: list[Contribution], weights: list[float]) -> CountedRecord | None:
         """A CountedRecord when this merge is a count of signs: at least 2 deltas, all based on the
-        current version and decoding to +-(the published scale) per tensor, with equal weights
-        and no clipping. None: relay it. Caller holds the lock."""
-        if len(valid) < 2 or not self.shared_scales or len(set(weights)) != 1:
+        current version, each decoding to +-(one scale) per tensor (scheme tsign), with equal
+        weights and no clipping. The merge's scale per tensor is the mean of the deltas' own (fp32),
+        sent with the counts: every worker then takes its own delta as that scale x its signs
+        (a sign does not depend on the scale; what the scale drops stays in its weights). None:
+        relay it. Caller holds the lock."""
+        if len(valid) < 2 or len(set(weights)) != 1:
             return None
         if any(c.base_version != self.version or c.factor != 1.0 for c in valid):
             return None
-        for c in valid:
-            for name, s in zip(self.spec, self.shared_scales):
-                t = c.tensors[name]
-                if t.numel() and not bool(torch.all(t.abs() == s)):
+        scales = []
+        for name in self.spec:
+            own = []
+            for c in valid:
+                t = c.tensors[name].reshape(-1)
+                magnitude = t[:1].abs()
+                if t.numel() and not bool(torch.all(t.abs() == magnitude)):
                     return None
-        return CountedRecord([c.push_id for c in valid], [c.blob for c in valid], weights[0], list(self.shared_scales))
+                own.append(float(magnitude) if t.numel() else 0.0)
+            scales.append(float(np.float32(sum(own) / len(own))))
+        return CountedRecord([c.push_id for c in valid], [c.blob for c in valid], weights[0], scales)
 
     def _count_payload(self, counted: CountedRecord, reference: str) -> bytes:
         """The count payload of a count merge for a requester holding `reference` ("" = plus
@@ -1056,7 +1044,7 @@ class CoordinatorState:
         self._write_version_mark()
         self.params_sha = params_sha256(self.global_params)
         self.history.append(UpdateRecord(self.version, blob, push_ids, self.params_sha, relayed or [], outer_fraction,
-                                         counted, list(self.shared_scales)))
+                                         counted))
         while len(self.history) > self._history_limit():
             self.history.popleft()
 

@@ -210,7 +210,7 @@ class ModelPart(_message.Message):
     def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("kind", "version", "total_bytes", "sha256", "params_sha256", "updates", "merged_push_ids", "momentum_bytes", "next_scales")
+    __slots__ = ("kind", "version", "total_bytes", "sha256", "params_sha256", "updates", "merged_push_ids", "momentum_bytes")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         FULL: _ClassVar[ModelHeader.Kind]
@@ -227,7 +227,6 @@ class ModelHeader(_message.Message):
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     MERGED_PUSH_IDS_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_BYTES_FIELD_NUMBER: _ClassVar[int]
-    NEXT_SCALES_FIELD_NUMBER: _ClassVar[int]
     kind: ModelHeader.Kind
     version: int
     total_bytes: int
@@ -236,11 +235,10 @@ class ModelHeader(_message.Message):
     updates: _containers.RepeatedCompositeFieldContainer[UpdateInfo]
     merged_push_ids: _containers.RepeatedScalarFieldContainer[str]
     momentum_bytes: int
-    next_scales: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, kind: _Optional[_Union[ModelHeader.Kind, str]] = ..., version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., params_sha256: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[UpdateInfo, _Mapping]]] = ..., merged_push_ids: _Optional[_Iterable[str]] = ..., momentum_bytes: _Optional[int] = ..., next_scales: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[ModelHeader.Kind, str]] = ..., version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., params_sha256: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[UpdateInfo, _Mapping]]] = ..., merged_push_ids: _Optional[_Iterable[str]] = ..., momentum_bytes: _Optional[int] = ...) -> None: ...
 
 class UpdateInfo(_message.Message):
-    __slots__ = ("version", "offset", "size", "merged_push_ids", "params_sha256", "relayed", "outer_fraction", "counted", "next_scales")
+    __slots__ = ("version", "offset", "size", "merged_push_ids", "params_sha256", "relayed", "outer_fraction", "counted")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -249,7 +247,6 @@ class UpdateInfo(_message.Message):
     RELAYED_FIELD_NUMBER: _ClassVar[int]
     OUTER_FRACTION_FIELD_NUMBER: _ClassVar[int]
     COUNTED_FIELD_NUMBER: _ClassVar[int]
-    NEXT_SCALES_FIELD_NUMBER: _ClassVar[int]
     version: int
     offset: int
     size: int
@@ -258,8 +255,7 @@ class UpdateInfo(_message.Message):
     relayed: _containers.RepeatedCompositeFieldContainer[RelayedDelta]
     outer_fraction: float
     counted: CountedMerge
-    next_scales: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., merged_push_ids: _Optional[_Iterable[str]] = ..., params_sha256: _Optional[str] = ..., relayed: _Optional[_Iterable[_Union[RelayedDelta, _Mapping]]] = ..., outer_fraction: _Optional[float] = ..., counted: _Optional[_Union[CountedMerge, _Mapping]] = ..., next_scales: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., merged_push_ids: _Optional[_Iterable[str]] = ..., params_sha256: _Optional[str] = ..., relayed: _Optional[_Iterable[_Union[RelayedDelta, _Mapping]]] = ..., outer_fraction: _Optional[float] = ..., counted: _Optional[_Union[CountedMerge, _Mapping]] = ...) -> None: ...
 
 class CountedMerge(_message.Message):
     __slots__ = ("push_ids", "reference_push_id", "deltas", "weight", "scales", "offset", "size")
@@ -322,7 +318,7 @@ class DataChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class DeltaHeader(_message.Message):
-    __slots__ = ("worker_id", "session_id", "push_id", "base_version", "tokens", "steps", "mean_loss", "ranges", "total_bytes", "sha256", "own_scales")
+    __slots__ = ("worker_id", "session_id", "push_id", "base_version", "tokens", "steps", "mean_loss", "ranges", "total_bytes", "sha256")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PUSH_ID_FIELD_NUMBER: _ClassVar[int]
@@ -333,7 +329,6 @@ class DeltaHeader(_message.Message):
     RANGES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
-    OWN_SCALES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session_id: str
     push_id: str
@@ -344,8 +339,7 @@ class DeltaHeader(_message.Message):
     ranges: _containers.RepeatedCompositeFieldContainer[TokenRange]
     total_bytes: int
     sha256: str
-    own_scales: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, worker_id: _Optional[str] = ..., session_id: _Optional[str] = ..., push_id: _Optional[str] = ..., base_version: _Optional[int] = ..., tokens: _Optional[int] = ..., steps: _Optional[int] = ..., mean_loss: _Optional[float] = ..., ranges: _Optional[_Iterable[_Union[TokenRange, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., own_scales: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., session_id: _Optional[str] = ..., push_id: _Optional[str] = ..., base_version: _Optional[int] = ..., tokens: _Optional[int] = ..., steps: _Optional[int] = ..., mean_loss: _Optional[float] = ..., ranges: _Optional[_Iterable[_Union[TokenRange, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class DeltaPart(_message.Message):
     __slots__ = ("header", "chunk")

@@ -26,8 +26,8 @@ def count_run(**changes):
 
 
 class Workers:
-    """n joined workers pushing tsign deltas encoded with the published scales (as
-    worker/runner.py does), reporting their own scales; one semi-sync merge per round."""
+    """n joined workers pushing tsign deltas (each with its own scale per tensor, as
+    worker/runner.py does); one semi-sync merge per round."""
 
     def __init__(self, state: CoordinatorState, n: int):
         self.state = state
@@ -40,15 +40,13 @@ class Workers:
         for _ in range(count):
             k = self.round
             gen = torch.Generator().manual_seed(k)
-            scales = dict(zip(state.spec, state.shared_scales)) if state.shared_scales else None
             for i, (record, r) in enumerate(self.workers):
-                delta = {name: torch.randn(t.shape, generator=gen) * 0.01 for name, t in state.global_params.items()}
-                own = [float(delta[n].abs().mean()) for n in state.spec]
-                blob, _ = encode_tensors(delta, "tsign", scales=scales)
+                delta = {name: torch.randn(t.shape, generator=gen) * 0.01 * (1 + i) for name, t in state.global_params.items()}
+                blob, _ = encode_tensors(delta, "tsign")
                 start = r.start + self.used[i]
                 n_tok = tokens(i, k)
                 outcome = state.push(record.worker_id, record.session_id, f"p{k}-{i}", state.version, n_tok, 1,
-                                     2.5, [TrainedRange(r.unit_id, start, start + n_tok, r.epoch)], blob, own_scales=own)
+                                     2.5, [TrainedRange(r.unit_id, start, start + n_tok, r.epoch)], blob)
                 assert outcome.accepted, outcome.message
                 self.used[i] += n_tok
                 blobs[f"p{k}-{i}"] = blob
@@ -85,15 +83,18 @@ def test_count_merges_replay_bit_identically_for_members_and_others(data, tmp_pa
     blobs = Workers(state, n).rounds(4)
     assert state.version == 5
     kinds = [("counted" if u.counted else "relayed") for u in state.history]
-    assert kinds == ["relayed", "counted", "counted", "counted"]  # round 1: no scales published yet
-    assert len(state.shared_scales) == len(state.spec) and all(s > 0 for s in state.shared_scales)
+    assert kinds == ["counted"] * 4
+    # the merge's scale per tensor: the mean of the deltas' own (each worker's differs here)
+    for name, scale in zip(state.spec, state.history[-1].counted.scales):
+        own = [float(decode_tensors(blobs[f"p3-{i}"], state.spec)[name].abs().reshape(-1)[0]) for i in range(n)]
+        assert scale == pytest.approx(sum(own) / n, rel=1e-6) and len(set(own)) == n
     # worker 0 holds its own pushes: agree counts against them; a worker holding none: plus counts
     held = {pid: b for pid, b in blobs.items() if pid.endswith("-0")}
     for hold in (held, {}):
         reply = state.model_reply(1, False, 0.0, held_push_ids=set(hold))
         infos = [_update_info(u) for u in reply.updates]
         refs = [i.counted.reference_push_id for i in infos if i.HasField("counted")]
-        assert refs == ([f"p{k}-0" for k in (1, 2, 3)] if hold else ["", "", ""])
+        assert refs == ([f"p{k}-0" for k in (0, 1, 2, 3)] if hold else ["", "", "", ""])
         weights, outer = replay_all(state, initial, infos, reply.blob, hold)
         assert params_sha256(weights) == state.params_sha
         for name, m in outer.momentum.items():
@@ -119,22 +120,19 @@ def test_merges_that_are_not_counts_are_relayed(data, tmp_path):  # noqa: F811
     base = state.version - 1
     for i, (rec, rr) in enumerate(workers.workers):
         delta = {name: torch.randn(t.shape) * 0.01 for name, t in state.global_params.items()}
-        blob, _ = encode_tensors(delta, "tsign", scales=dict(zip(state.spec, state.history[-2].next_scales)))
+        blob, _ = encode_tensors(delta, "tsign")
         start = rr.start + workers.used[i]
         state.push(rec.worker_id, rec.session_id, f"s-{i}", base, 64, 1, 2.5,
-                   [TrainedRange(rr.unit_id, start, start + 64, rr.epoch)], blob, own_scales=[0.01] * len(state.spec))
+                   [TrainedRange(rr.unit_id, start, start + 64, rr.epoch)], blob)
         workers.used[i] += 64
     assert state.history[-1].counted is None and len(state.history[-1].relayed) == 2
-    # a delta encoded with its own scales instead of the published ones
-    record, r = workers.workers[0]
-    other, r1 = workers.workers[1]
-    for (rec, rr, i) in ((record, r, 0), (other, r1, 1)):
+    # a delta that is not one scale x signs per tensor (a worker's last steps at 8 bits)
+    for i, (rec, rr) in enumerate(workers.workers):
         delta = {name: torch.randn(t.shape) * 0.01 for name, t in state.global_params.items()}
-        scales = dict(zip(state.spec, state.shared_scales)) if i == 0 else None
-        blob, _ = encode_tensors(delta, "tsign", scales=scales)
+        blob, _ = encode_tensors(delta, "int8" if i == 0 else "tsign")
         start = rr.start + workers.used[i]
         state.push(rec.worker_id, rec.session_id, f"x-{i}", state.version, 64, 1, 2.5,
-                   [TrainedRange(rr.unit_id, start, start + 64, rr.epoch)], blob, own_scales=[0.01] * len(state.spec))
+                   [TrainedRange(rr.unit_id, start, start + 64, rr.epoch)], blob)
         workers.used[i] += 64
     assert state.history[-1].counted is None and state.history[-1].version == state.version
 
@@ -216,22 +214,38 @@ def test_count_payloads_round_trip_and_refuse_garbage():
         encode_counts(np.array([0], np.uint8), 0)
 
 
-def test_count_needs_tsign_and_checkpoints_its_scales(data, tmp_path):  # noqa: F811
+def test_count_needs_tsign():
     from common.config import CompressionConfig
 
     with pytest.raises(ValueError, match="'count' needs compression.scheme 'tsign'"):
         CompressionConfig(scheme="sign", downlink="count").validate()
+
+
+def test_a_counted_worker_subtracts_the_merge_scale_times_its_signs(data, tmp_path):  # noqa: F811
+    """The worker's side of a count merge: U replays bit-identically, and rebasing with
+    counted_contribution leaves params - base = its delta - merge scale x its signs (what its own
+    scale differed by, plus its own 1-bit error, stays in its weights for the next delta)."""
+    from worker.runner import apply_update, counted_contribution
+
     state = CoordinatorState(count_run(), data, tmp_path)
-    Workers(state, 2).rounds(2)
-    state.checkpoint()
-    restored = CoordinatorState(count_run(), data, tmp_path)
-    assert restored.shared_scales == state.shared_scales and restored.shared_scales
-    record, r = join(state, "late")
-    with pytest.raises(Exception, match="own_scales"):
-        state.push(record.worker_id, record.session_id, "bad", state.version, 64, 1, 2.5,
-                   [TrainedRange(r.unit_id, r.start, r.start + 64, r.epoch)],
-                   encode_tensors({n: torch.zeros(t.shape) for n, t in state.global_params.items()}, "tsign")[0],
-                   own_scales=[1.0])
+    initial = clone_tensors(state.global_params)
+    blobs = Workers(state, 3).rounds(1)
+    reply = state.model_reply(1, False, 0.0, held_push_ids={"p0-1"})
+    (info,) = [_update_info(u) for u in reply.updates]
+    decode = lambda b: decode_tensors(b, state.spec)  # noqa: E731
+    update = replay_counted(info, reply.blob, {"p0-1": blobs["p0-1"]}, decode, replica(state), state.spec)
+    own = decode(blobs["p0-1"])
+    contribution = counted_contribution(own, info.counted.scales, list(state.spec))
+    delta = {n: own[n] * 1.5 for n in own}  # what the worker trained (its tsign payload lost the rest)
+    base, params = clone_tensors(initial), {n: initial[n] + delta[n] for n in initial}
+    apply_update(params, base, update, contribution)
+    assert params_sha256(base) == state.params_sha
+    for (name, scale) in zip(state.spec, info.counted.scales):
+        expect = delta[name] - torch.where(torch.signbit(own[name]), -scale, scale)
+        torch.testing.assert_close(params[name] - base[name], expect, rtol=0, atol=1e-6)
+        assert float(contribution[name].abs().max()) == pytest.approx(scale)
+    with pytest.raises(ValueError, match="scales"):
+        counted_contribution(own, info.counted.scales[:-1], list(state.spec))
 
 
 def test_scale_codes_round_trip_within_a_quarter_octave():

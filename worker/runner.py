@@ -46,7 +46,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -189,6 +189,21 @@ def replay_counted(
 
 
 
+def counted_contribution(
+    own_decoded: Mapping[str, torch.Tensor], scales: Sequence[float], names: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Our delta as a count merge took it: per tensor, the merge's scale x the signs of what we
+    pushed (signbit, as the coordinator counts them)."""
+    if len(scales) != len(names):
+        raise ValueError(f"count merge carries {len(scales)} scales for {len(names)} tensors")
+    out = {}
+    for name, scale in zip(names, scales):
+        t = own_decoded[name]
+        s = torch.tensor(scale, dtype=torch.float32)
+        out[name] = torch.where(torch.signbit(t), -s, s).to(torch.float32)
+    return out
+
+
 def initial_weights_from_seed(run: RunConfig, model: ModelConfig, initial_sha: str) -> dict[str, torch.Tensor] | None:
     """The run's version 1, built exactly as the coordinator builds it (fp32 on CPU after
     torch.manual_seed(run.train.seed)), or None when `initial_sha` is empty or the checksum
@@ -304,7 +319,6 @@ class WorkerRunner:
         self.metrics = None
         self.client: CoordinatorClient | None = None
         self.base_version = 0
-        self.base_scales: list[float] = []  # downlink "count": the scales published with base_version
         self._inflight: _Push | None = None
         # [unit_id, shard, start, end, epoch, steps, loss_sum, session]: session = the client's
         # session epoch the range was leased in (a push is never sent under a later one)
@@ -465,7 +479,6 @@ class WorkerRunner:
             h = rep.header
             if h.kind == pb.ModelHeader.UNCHANGED:
                 log.info("initial model rebuilt from the seed (checksum verified): nothing to download")
-                self.base_scales = []
                 return h.version, initial
             if h.kind == pb.ModelHeader.UPDATES:
                 if self._outer is not None:  # version 1 has no momentum yet
@@ -477,11 +490,9 @@ class WorkerRunner:
                 if params_sha256(initial) == h.params_sha256:
                     log.info("initial model rebuilt from the seed plus %d update(s) to version %d",
                              len(h.updates), h.version)
-                    self.base_scales = list(h.updates[-1].next_scales) if h.updates else []
                     return h.version, initial
                 log.error("seed model plus updates does not match version %d's checksum: downloading it", h.version)
             elif params_sha256(full := self._full_tensors(rep)) == h.params_sha256:
-                self.base_scales = list(h.next_scales)
                 return h.version, full
         rep = self.client.get_model(0, self.model_bytes, self.max_blob_bytes, force_full=True)
         full = self._full_tensors(rep)
@@ -489,7 +500,6 @@ class WorkerRunner:
             log.error("model checksum mismatch on the first download; fetching it again")
             rep = self.client.get_model(0, self.model_bytes, self.max_blob_bytes, force_full=True)
             full = self._full_tensors(rep)
-        self.base_scales = list(rep.header.next_scales)
         return rep.header.version, full
 
     def _reset_for_new_run(self) -> None:
@@ -910,12 +920,7 @@ class WorkerRunner:
         c = self.run_cfg.compression
         delta = sub(self.params, self.base)
         scheme = scheme or c.scheme
-        own_scales, scales = [], None
-        if c.downlink == "count" and scheme == "tsign":  # encode with the published scales (count merges)
-            own_scales = [float(delta[n].abs().float().mean()) if delta[n].numel() else 0.0 for n in self.spec]
-            if len(self.base_scales) == len(self.spec):
-                scales = dict(zip(self.spec, self.base_scales))
-        blob, decoded = encode_tensors(delta, scheme, c.chunk, feedback=None, zstd_level=c.zstd_level, scales=scales)
+        blob, decoded = encode_tensors(delta, scheme, c.chunk, feedback=None, zstd_level=c.zstd_level)
         decoded = {n: t.detach().float().cpu() for n, t in decoded.items()}
         residual = global_norm(sub(delta, decoded))
         ranges = [pb.TokenRange(unit_id=p[0], shard=p[1], start=p[2], end=p[3], epoch=p[4]) for p in self._pending]
@@ -925,7 +930,7 @@ class WorkerRunner:
         push = _Push(uuid.uuid4().hex, self.base_version, decoded, len(self._pending), steps, tokens, loss_sum,
                      pushed_at_step=self.local_step, session=self._push_session())
         header = pb.DeltaHeader(push_id=push.push_id, base_version=push.base_version, tokens=tokens, steps=steps,
-                                mean_loss=loss_sum / max(1, steps), ranges=ranges, own_scales=own_scales)
+                                mean_loss=loss_sum / max(1, steps), ranges=ranges)
         if self._holds_pushes:
             with self._push_blobs_lock:  # a relayed merge of it omits these bytes: we decode our own
                 self._push_blobs[push.push_id] = blob
@@ -1020,8 +1025,7 @@ class WorkerRunner:
                 # than the push's base means the push was lost with a coordinator crash.
                 own = full_contains_push(h.version, push.base_version, push.push_id, h.merged_push_ids)
             self.comm_version = h.version
-            self._inbox.put(("full", h.version, full, h.params_sha256, push if own else None, own is None,
-                             list(h.next_scales)))
+            self._inbox.put(("full", h.version, full, h.params_sha256, push if own else None, own is None))
             return push is not None and own is not False
         updates = []
         contains = False
@@ -1035,7 +1039,8 @@ class WorkerRunner:
                 break
             mine = push is not None and push.push_id in u.merged_push_ids
             contains = contains or mine
-            updates.append((u.version, tensors, u.params_sha256, push if mine else None, list(u.next_scales)))
+            own = counted_contribution(push.decoded, u.counted.scales, self.spec) if mine and u.HasField("counted") else None
+            updates.append((u.version, tensors, u.params_sha256, push if mine else None, own))
             version = u.version
         self.comm_version = version
         if updates:
@@ -1104,12 +1109,14 @@ class WorkerRunner:
             self._resolve(push, merged=False)
         elif kind == "updates":
             with torch.no_grad():
-                for version, tensors, sha, own, scales in msg[1]:
-                    decoded = own.decoded if own is not None and own is self._inflight else None
+                for version, tensors, sha, own, counted_own in msg[1]:
+                    decoded = None
+                    if own is not None and own is self._inflight:  # a count merge took our signs at its scale
+                        decoded = counted_own if counted_own is not None else own.decoded
                     apply_update(self.params, self.base, tensors, decoded)
                     if decoded is not None:
                         self._resolve(own, merged=True)
-                    self.base_version, self.base_scales = version, scales
+                    self.base_version = version
                     if sha and params_sha256(self.base) != sha:
                         log.error("basepoint checksum mismatch at version %d: resyncing with the full model", version)
                         with self._stats_lock:
@@ -1118,7 +1125,7 @@ class WorkerRunner:
                         break
             self._after_rebase()
         elif kind == "full":
-            _, version, full, sha, own, lost, scales = msg
+            _, version, full, sha, own, lost = msg
             decoded = own.decoded if own is not None and own is self._inflight else None
             with torch.no_grad():
                 rebase_full(self.params, self.base, full, decoded)
@@ -1126,7 +1133,7 @@ class WorkerRunner:
                 self._resolve(own, merged=True)
             elif lost and self._inflight is not None:
                 self._resolve(self._inflight, merged=False)
-            self.base_version, self.base_scales = version, scales
+            self.base_version = version
             if sha and params_sha256(self.base) != sha:
                 log.error("full model at version %d does not match its announced checksum", version)
             self._after_rebase()
