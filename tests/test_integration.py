@@ -176,7 +176,7 @@ def test_sign_compressed_run_learns_and_delivers_its_residuals(data_dir, tmp_pat
 @pytest.mark.slow  # 25-50 s on 2 cores; run with -m slow
 @pytest.mark.timeout(200)
 def test_worker_sigkill_loses_no_shard(data_dir, tmp_path):
-    budget = 40_960
+    budget = 98_304  # seconds of training, inside one epoch of the test corpus: the kill lands mid-run
     with Cluster(tmp_path, data_dir, tiny_config(plan__max_tokens=budget)) as c:
         coord = c.start_coordinator()
         victim = c.start_worker("victim")
