@@ -199,6 +199,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except ValueError as exc:
             self.state._count_delta("invalid")
             raise InvalidArgument(f"delta stream refused: {exc}") from exc
+        except grpc.RpcError:  # the client went away mid-stream: nothing to answer, nothing changed
+            self.state._count_delta("invalid")
+            if self.state.metrics is not None:
+                self.state.metrics.rpc_errors.labels("PushDelta", "CANCELLED").inc()
+            log.info("PushDelta -> CANCELLED: delta stream refused: the client cut it (push %s of worker %s)",
+                     h.push_id, h.worker_id)
+            raise
         self.state.count_traffic(received=len(blob))
         ranges = [TrainedRange(r.unit_id, r.start, r.end, r.epoch) for r in h.ranges]
         if not math.isfinite(h.mean_loss):

@@ -48,7 +48,8 @@ def assert_budget_committed(run_dir: Path, budget: int) -> None:
 def test_worker_sigkill_mid_upload(data_dir, tmp_path):
     """The victim talks through a proxy that lets 20 KB/s upstream, so its ~87 KB delta is in
     flight for seconds; it is SIGKILLed then. The coordinator refuses the truncated stream (the
-    victim's accepted pushes and merged tokens stay as they were), drops it when its lease
+    victim's accepted pushes and merged tokens stay as they were; the cut ends the stream short or
+    cancels it, depending on timing), drops it when its lease
     expires (its leased tokens go back to the pool), and the other worker goes on."""
     cfg = tiny_config(plan__max_tokens=0, workers__lease_seconds=8.0)
     with Cluster(tmp_path, data_dir, cfg) as c, Proxy(0) as proxy:
@@ -66,8 +67,9 @@ def test_worker_sigkill_mid_upload(data_dir, tmp_path):
         mark = len(coord.log())
         victim.kill()
         proxy.cut_all()  # the victim's host is gone, with the upload bytes its kernel still held
-        c.wait_for(lambda: "delta stream refused: stream truncated" in coord.log()[mark:], 20,
-                   "the coordinator to refuse the cut upload", fail_if_dead=[coord])
+        # the stream ends short (truncated) or the connection's end cancels it (cut), by timing
+        c.wait_for(lambda: re.search(r"delta stream refused: (stream truncated|the client cut it)", coord.log()[mark:]),
+                   20, "the coordinator to refuse the cut upload", fail_if_dead=[coord])
         row = worker_row(c.status(), "victim")
         if row is not None:  # not dropped yet: the refused stream changed nothing
             assert row["pushes"] == before["pushes"], "a truncated upload counted as a push"
@@ -79,7 +81,7 @@ def test_worker_sigkill_mid_upload(data_dir, tmp_path):
         after = coord.log()[mark:]
         refused = re.findall(r"PushDelta -> (\w+): (.*)", after)
         print("refusals after the kill:", refused)
-        assert refused and all(code == "INVALID_ARGUMENT" for code, _ in refused), refused
+        assert refused and all(code in ("INVALID_ARGUMENT", "CANCELLED") for code, _ in refused), refused
         m = re.search(r"worker victim dropped \(no heartbeat for \d+s\); (\d+) leased tokens return", after)
         assert m and int(m.group(1)) > 0, "the victim held no lease"
 
