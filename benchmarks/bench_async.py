@@ -328,18 +328,10 @@ def main() -> None:
                 ddp = 2 * 2 * (n - 1) / n * 4 * params * steps_per_worker  # sent + received per worker
                 key = f"demo_n{n}_h{h}_{scheme}_s{args.steps}" + (f"_{args.tag}" if args.tag else "")
                 desc = ",".join(f"{k}={v}" for k, v in outer.items()) or "default"
-                if args.chunk:
-                    desc += f",chunk={args.chunk}"
-                if args.unit_tokens:
-                    desc += f",unit_tokens={args.unit_tokens}"
-                if args.downlink:
-                    desc += f",downlink={args.downlink}"
-                if args.merge_weights:
-                    desc += f",weights={args.merge_weights}"
-                if args.max_lag_steps:
-                    desc += f",max_lag_steps={args.max_lag_steps}"
-                if args.last_scheme:
-                    desc += f",last_scheme={args.last_scheme}"
+                overrides = (("chunk", args.chunk), ("unit_tokens", args.unit_tokens), ("downlink", args.downlink),
+                             ("weights", args.merge_weights), ("max_lag_steps", args.max_lag_steps),
+                             ("last_scheme", args.last_scheme))
+                desc += "".join(f",{label}={value}" for label, value in overrides if value)
                 res["runs"][key] = dict(
                     kind="demo", n=n, h=h, scheme=scheme, steps=args.steps, tokens=tokens, params=params,
                     outer=outer, outer_desc=desc, unit_tokens=args.unit_tokens or None, chunk=args.chunk or None,
