@@ -187,8 +187,6 @@ def replay_counted(
     return outer.update(mean, fraction=info.outer_fraction)
 
 
-
-
 def counted_contribution(
     own_decoded: Mapping[str, torch.Tensor], scales: Sequence[float], names: Sequence[str]
 ) -> dict[str, torch.Tensor]:
@@ -200,7 +198,7 @@ def counted_contribution(
     for name, scale in zip(names, scales):
         t = own_decoded[name]
         s = torch.tensor(scale, dtype=torch.float32)
-        out[name] = torch.where(torch.signbit(t), -s, s).to(torch.float32)
+        out[name] = torch.where(torch.signbit(t), -s, s)
     return out
 
 
