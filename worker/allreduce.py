@@ -58,6 +58,7 @@ Messages that arrive before this member reaches their (step, round) wait in a bo
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -161,6 +162,7 @@ class _Layout:
         return out
 
 
+@functools.lru_cache(maxsize=None)
 def _count_tables(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lookup tables of the "count" schedule for n members:
     agree[s * (n + 1) + plus]: how many of the other n - 1 share the sign s (1 = negative) of a
