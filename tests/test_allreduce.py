@@ -120,7 +120,7 @@ def test_allgather_quantizes_each_members_own_buffer_once(n):
     members, servers = start_group(n, compression="sign", algorithm="allgather", chunk=64)
     try:
         results = run_all(members, lambda r, m: m.allreduce(grads(r, 1), step=1))
-        codec = get_codec("sign", chunk=64)
+        codec = get_codec("sign", chunk=64, sign_scale=members[0].sign_scale)
         layout = members[0]._layout
         decoded = [codec.decode(codec.encode(layout.flatten(grads(r, 1), n))[0], (n * layout.block,)) for r in range(n)]
         acc = decoded[0].clone()
@@ -146,7 +146,7 @@ def test_scatter_sums_members_own_blocks_exactly_then_quantizes_the_mean_once(n)
     members, servers = start_group(n, compression="sign", algorithm="scatter", chunk=64)
     try:
         results = run_all(members, lambda r, m: m.allreduce(grads(r, 1), step=1))
-        codec, ternary = get_codec("sign", chunk=64), get_codec("ternary", chunk=64)
+        codec, ternary = get_codec("sign", chunk=64, sign_scale="rms"), get_codec("ternary", chunk=64)
         layout = members[0]._layout
         B = layout.block
 
@@ -173,21 +173,23 @@ def test_scatter_sums_members_own_blocks_exactly_then_quantizes_the_mean_once(n)
         stop_group(members, servers)
 
 
-@pytest.mark.parametrize("n", [2, 4, 8])
-def test_count_sums_own_signs_on_shared_scales_exactly(n):
+@pytest.mark.parametrize("n,sign_scale", [(2, "rms"), (4, "rms"), (8, "rms"), (4, "mean_abs")])
+def test_count_sums_own_signs_on_shared_scales_exactly(n, sign_scale):
     """count: every member quantizes its own buffer to sign x the group's shared chunk scale (the
-    scale code of the mean of the members' mean |value| codes); the mean is the exact sum of those
+    scale code of the mean of the members' scale codes: sqrt(mean value^2) by default, or mean
+    |value|); the mean is the exact sum of those
     over members / N, identical on every member; the residual is y - shared scale x sign. Bytes:
     (N-1) x (sign bits + one code per chunk) up, (N-1) x (codes + zstd agree counts) back."""
     from common.counts import packed_size, scale_codes, scales_from_codes
 
     C = 64
-    members, servers = start_group(n, compression="sign", algorithm="count", chunk=C)
+    members, servers = start_group(n, compression="sign", algorithm="count", chunk=C, sign_scale=sign_scale)
     try:
         results = run_all(members, lambda r, m: m.allreduce(grads(r, 1), step=1))
         layout = members[0]._layout
         flats = [layout.flatten(grads(r, 1), n) for r in range(n)]
-        own = [scales_from_codes(scale_codes(f.view(-1, C).abs().mean(dim=1).numpy())) for f in flats]
+        rule = (lambda f: f.pow(2).mean(dim=1).sqrt()) if sign_scale == "rms" else (lambda f: f.abs().mean(dim=1))
+        own = [scales_from_codes(scale_codes(rule(f.view(-1, C)).numpy())) for f in flats]
         shared = torch.from_numpy(scales_from_codes(scale_codes(np.mean(own, axis=0, dtype=np.float64))))
         shared = shared.repeat_interleave(C)
         contributions = [torch.where(torch.signbit(f), -shared, shared) for f in flats]
@@ -303,6 +305,8 @@ def test_world_size_must_be_power_of_two():
         CompressedAllReduce(2, 2, ["a:1", "b:1"])
     with pytest.raises(ValueError, match="compression"):
         CompressedAllReduce(0, 2, ["a:1", "b:1"], compression="int3")
+    with pytest.raises(ValueError, match="sign_scale must be one of .* got 'max'"):
+        CompressedAllReduce(0, 2, ["a:1", "b:1"], sign_scale="max")
     with pytest.raises(ValueError, match="peers"):
         CompressedAllReduce(0, 2, ["a:1"])
 

@@ -9,8 +9,9 @@ from concurrent import futures
 import pytest
 import torch
 
-from common.config import model_config
+from common.config import OptimConfig, model_config
 from common.model import GPT
+from common.train import lr_at
 from test_allreduce import run_all, start_group, stop_group
 from worker.allreduce import CompressedAllReduce, PeerFailure
 from worker.sync import SyncGroupTrainer, VarianceProbe
@@ -111,12 +112,17 @@ def test_diverged_member_is_repaired_mid_run():
 
 
 def _run(n: int, compression: str, steps: int, chunk: int = 256, algorithm: str = "auto",
-         seed: int = 0, **kwargs) -> tuple[float, float]:
+         seed: int = 0, schedule: bool = False, sign_scale: str = "rms", **kwargs) -> tuple[float, float]:
     """(val loss, mean of the last 10 train losses) of n members training `steps` steps from the
-    weights and batches of `seed`; kwargs go to SyncGroupTrainer, `algorithm` to the all-reduce
-    (the schedule comparisons of worker/sync.py)."""
-    members, servers = start_group(n, compression=compression, chunk=chunk, algorithm=algorithm)
+    weights and batches of `seed`; kwargs go to SyncGroupTrainer, `algorithm` and `sign_scale` to
+    the all-reduce. schedule: the worker's learning-rate schedule (common/train.py lr_at: linear
+    warmup over steps / 10, cosine decay to lr / 10 at `steps`) instead of a constant lr.
+    benchmarks/bench_sync_quality.py runs this over seeds and member counts."""
+    members, servers = start_group(n, compression=compression, chunk=chunk, algorithm=algorithm, sign_scale=sign_scale)
     try:
+        if schedule:
+            optim = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_iters=steps // 10)
+            kwargs["lr_fn"] = lambda step: lr_at(step, optim, steps)
         trainers = make_trainers(members, init_seeds=[seed] * n, check_every=50, lr=3e-3, total_steps=steps, **kwargs)
         losses = train(trainers, steps=steps, data_seed=seed)
         assert len({t.params_sha256() for t in trainers}) == 1
@@ -131,7 +137,7 @@ def sign_vs_fp32() -> tuple[float, float, float]:
     torch.manual_seed(0)
     initial = val_loss(GPT(model_config("nano", **TINY)))
     # 1-bit: default mode ("update": 1-bit all-reduce of the Adam direction after 25 fp32 warmup steps)
-    return _run(2, "sign", 100, chunk=64)[0], _run(2, "none", 100)[0], initial
+    return _run(2, "sign", 100)[0], _run(2, "none", 100)[0], initial
 
 
 def test_one_bit_sync_learns(sign_vs_fp32):
@@ -139,44 +145,30 @@ def test_one_bit_sync_learns(sign_vs_fp32):
     assert val_fp32 < 0.7 * initial and val_sign < 0.8 * initial, (val_sign, val_fp32, initial)
 
 
-def test_one_bit_sync_is_close_to_fp32_sync_loss(sign_vs_fp32):
-    """Compressed gradients into AdamW were 26% worse (2.24 vs 1.78); the default 1-bit mode
-    measured +2.9% (1.835 vs 1.784). Guard against regressions with some slack."""
+def test_one_bit_sync_is_close_to_fp32_sync_loss_early(sign_vs_fp32):
+    """100 steps at a constant lr 3e-3 end where the loss falls fastest, just after the model
+    leaves its unigram plateau: a few steps' delay there is several percent (over 8 seeds, 2
+    members: +3.7% mean, one seed +13.8%; a 0.1% change of lr alone moves fp32 by up to 0.6%).
+    Seed 0 measured +0.7%; a guard against regressions, with slack. The figure that matters is
+    the end of a whole run (below)."""
     val_sign, val_fp32, _ = sign_vs_fp32
-    assert (val_sign - val_fp32) / val_fp32 < 0.06, (val_sign, val_fp32)
+    assert (val_sign - val_fp32) / val_fp32 < 0.03, (val_sign, val_fp32)
 
 
-def test_one_bit_sync_matches_fp32_sync_loss(sign_vs_fp32):
-    """Same init, same batches, 100 steps: 1-bit sync's validation loss within 3% of fp32 sync's
-    (measured +0.6%; +2.9% before the VarianceProbe corrected the members' local v)."""
-    val_sign, val_fp32, _ = sign_vs_fp32
-    assert abs(val_sign - val_fp32) / val_fp32 < 0.03, (val_sign, val_fp32)
-
-
-def test_one_bit_sync_matches_fp32_sync_over_a_longer_run():
-    """300 steps, where the members' local second moments had cost +8.9% (the local v overestimates
-    the group's where gradient noise dominates): with the VarianceProbe within 3% (measured +1.1%)."""
+@pytest.mark.parametrize("n", [2, 4])
+def test_one_bit_sync_matches_fp32_sync_over_a_whole_run(n):
+    """Same init, same batches, 1000 steps on the worker's schedule (warmup, cosine decay): the
+    1-bit group's validation loss within 3% of the fp32 group's (the floor). Measured over seeds
+    0-3 (benchmarks/bench_sync_quality.py): 2 members -1.1% to +0.6%, 4 members -1.0% to +0.7%."""
     torch.set_num_threads(1)
-    val_fp32 = _run(2, "none", 300)[0]
-    val_sign = _run(2, "sign", 300, chunk=64)[0]
-    assert abs(val_sign - val_fp32) / val_fp32 < 0.03, (val_sign, val_fp32)
-
-
-def test_one_bit_sync_of_four_is_close_to_fp32_sync_loss():
-    """4 members, 100 steps, the default schedule ("count": each member's direction quantized once,
-    summed exactly): measured +3.2% over fp32 sync ("halving", which quantizes partial sums:
-    +5.2%; on other seeds both count and allgather land between +0.2% and +6.4%). A guard with
-    slack against regressions: sharing last call's scales instead of this call's measured +11%."""
-    torch.set_num_threads(1)
-    val_fp32 = _run(4, "none", 100)[0]
-    val_sign = _run(4, "sign", 100, chunk=64)[0]
-    assert (val_sign - val_fp32) / val_fp32 < 0.06, (val_sign, val_fp32)
+    val_fp32 = _run(n, "none", 1000, schedule=True)[0]
+    val_sign = _run(n, "sign", 1000, schedule=True)[0]
+    assert abs(val_sign - val_fp32) / val_fp32 < 0.03, (n, val_sign, val_fp32)
 
 
 def test_count_schedule_trains_as_well_as_allgather():
     """"count" changes the bytes, not the quantization: its loss matches "allgather"'s (each
-    member's own direction quantized once, decoded and summed) over two seeds (measured +2.0% and
-    -1.4%; single seeds differ by up to 2%)."""
+    member's own direction quantized once, decoded and summed) over two seeds."""
     torch.set_num_threads(1)
     gaps = []
     for seed in (0, 1):
@@ -192,7 +184,7 @@ def test_variance_probe_is_deterministic_and_corrects_toward_the_group():
     assert len(a) == 64 and len(set(a.tolist())) == 64 and 0 <= int(a.min()) and int(a.max()) < 96 * 32
     assert len(VarianceProbe.probes("ln.weight", 32)) == 32  # small tensors: every value
     assert len(VarianceProbe.probes("big", 1 << 20)) == (1 << 20) // 256
-    probe = VarianceProbe({"w": 1024}, every=8, beta2=0.99)
+    probe = VarianceProbe({"w": 1024}, every=8, beta2=0.99, group_size=4)
     v = {"w": torch.full((1024,), 4.0)}  # local v: the member's noisy gradients squared
     probe.start(v)
     assert probe.due(16) and not probe.due(17)
@@ -201,8 +193,13 @@ def test_variance_probe_is_deterministic_and_corrects_toward_the_group():
     assert 0.25 < probe.rho["w"] < 0.35  # v is scaled down toward the group's
     probe.update({"w": torch.full((len(probe.index["w"]),), 100.0)}, v)
     assert probe.rho["w"] <= 1.0  # never scaled up
+    for _ in range(200):  # the members' gradients cancel at the probes: the mean is 0
+        probe.update({"w": torch.zeros(len(probe.index["w"]))}, v)
+    assert probe.rho["w"] == 0.25  # never below 1/N: a mean of 4 keeps 1/4 of a member's g^2
     with pytest.raises(ValueError, match="variance probe interval"):
-        VarianceProbe({"w": 4}, every=0, beta2=0.99)
+        VarianceProbe({"w": 4}, every=0, beta2=0.99, group_size=2)
+    with pytest.raises(ValueError, match="group_size"):
+        VarianceProbe({"w": 4}, every=8, beta2=0.99, group_size=0)
     model = GPT(model_config("nano", **TINY))
     with CompressedAllReduce(0, 1, ["127.0.0.1:1"], compression="sign") as solo:
         with pytest.raises(ValueError, match="variance_probe_every"):

@@ -72,6 +72,7 @@ import numpy as np
 import torch
 
 from common import rpc
+from common.compression import SIGN_SCALES
 from common.counts import decode_counts, encode_counts, scale_codes, scales_from_codes
 from protos import peer_pb2, peer_pb2_grpc
 
@@ -179,10 +180,17 @@ def _count_tables(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return agree, k, k_plus
 
 
-def _codec(scheme: str, chunk: int):
+def _codec(scheme: str, chunk: int, sign_scale: str = "mean_abs"):
     from common.compression import get_codec  # the shared codecs (sign = 1 bit + per-chunk scales)
 
-    return get_codec(scheme, chunk=chunk)
+    return get_codec(scheme, chunk=chunk, sign_scale=sign_scale)
+
+
+def _chunk_scales(rows: torch.Tensor, sign_scale: str) -> torch.Tensor:
+    """One scale per row of rows (chunks, C): mean |y| or sqrt(mean y^2), as SignCodec's sign_scale."""
+    if sign_scale == "rms":
+        return torch.linalg.vector_norm(rows, ord=2, dim=1) / rows.shape[1] ** 0.5
+    return torch.linalg.vector_norm(rows, ord=1, dim=1) / rows.shape[1]
 
 
 def _feedback(codec):
@@ -349,6 +357,7 @@ class CompressedAllReduce:
         epoch: int = 0,
         compression: str = "sign",
         chunk: int = 256,
+        sign_scale: str = "rms",
         algorithm: str = "auto",
         deadline_s: float | None = None,
         min_deadline_s: float = 10.0,
@@ -368,11 +377,13 @@ class CompressedAllReduce:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         if chunk <= 0:
             raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+        if sign_scale not in SIGN_SCALES:
+            raise ValueError(f"sign_scale must be one of {SIGN_SCALES}, got {sign_scale!r}")
         if deadline_s is not None and deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s!r}")
         self.rank, self.world_size, self.peers = rank, world_size, list(peers)
         self.group_id, self.epoch = group_id, epoch
-        self.compression, self.chunk = compression, chunk
+        self.compression, self.chunk, self.sign_scale = compression, chunk, sign_scale
         if algorithm == "auto":  # see the module docstring
             if world_size <= 2:
                 algorithm = "doubling"
@@ -385,7 +396,7 @@ class CompressedAllReduce:
         self._fixed_deadline, self.min_deadline_s = deadline_s, min_deadline_s
         self._metadata = rpc.auth_metadata(token)
         self._tls_ca = tls_ca
-        self._codec = _codec(compression, chunk)
+        self._codec = _codec(compression, chunk, sign_scale)
         self._feedback = _feedback(self._codec) if compression != "none" else None
         # "scatter" under "sign": the owners' block means go out ternary (a mean of directions that
         # cancel keeps its zero), with the owner's own error feedback.
@@ -624,7 +635,7 @@ class CompressedAllReduce:
         y = residual.add_(flat)  # y = x + residual, in the residual's buffer (undone on failure)
         rows = y.view(-1, C)  # (n * chunks, C)
         bits = np.packbits(torch.signbit(y).view(n, B).numpy(), axis=1)  # (n, sign_bytes); 1 = negative
-        own_codes = scale_codes((torch.linalg.vector_norm(rows, ord=1, dim=1) / C).numpy()).reshape(n, B // C)
+        own_codes = scale_codes(_chunk_scales(rows, self.sign_scale).numpy()).reshape(n, B // C)
         stats.encode_seconds += time.perf_counter() - t0
         try:
             mean = self._count_exchange(y, bits, own_codes, step, stats)
