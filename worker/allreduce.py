@@ -40,6 +40,9 @@ because the sign of a sum of members' values has no zero where they disagree; te
 zero but still loses the magnitudes.
 
 Compression ("sign"): 1 bit per value plus one fp32 scale per `chunk` values (common/compression.py);
+the scale is sqrt(mean y^2) of the chunk (`sign_scale="rms"`, the default: the decoded chunk has
+y's norm) or mean |y| ("mean_abs": the least-squares scale of one step, whose shortfall error
+feedback carries to later steps; measured worse for training, worker/sync.py);
 every tensor starts on a chunk boundary of the flattened buffer, so a scale never spans two tensors.
 Error feedback keeps one residual per (phase, level) of the schedule, i.e. per position of the
 flattened buffer and hence per tensor. "none" moves fp32.
@@ -344,7 +347,7 @@ class CompressedAllReduce:
     rank: this member, 0 .. world_size-1. peers: "host:port" of every member in rank order (this
     member's own entry is not dialled). group_id / epoch: identify this incarnation of the group on
     the wire. compression: "sign" (1 bit + fp32 scale per `chunk` values, error feedback) or "none"
-    (fp32). token: the run token, sent as bearer metadata when set. tls_ca: PEM of the CA for TLS.
+    (fp32); sign_scale: "rms" (default) or "mean_abs", the scale of a chunk under "sign". token: the run token, sent as bearer metadata when set. tls_ca: PEM of the CA for TLS.
     """
 
     def __init__(
@@ -622,7 +625,7 @@ class CompressedAllReduce:
         N - 1 sign bits. Both phases are pairwise exchanges with partner rank XOR r, r = 1 .. N-1
         (direct sends, nothing forwarded):
           reduce-scatter: to the owner of block p, my sign bits of block p + my scale code per chunk
-            of it (my mean |value| there, one byte: common/counts.py scale codes);
+            of it (my scale there, `sign_scale`, one byte: common/counts.py scale codes);
           all-gather: from the owner of block p, the block's shared scale codes (the mean of the
             members' scales) + my agree counts.
         A sign does not depend on its scale, so every member quantizes with the shared scale of the

@@ -29,28 +29,30 @@ What is averaged depends on the group's compression:
   After warmup the gradient clip applies to each member's LOCAL gradient (same global-norm
   threshold) because the mean gradient is never materialised.
 
-Measured (tests/test_sync.py setup, 2 members, nano 1x32, lr 3e-3, val loss; fp32 sync = 1.784 at
-100 steps, 0.577 at 300): "gradient" 2.242 / 1.426; "update" W=25 1.847 (+3.6%), W=25 chunk 64
-1.835 (+2.9%), W=15 1.903; at 300 steps W=45 0.641 (+11%). Local v was most of it: with the
-group's exact v (a one-off diagnostic, not kept: an fp32 all-reduce of every gradient) chunk 64
-gave 1.805 / 0.569, with one ratio per tensor from all coordinates 1.818 / 0.572, and with the
-VarianceProbe (the default, probes every 8 steps) 1.793 (+0.5%) / 0.578 (+0.05%). Schedules and
-member counts: `_run(N, "sign", S, chunk=64, algorithm=A)` in tests/test_sync.py against
-`_run(N, "none", S)`; probe intervals with variance_probe_every=K. "momentum" W=15/30: 2.81/1.95.
-The all-reduce schedule matters as much: quantizing a sum of directions erases the cancellation
-between members that disagree (a sign has no zero). 2 members ("doubling": each member's own
-direction quantized once, the decoded ones averaged) +0.5% / +0.05%; the same 2 under "halving"
-(two quantizations) +14.7% at 300 steps. 4 members (fp32 1.655 / 0.468): "halving" (three
-quantizations, partial sums included) +5.2% / +25-31%; "allgather" (own direction once, the
-default for 4 until "count") 1.675 (+1.2%) / 0.486 (+3.8%; 300-step runs of 4 vary by a few % with
-the probe interval: every 2 steps +2.8%, every 4 +6.1%); "count" (the default from 4: own
-directions once, on scales shared per chunk, summed exactly, sent back as agree counts) 1.708
-(+3.2%) / 0.502 (+7.2%), and on seeds 1-3 at 100 steps +4.5%, +6.4%, +0.2% where allgather gave
-+6.1%, +5.9%, +0.4% (one seed's gap between schedules is noise); "scatter" (own directions summed exactly by the
-block's owner, the mean re-quantized ternary) 1.678-1.721 (+1.4% to +3.9% with the ternary
-threshold) / 0.515-0.544 (+10-16%). 8 members (fp32 1.594 / 0.397): allgather +4.8% / +2.5%,
-scatter (the default from 8) +4.3% / +16%, halving +9.0% / +66%. Every `check_every` steps (and before the first
-step of a group) the members compare a sha256 of their parameters with rank 0's; a member that
+Quality (benchmarks/bench_sync_quality.py: the tests/test_sync.py setup, nano 1x32, the same
+init and batches for fp32 and 1-bit sync). Over a whole run on the worker's lr schedule (1000
+steps, warmup, cosine decay), seeds 0-3: 2 members -1.1% to +0.6% of fp32 sync's validation loss,
+4 members ("count") -1.0% to +0.7%. Early in a run, at a constant lr 3e-3 for 100 steps, the
+loss is falling fastest right after the unigram plateau and a few steps' delay is several
+percent: 2 members, 8 seeds, +3.7% on average, one seed +13.8% (no quantization at all, local
+moments alone: +1.8%, up to +5.3%). Two things decide it:
+  - the 1-bit scale: sqrt(mean y^2) per chunk (the default; norm-preserving, as 1-bit Adam and
+    TScale do) rather than mean |y| (the L2-optimal scale of one step): mean |y| sends a shorter
+    vector than y every step, error feedback carries the difference, and the backlog (residual
+    norm above the direction's own) delays the large, consistent coordinates. Whole runs: +0.10%
+    vs +0.35% mean at 4 members; 100 constant-lr steps at 2 members: +3.7% vs +5.9%.
+  - the VarianceProbe's floor (1/N, see the class): without it the ratio fell to 0.01 on the
+    plateau and 2 of 8 seeds stalled (+50%, +59% at 100 steps, mean |y| scales, chunk 64).
+Found before those two (mean |y| scales, 100 / 300 constant-lr steps, seed 0): "gradient" mode
++26% / +150%; local v without the probe +2.9% / +8.9%; "momentum" mode stalls on the plateau. The
+schedule matters as much as the scale: quantizing a sum of directions erases the cancellation
+between members that disagree (a sign has no zero): 2 members "halving" +14.7% at 300 steps
+against "doubling" +0.05%; 4 members "halving" +5.2% / +25-31%, "scatter" (the mean re-quantized
+ternary) +1.4-3.9% / +10-16%, "allgather" and "count" (each member's own direction quantized once)
+within a few % of each other (tests/test_sync.py measures count against allgather); 8 members
+halving +9.0% / +66%, scatter +4.3% / +16%, allgather +4.8% / +2.5%.
+
+Every `check_every` steps (and before the first step of a group) the members compare a sha256 of their parameters with rank 0's; a member that
 differs fetches rank 0's full state (model + optimizer + step), logs it and counts it in `repairs`.
 
 Failure policy (what the worker driving this does with `PeerFailure`):
