@@ -58,6 +58,8 @@ def main() -> int:
     parser.add_argument("--probe-every", type=int, default=8, help="VarianceProbe interval (0: off)")
     parser.add_argument("--compression-warmup", type=float, default=None,
                         help="fp32 steps before 1-bit: a count, or a fraction of --steps (default: worker/sync.py's)")
+    parser.add_argument("--warmup-compression", default="int8", choices=["int8", "none"],
+                        help="how the warmup steps all-reduce gradients (default int8)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
 
@@ -67,11 +69,11 @@ def main() -> int:
 
     torch.set_num_threads(1)
     schedule = not args.constant_lr
-    options = f"{args.algorithm}, chunk {args.chunk}, {args.sign_scale}, probe {args.probe_every}"
+    options = f"{args.algorithm}, chunk {args.chunk}, {args.sign_scale}, probe {args.probe_every}, warmup {args.warmup_compression}"
     warmup = args.compression_warmup
     if warmup is not None:
         warmup = int(warmup) if warmup >= 1 else warmup
-        options += f", fp32 warmup {warmup}"
+        options += f" ({warmup})"
     rows = []
     for n in args.members:
         for seed in args.seeds:
@@ -80,6 +82,7 @@ def main() -> int:
             val_sign = _run(
                 n, "sign", args.steps, chunk=args.chunk, algorithm=args.algorithm, seed=seed, schedule=schedule,
                 sign_scale=args.sign_scale, variance_probe_every=args.probe_every, compression_warmup=warmup,
+                warmup_compression=args.warmup_compression,
             )[0]
             row = dict(
                 members=n, steps=args.steps, lr="constant" if args.constant_lr else "schedule", options=options,

@@ -157,13 +157,16 @@ def test_one_bit_sync_is_close_to_fp32_sync_loss_early(sign_vs_fp32):
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_one_bit_sync_matches_fp32_sync_over_a_whole_run(n):
-    """Same init, same batches, 1000 steps on the worker's schedule (warmup, cosine decay): the
-    1-bit group's validation loss within 3% of the fp32 group's (the floor). Measured over seeds
-    0-3 (benchmarks/bench_sync_quality.py): 2 members -1.1% to +0.6%, 4 members -1.0% to +0.7%."""
+    """Same init, same batches, 1000 steps on the worker's schedule (warmup, cosine decay; the
+    first 25% all-reduce int8 gradients, then 1-bit): the 1-bit group's validation loss at most 3%
+    above the fp32 group's (the floor). Measured over seeds 0-3 (benchmarks/bench_sync_quality.py):
+    2 members -0.4% to +2.0%, 4 members -4.9% to +1.0% (this seed: +0.02% and -4.9%; with an fp32
+    warmup -1.1% to +0.7% for both); the figures below -1% are the run's noise, not a gain."""
     torch.set_num_threads(1)
     val_fp32 = _run(n, "none", 1000, schedule=True)[0]
     val_sign = _run(n, "sign", 1000, schedule=True)[0]
-    assert abs(val_sign - val_fp32) / val_fp32 < 0.03, (n, val_sign, val_fp32)
+    assert (val_sign - val_fp32) / val_fp32 < 0.03, (n, val_sign, val_fp32)
+    assert val_fp32 < 0.5, val_fp32  # the run learned the grammar (initial loss: 5.6)
 
 
 def test_count_schedule_trains_as_well_as_allgather():
@@ -200,6 +203,9 @@ def test_variance_probe_is_deterministic_and_corrects_toward_the_group():
         VarianceProbe({"w": 4}, every=0, beta2=0.99, group_size=2)
     with pytest.raises(ValueError, match="group_size"):
         VarianceProbe({"w": 4}, every=8, beta2=0.99, group_size=0)
+    with CompressedAllReduce(0, 1, ["127.0.0.1:1"], compression="sign") as solo:
+        with pytest.raises(ValueError, match="warmup_compression must be one of .* got 'sign'"):
+            SyncGroupTrainer(GPT(model_config("nano", **TINY)), solo, warmup_compression="sign")
     model = GPT(model_config("nano", **TINY))
     with CompressedAllReduce(0, 1, ["127.0.0.1:1"], compression="sign") as solo:
         with pytest.raises(ValueError, match="variance_probe_every"):

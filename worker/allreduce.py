@@ -45,7 +45,9 @@ y's norm) or mean |y| ("mean_abs": the least-squares scale of one step, whose sh
 feedback carries to later steps; measured worse for training, worker/sync.py);
 every tensor starts on a chunk boundary of the flattened buffer, so a scale never spans two tensors.
 Error feedback keeps one residual per (phase, level) of the schedule, i.e. per position of the
-flattened buffer and hence per tensor. "none" moves fp32.
+flattened buffer and hence per tensor. "int8" (8 bits + an fp32 absmax / 127 scale per chunk,
+error feedback: the fp32 warmup steps of 1-bit sync, 4x fewer bytes than fp32) takes the schedules
+of "none"; "none" moves fp32.
 
 Failure policy: every exchange has a deadline (fixed `deadline_s`, or derived: max(`min_deadline_s`,
 5 x p99 of the last 64 exchange durations)). A send that fails or a message that does not arrive in
@@ -81,7 +83,7 @@ from protos import peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("sign", "none")
+SCHEMES = ("sign", "int8", "none")
 ALGORITHMS = ("auto", "halving", "doubling", "allgather", "scatter", "count")
 DEADLINE_P99_FACTOR = 5.0
 PROBE_TIMEOUT_S = 2.0
@@ -346,8 +348,8 @@ class CompressedAllReduce:
 
     rank: this member, 0 .. world_size-1. peers: "host:port" of every member in rank order (this
     member's own entry is not dialled). group_id / epoch: identify this incarnation of the group on
-    the wire. compression: "sign" (1 bit + fp32 scale per `chunk` values, error feedback) or "none"
-    (fp32); sign_scale: "rms" (default) or "mean_abs", the scale of a chunk under "sign". token: the run token, sent as bearer metadata when set. tls_ca: PEM of the CA for TLS.
+    the wire. compression: "sign" (1 bit + fp32 scale per `chunk` values, error feedback), "int8"
+    (8 bits + scale per chunk, error feedback) or "none" (fp32); sign_scale: "rms" (default) or "mean_abs", the scale of a chunk under "sign". token: the run token, sent as bearer metadata when set. tls_ca: PEM of the CA for TLS.
     """
 
     def __init__(

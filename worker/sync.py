@@ -7,9 +7,10 @@ bit-identical.
 What is averaged depends on the group's compression:
   "none": fp32 gradients every step; clip the mean gradient; torch AdamW. Plain data parallel.
   "sign" (1 bit per value + a scale per chunk, error feedback), in three modes:
-  - warmup (all modes but "gradient"): the first `warmup_steps` optimizer steps all-reduce fp32
-    gradients and take the torch AdamW step, exactly as "none" (a sibling fp32 CompressedAllReduce
-    on the same server, group_id + "/fp32"). Default: 25% of total_steps (DeepSpeed: 15-25%).
+  - warmup (all modes but "gradient"): the first `warmup_steps` optimizer steps all-reduce
+    gradients in int8 (8 bits + a scale per chunk, error feedback; `warmup_compression="none"`:
+    fp32) and take the torch AdamW step on the mean, as "none" does (a sibling CompressedAllReduce
+    on the same server, group_id + "/warmup"). Default: 25% of total_steps (DeepSpeed: 15-25%).
   - "update" (default): each member keeps its own Adam moments from its LOCAL gradient
     (m_i, v_i, bias-corrected), all-reduces the Adam direction u_i = m_i^ / (sqrt(v_i^) + eps) with
     1 bit + error feedback, and every member applies p <- p * (1 - lr * wd) - lr * mean(u) from the
@@ -94,6 +95,7 @@ from worker.allreduce import CompressedAllReduce, PeerFailure  # noqa: F401 - re
 log = logging.getLogger(__name__)
 
 MODES = ("momentum", "update", "gradient")
+WARMUP_SCHEMES = ("int8", "none")  # the warmup / refresh / probe all-reduce of a compressed group
 DEFAULT_WARMUP_FRACTION = 0.25   # of total_steps, when the caller knows them (DeepSpeed: 15-25%)
 DEFAULT_WARMUP_STEPS = 100       # otherwise
 
@@ -139,7 +141,8 @@ class VarianceProbe:
     A member's v comes from its own batch's gradients, whose noise the group's mean gradient
     averages away: v_local overestimates the v of fp32 sync, most where noise dominates, and every
     step is too short (measured +8% validation loss at 300 steps of the test setup). The group
-    measures the ratio per tensor: every `every` steps the members all-reduce, in fp32, their
+    measures the ratio per tensor: every `every` steps the members all-reduce (on the warmup
+    all-reduce: int8 by default), their
     gradients at a fixed set of probe coordinates (numel / 256 of each tensor, at least 64), keep
     an EMA of the squared MEAN gradient there, and scale the tensor's v by
     rho = sum(that EMA) / sum(local v) over the probes, clamped to [1 / N, 1] for a group of N: the
@@ -213,8 +216,9 @@ class SyncGroupTrainer:
     grad_clip: global-norm clip after averaging (0 disables; after the warmup of 1-bit Adam: of the
     local gradient). check_every: steps between checksum rounds (0 disables periodic checks; the
     initial one still runs). on_metrics: called after every step with SyncStepMetrics.
-    compression_warmup / total_steps: fp32 warmup of 1-bit Adam (see warmup_steps_for); only used
-    when the all-reduce compresses. variance_refresh_every: after warmup, every Nth step is an fp32
+    compression_warmup / total_steps: warmup steps of 1-bit Adam (see warmup_steps_for); only used
+    when the all-reduce compresses. warmup_compression: how those steps (and the probes and
+    refresh steps) all-reduce: "int8" (default) or "none" (fp32). variance_refresh_every: after warmup, every Nth step is an fp32
     AdamW step that also updates v (0: v stays frozen). mode: "momentum" (1-bit Adam) or "gradient"
     (compressed gradients into AdamW, the old behaviour; for comparison). variance_probe_every:
     mode "update", steps between VarianceProbe exchanges (0 disables the correction).
@@ -239,6 +243,7 @@ class SyncGroupTrainer:
         eps: float = 1e-8,
         mode: str = "update",
         variance_probe_every: int = 8,
+        warmup_compression: str = "int8",
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -250,6 +255,9 @@ class SyncGroupTrainer:
             raise ValueError(f"variance_refresh_every applies to mode 'momentum' only, got mode {mode!r}")
         if variance_probe_every < 0:
             raise ValueError(f"variance_probe_every must be >= 0, got {variance_probe_every!r}")
+        if warmup_compression not in WARMUP_SCHEMES:
+            raise ValueError(f"warmup_compression must be one of {WARMUP_SCHEMES}, got {warmup_compression!r}")
+        self.warmup_compression = warmup_compression
         if check_every < 0:
             raise ValueError(f"check_every must be >= 0, got {check_every!r}")
         if grad_clip < 0:
@@ -265,7 +273,7 @@ class SyncGroupTrainer:
         self.variance_probe_every = variance_probe_every if mode == "update" else 0
         self._probe: VarianceProbe | None = None  # per group (set_group)
         self._probe_bytes = (0, 0)  # (sent, received) by this step's probe exchange
-        self._fp32_ar: CompressedAllReduce | None = None  # the warmup / refresh sibling
+        self._warmup_ar: CompressedAllReduce | None = None  # the warmup / refresh sibling
         self.grad_clip, self.check_every = grad_clip, check_every
         self.lr_fn, self.on_metrics = lr_fn, on_metrics
         self.step_count = 0     # optimizer steps of this model (travels with a repair)
@@ -286,7 +294,7 @@ class SyncGroupTrainer:
         self._needs_check = True
         allreduce.serve_state(self._state_snapshot)
         if allreduce.compression != "none" and self.mode != "gradient":
-            self._fp32_ar = _fp32_sibling(allreduce)
+            self._warmup_ar = _warmup_sibling(allreduce, self.warmup_compression)
         self._probe = None
         if self.variance_probe_every and allreduce.compression != "none":
             shapes = {n: p.numel() for n, p in self.model.named_parameters()}
@@ -297,9 +305,9 @@ class SyncGroupTrainer:
         self._close_sibling()
 
     def _close_sibling(self) -> None:
-        if self._fp32_ar is not None:
-            self._fp32_ar.close()
-            self._fp32_ar = None
+        if self._warmup_ar is not None:
+            self._warmup_ar.close()
+            self._warmup_ar = None
 
     def compressed_phase(self, step: int | None = None) -> bool:
         """True when optimizer step `step` (default: the next one) all-reduces 1-bit momentum."""
@@ -339,7 +347,7 @@ class SyncGroupTrainer:
             else:
                 self._update_step(params, grads)
         else:
-            ar = self._fp32_ar if self._fp32_ar is not None else self.ar
+            ar = self._warmup_ar if self._warmup_ar is not None else self.ar
             mean = self._allreduce(ar, grads)
             with self._state_lock:  # counted only once done: rank 0 serves its state at the old key meanwhile
                 self._group_calls += 1
@@ -441,11 +449,11 @@ class SyncGroupTrainer:
             self.step_count += 1
 
     def _probe_variance(self, params: dict[str, nn.Parameter], grads: dict[str, torch.Tensor]) -> None:
-        """Mode "update": when due, all-reduce the gradients at the probe coordinates in fp32 and
+        """Mode "update": when due, all-reduce the gradients at the probe coordinates (warmup scheme) and
         refresh the per-tensor v corrections. Raises PeerFailure like the main all-reduce; the
         probe state is this member's own (it never touches the shared parameters)."""
         probe = self._probe
-        if probe is None or self._fp32_ar is None:
+        if probe is None or self._warmup_ar is None:
             return
         state = self.optimizer.state
         local_v = {n: state[p]["exp_avg_sq"] for n, p in params.items()}
@@ -453,8 +461,8 @@ class SyncGroupTrainer:
             probe.start(local_v)
         if not probe.due(self._group_calls):
             return
-        mean = self._fp32_ar.allreduce(probe.sample(grads), step=self._group_calls + 1)
-        self._probe_bytes = (self._fp32_ar.last.bytes_sent, self._fp32_ar.last.bytes_received)
+        mean = self._warmup_ar.allreduce(probe.sample(grads), step=self._group_calls + 1)
+        self._probe_bytes = (self._warmup_ar.last.bytes_sent, self._warmup_ar.last.bytes_received)
         probe.update(mean, local_v)
 
     # ------------------------------------------------------------------ checksums and repair
@@ -503,13 +511,14 @@ class SyncGroupTrainer:
             self.step_count = int(state["step"])
 
 
-def _fp32_sibling(ar: CompressedAllReduce) -> CompressedAllReduce:
-    """An fp32 CompressedAllReduce with ar's members, deadlines and credentials, group_id + "/fp32",
-    routed by the same server (the warmup and variance-refresh steps of 1-bit Adam)."""
+def _warmup_sibling(ar: CompressedAllReduce, scheme: str) -> CompressedAllReduce:
+    """A CompressedAllReduce under `scheme` ("int8" or "none") with ar's members, deadlines and
+    credentials, group_id + "/warmup", routed by the same server: the warmup and variance-refresh
+    steps of 1-bit sync and the VarianceProbe's exchanges."""
     sibling = CompressedAllReduce(
-        ar.rank, ar.world_size, ar.peers, f"{ar.group_id}/fp32", epoch=ar.epoch, compression="none",
-        chunk=ar.chunk, sign_scale=ar.sign_scale, algorithm="auto" if ar.algorithm == "count" else ar.algorithm, deadline_s=ar._fixed_deadline, min_deadline_s=ar.min_deadline_s,
-        tls_ca=ar._tls_ca,
+        ar.rank, ar.world_size, ar.peers, f"{ar.group_id}/warmup", epoch=ar.epoch, compression=scheme,
+        chunk=ar.chunk, sign_scale=ar.sign_scale, algorithm="auto" if ar.algorithm == "count" else ar.algorithm,
+        deadline_s=ar._fixed_deadline, min_deadline_s=ar.min_deadline_s, tls_ca=ar._tls_ca,
     )
     sibling._metadata = ar._metadata
     if ar._router is not None:
