@@ -46,7 +46,7 @@ feedback carries to later steps; measured worse for training, worker/sync.py);
 every tensor starts on a chunk boundary of the flattened buffer, so a scale never spans two tensors.
 Error feedback keeps one residual per (phase, level) of the schedule, i.e. per position of the
 flattened buffer and hence per tensor. "int8" (8 bits + an fp32 absmax / 127 scale per chunk,
-error feedback: the fp32 warmup steps of 1-bit sync, 4x fewer bytes than fp32) takes the schedules
+error feedback: the warmup steps of 1-bit sync, 4x fewer bytes than fp32) takes the schedules
 of "none"; "none" moves fp32.
 
 Failure policy: every exchange has a deadline (fixed `deadline_s`, or derived: max(`min_deadline_s`,
@@ -349,7 +349,9 @@ class CompressedAllReduce:
     rank: this member, 0 .. world_size-1. peers: "host:port" of every member in rank order (this
     member's own entry is not dialled). group_id / epoch: identify this incarnation of the group on
     the wire. compression: "sign" (1 bit + fp32 scale per `chunk` values, error feedback), "int8"
-    (8 bits + scale per chunk, error feedback) or "none" (fp32); sign_scale: "rms" (default) or "mean_abs", the scale of a chunk under "sign". token: the run token, sent as bearer metadata when set. tls_ca: PEM of the CA for TLS.
+    (8 bits + scale per chunk, error feedback) or "none" (fp32); sign_scale: "rms" (default) or
+    "mean_abs", the scale of a chunk under "sign". token: the run token, sent as bearer metadata
+    when set. tls_ca: PEM of the CA for TLS.
     """
 
     def __init__(

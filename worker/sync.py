@@ -34,8 +34,8 @@ Quality (benchmarks/bench_sync_quality.py: the tests/test_sync.py setup, nano 1x
 init and batches for fp32 and 1-bit sync). Over a whole run on the worker's lr schedule (1000
 steps, warmup, cosine decay), seeds 0-3, with the int8 warmup: 2 members -0.4% to +2.0% of fp32
 sync's validation loss (mean +0.5%), 4 members ("count") -4.9% to +1.0%; with an fp32 warmup
--1.1% to +0.6% and -1.0% to +0.7% (the figures below are with an fp32 warmup). Early in a run, at a constant lr 3e-3 for 100 steps, the
-loss is falling fastest right after the unigram plateau and a few steps' delay is several
+-1.1% to +0.6% and -1.0% to +0.7% (the figures below are with an fp32 warmup). Early in a run,
+at a constant lr 3e-3 for 100 steps, the loss is falling fastest right after the unigram plateau and a few steps' delay is several
 percent: 2 members, 8 seeds, +3.7% on average, one seed +13.8% (no quantization at all, local
 moments alone: +1.8%, up to +5.3%). Two things decide it:
   - the 1-bit scale: sqrt(mean y^2) per chunk (the default; norm-preserving, as 1-bit Adam and
