@@ -449,3 +449,23 @@ def test_member_killed_mid_allreduce(n):
         for p in procs:
             if p.is_alive():
                 p.kill()
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_count_sums_agree_from_owner_and_member_view(n):
+    """The owner turns its count of + signs into sum / n; every other member turns its own sign and
+    its agree count into the same value, bit for bit (exact fp32), for every possible combination."""
+    from worker.allreduce import _agree_table, _k_from_agree, _k_from_plus
+
+    table = _agree_table(n)
+    for plus in range(n + 1):
+        owner = torch.empty(1)
+        _k_from_plus(np.array([plus], np.uint8), n, owner)
+        assert float(owner) == (2 * plus - n) / n
+        for negative in (0, 1):
+            if plus == (0 if negative == 0 else n):
+                continue  # no member holds that sign
+            agree = table[negative * (n + 1) + plus]
+            member = torch.empty(1)
+            _k_from_agree(np.array([negative], np.uint8), np.array([agree], np.uint8), n, member)
+            assert torch.equal(member, owner), (n, plus, negative)
