@@ -45,10 +45,11 @@ def stop_group(members, servers) -> None:
         server.stop(0)
 
 
-def run_all(members, fn):
-    """fn(rank, member) on one thread per member; returns the results in rank order."""
+def run_all(members, fn, timeout_s: float = 120.0):
+    """fn(rank, member) on one thread per member; returns the results in rank order (TimeoutError
+    after timeout_s seconds per member)."""
     with futures.ThreadPoolExecutor(max_workers=len(members)) as pool:
-        return [f.result(timeout=120) for f in [pool.submit(fn, r, m) for r, m in enumerate(members)]]
+        return [f.result(timeout=timeout_s) for f in [pool.submit(fn, r, m) for r, m in enumerate(members)]]
 
 
 def grads(rank: int, step: int = 0, scale: float = 1.0) -> dict[str, torch.Tensor]:

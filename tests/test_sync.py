@@ -62,7 +62,7 @@ def train(trainers, steps: int, data_seed: int = 0):
             losses.append(trainer.step(*batch(TRAIN, gens[rank])).loss)
         return losses
 
-    return run_all(trainers, fn)
+    return run_all(trainers, fn, timeout_s=120 + 0.05 * steps * len(trainers))  # members share 2 cores here
 
 
 @torch.no_grad()
