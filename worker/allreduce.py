@@ -197,7 +197,7 @@ def _k_from_agree(negative: np.ndarray, agree: np.ndarray, n: int, out: torch.Te
     out.copy_(v).mul_(1.0 / n)
 
 
-def _codec(scheme: str, chunk: int, sign_scale: str = "mean_abs"):
+def _codec(scheme: str, chunk: int, sign_scale: str):
     from common.compression import get_codec  # the shared codecs (sign = 1 bit + per-chunk scales)
 
     return get_codec(scheme, chunk=chunk, sign_scale=sign_scale)
@@ -421,7 +421,7 @@ class CompressedAllReduce:
         # cancel keeps its zero), with the owner's own error feedback.
         self._mean_codec, self._mean_feedback = self._codec, self._feedback
         if compression == "sign" and algorithm == "scatter":
-            self._mean_codec = _codec("ternary", chunk)
+            self._mean_codec = _codec("ternary", chunk, sign_scale)
             self._mean_feedback = _feedback(self._mean_codec)
         self._layout: _Layout | None = None
         self._k_buf: torch.Tensor | None = None  # the count schedule's sums, reused between calls
