@@ -109,8 +109,8 @@ def _member_geotrain(args, tensors, addrs) -> dict:
 
     import grpc
 
-    from common import rpc
-    from worker.allreduce import CompressedAllReduce
+    from geotrain.protos import rpc
+    from geotrain.worker.allreduce import CompressedAllReduce
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=rpc.server_options())
     server.add_insecure_port(addrs[args.rank])

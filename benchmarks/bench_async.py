@@ -41,7 +41,7 @@ DATA_DIR = ""  # --data: a prepared data directory (default: the embedded corpus
 
 def _geotrain() -> list[str]:
     exe = ROOT / ".venv" / "bin" / "geotrain"
-    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from common.cli import main; main()"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from geotrain.cli import main; main()"]
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -53,7 +53,7 @@ _DATA = None
 def _data():
     global _DATA
     if _DATA is None:
-        from common.data import TokenData, resolve_data_dir
+        from geotrain.common.data import TokenData, resolve_data_dir
 
         _DATA = TokenData(resolve_data_dir(DATA_DIR or None))
     return _DATA
@@ -73,17 +73,17 @@ def fixed_val_loss(model: torch.nn.Module, batches: int, seed: int = EVAL_SEED) 
 
 
 def load_trainer_model(out_dir: Path):
-    from common.sampling import load_model_from_checkpoint
+    from geotrain.common.sampling import load_model_from_checkpoint
 
     model, _, _ = load_model_from_checkpoint(out_dir / "checkpoints")
     return model
 
 
 def load_coordinator_model(run_dir: Path):
-    """The global model from the coordinator's latest checkpoint (as coordinator/demo.py::sample_from_run)."""
-    from common.checkpoint import load_latest_checkpoint
-    from common.config import ModelConfig
-    from common.model import GPT
+    """The global model from the coordinator's latest checkpoint (as geotrain/demo.py::sample_from_run)."""
+    from geotrain.common.checkpoint import load_latest_checkpoint
+    from geotrain.common.config import ModelConfig
+    from geotrain.common.model import GPT
 
     loaded = load_latest_checkpoint(run_dir / "checkpoints")
     if loaded is None:

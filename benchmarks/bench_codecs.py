@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.compression import SCHEMES, ErrorFeedback, decode_tensors, encode_tensors, get_codec  # noqa: E402
-from common.config import model_config  # noqa: E402
-from common.model import GPT  # noqa: E402
+from geotrain.common.compression import SCHEMES, ErrorFeedback, decode_tensors, encode_tensors, get_codec  # noqa: E402
+from geotrain.common.config import model_config  # noqa: E402
+from geotrain.common.model import GPT  # noqa: E402
 
 
 def gpt2_shapes(limit: int | None) -> dict[str, tuple[int, ...]]:

@@ -68,13 +68,13 @@ def run_one(rate: str, scheme: str, steps: int, round_steps: int, runs: Path, th
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
     py = sys.executable
     coord_cmd = [
-        py, "-m", "coordinator.cli", "--host", host_c, "--port", "0", "--metrics-port", "0",
+        py, "-m", "geotrain.coordinator.cli", "--host", host_c, "--port", "0", "--metrics-port", "0",
         "--run-dir", str(run_dir), "--model", "nano", "--max-tokens", str(budget), "--max-iters", str(steps),
         "--batch-size", str(BATCH), "--round-steps", str(round_steps), "--compression", scheme,
         "--port-file", str(run_dir / "coordinator.port"),
     ]
     worker_cmd = [
-        py, "-m", "worker.cli", "--port", "0", "--name", "shaped", "--threads", str(threads),
+        py, "-m", "geotrain.worker.cli", "--port", "0", "--name", "shaped", "--threads", str(threads),
         "--metrics-port", "0", "--cache-dir", str(run_dir / "cache"), "--device", "cpu",
     ]
     procs = []

@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import RunConfig, apply_overrides  # noqa: E402
-from common.train import train  # noqa: E402
+from geotrain.common.config import RunConfig, apply_overrides  # noqa: E402
+from geotrain.common.train import train  # noqa: E402
 
 
 def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict:

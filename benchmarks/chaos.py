@@ -84,7 +84,7 @@ def chaos_config(args) -> dict:
 def unigram_entropy(data_dir: Path, split: str = "train") -> float:
     import numpy as np
 
-    from common.data import TokenData
+    from geotrain.common.data import TokenData
 
     data = TokenData(data_dir)
     counts = np.zeros(data.vocab_size, dtype=np.int64)
@@ -119,7 +119,7 @@ class Cluster:
     def start_coordinator(self, timeout: float = 120.0) -> None:
         port_file = self.work / "coordinator.port"
         port_file.unlink(missing_ok=True)
-        args = [sys.executable, "-m", "coordinator.cli", "--config", str(self.cfg_path), "--run-dir",
+        args = [sys.executable, "-m", "geotrain.coordinator.cli", "--config", str(self.cfg_path), "--run-dir",
                 str(self.run_dir), "--data", str(self.data_dir), "--host", "127.0.0.1", "--port", str(self.port),
                 "--port-file", str(port_file), "--metrics-port", "0"]
         self.coordinator = self._spawn(args, "coordinator.log")
@@ -132,7 +132,7 @@ class Cluster:
         self.port = int(port_file.read_text())
 
     def start_worker(self, i: int) -> None:
-        args = [sys.executable, "-m", "worker.cli", "--coordinator", self.target, "--port", "0",
+        args = [sys.executable, "-m", "geotrain.worker.cli", "--coordinator", self.target, "--port", "0",
                 "--name", f"chaos-{i}", "--device", "cpu", "--threads", "1", "--metrics-port", "0",
                 "--cache-dir", str(self.work / "cache")]
         self.workers[i] = self._spawn(args, f"worker-{i}.log")
@@ -153,8 +153,8 @@ def poll_status(target_fn, stop: threading.Event, out: list, every: float = 0.5)
     """Status RPC every `every` s: (elapsed, version, run_id, tokens, state); errors are skipped."""
     import grpc
 
-    from protos import geotrain_pb2 as pb
-    from protos import geotrain_pb2_grpc as pb_grpc
+    from geotrain.protos import geotrain_pb2 as pb
+    from geotrain.protos import geotrain_pb2_grpc as pb_grpc
 
     t0 = time.monotonic()
     channel, stub, current = None, None, ""
@@ -205,8 +205,8 @@ def check_ledger(ledger: dict, max_tokens: int) -> tuple[dict, list[str]]:
 def run(args) -> dict:
     import torch  # noqa: F401 - checkpoint loading below
 
-    from common.checkpoint import load_latest_checkpoint
-    from common.data import TokenData, resolve_data_dir
+    from geotrain.common.checkpoint import load_latest_checkpoint
+    from geotrain.common.data import TokenData, resolve_data_dir
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="geotrain-chaos-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_async import fixed_val_loss  # noqa: E402
-from common.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
-from common.config import ModelConfig  # noqa: E402
-from common.model import GPT  # noqa: E402
+from geotrain.common.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from geotrain.common.config import ModelConfig  # noqa: E402
+from geotrain.common.model import GPT  # noqa: E402
 
 
 def model_with(tensors: dict[str, torch.Tensor], model_cfg: dict, prefix: str = "", alpha: float = 0.0) -> GPT:

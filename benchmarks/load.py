@@ -164,7 +164,7 @@ def start_coordinator(cfg_path: Path, run_dir: Path, work: Path, metrics_port: i
                       log_name: str = "coordinator.log") -> tuple[subprocess.Popen, str]:
     port_file = work / "coordinator.port"
     port_file.unlink(missing_ok=True)
-    args = [sys.executable, "-m", "coordinator.cli", "--config", str(cfg_path), "--run-dir", str(run_dir),
+    args = [sys.executable, "-m", "geotrain.coordinator.cli", "--config", str(cfg_path), "--run-dir", str(run_dir),
             "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), "--metrics-port", str(metrics_port)]
     if data:
         args += ["--data", data]
@@ -221,9 +221,9 @@ class SimWorker:
                  stop: threading.Event, push_tokens: int, round_seconds: float, seed: int):
         import grpc
 
-        from common.rpc import channel_options
-        from protos import geotrain_pb2 as pb
-        from protos import geotrain_pb2_grpc as pb_grpc
+        from geotrain.protos.rpc import channel_options
+        from geotrain.protos import geotrain_pb2 as pb
+        from geotrain.protos import geotrain_pb2_grpc as pb_grpc
 
         self.grpc, self.pb = grpc, pb
         self.name = f"sim-{index:03d}"
@@ -255,13 +255,13 @@ class SimWorker:
             return None
 
     def join(self) -> None:
-        from common.rpc import PROTOCOL_VERSION
+        from geotrain.protos.rpc import PROTOCOL_VERSION
 
         pb = self.pb
         with self.session_lock:
             req = pb.JoinRequest(name=self.name, device="sim", memory_bytes=0, protocol_version=PROTOCOL_VERSION,
                                  software_version="", previous_worker_id=self.worker_id)
-            from common import __version__
+            from geotrain.common import __version__
             req.software_version = __version__
             reply = self.stub.Join(req, timeout=RPC_DEADLINE)
             self.worker_id, self.session_id = reply.worker_id, reply.session_id
@@ -272,7 +272,7 @@ class SimWorker:
 
     def get_model(self, wait: float, pending_push: str | None = None) -> bool:
         """GetModel from self.version; True when the reply names `pending_push` as merged."""
-        from common.rpc import collect_blob
+        from geotrain.protos.rpc import collect_blob
 
         pb = self.pb
 
@@ -325,7 +325,7 @@ class SimWorker:
 
     def push(self) -> tuple[str, str | None]:
         """One PushDelta; returns (result, push_id) with result accepted|stale|error."""
-        from common.rpc import CHUNK_BYTES, iter_chunks
+        from geotrain.protos.rpc import CHUNK_BYTES, iter_chunks
 
         pb = self.pb
         unit, cursor, end, epoch = self.range
@@ -438,8 +438,8 @@ class SimWorker:
 def make_delta_pool(spec: dict, n: int, seed: int) -> list[tuple[bytes, str]]:
     import torch
 
-    from common.compression import encode_tensors
-    from common.rpc import sha256_hex
+    from geotrain.common.compression import encode_tensors
+    from geotrain.protos.rpc import sha256_hex
 
     g = torch.Generator().manual_seed(seed)
     pool = []
@@ -490,10 +490,10 @@ def sim_process(proc_index: int, indices: list[int], target: str, spec: dict, re
 def model_spec(cfg: dict, data_dir: str | None) -> dict:
     import torch
 
-    from common.config import run_config_from_dict
-    from common.data import TokenData, resolve_data_dir
-    from common.model import GPT
-    from common.tensors import model_tensors, tensor_spec
+    from geotrain.common.config import run_config_from_dict
+    from geotrain.common.data import TokenData, resolve_data_dir
+    from geotrain.common.model import GPT
+    from geotrain.common.tensors import model_tensors, tensor_spec
 
     run = run_config_from_dict(cfg)
     data = TokenData(resolve_data_dir(data_dir or None), verify=False)

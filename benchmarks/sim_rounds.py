@@ -112,7 +112,7 @@ _DATA = None
 def data():
     global _DATA
     if _DATA is None:
-        from common.data import TokenData, resolve_data_dir
+        from geotrain.common.data import TokenData, resolve_data_dir
 
         _DATA = TokenData(resolve_data_dir(os.environ.get("GEOTRAIN_SIM_DATA") or None))
     return _DATA
@@ -238,12 +238,12 @@ def sparse_sign(delta: dict, keep: float, group: int, seed: int) -> tuple[int, d
 
 
 def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
-    from common.compression import ErrorFeedback, encode_tensors, get_codec
-    from common.config import OptimConfig, OuterConfig, model_config
-    from common.model import GPT, configure_optimizer
-    from common.tensors import model_tensors
-    from coordinator.merge import Contribution, OuterOptimizer, combine
-    from common.train import lr_at
+    from geotrain.common.compression import ErrorFeedback, encode_tensors, get_codec
+    from geotrain.common.config import OptimConfig, OuterConfig, model_config
+    from geotrain.common.model import GPT, configure_optimizer
+    from geotrain.common.tensors import model_tensors
+    from geotrain.common.merge import Contribution, OuterOptimizer, combine
+    from geotrain.common.train import lr_at
 
     t0 = time.monotonic()
     dev = torch.device(device)

@@ -37,7 +37,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from common.fsutil import fsync_dir
+from geotrain.common.fsutil import fsync_dir
 
 log = logging.getLogger("geotrain.checkpoint")
 

@@ -593,7 +593,7 @@ class TernaryCodec(Codec):
 class TensorSignCodec(Codec):
     """1 bit per value plus ONE fp32 scale for the whole tensor: mean |x|, or a scale the caller
     imposes (encode_tensors(..., scales=)). A downlink "count" merge of such deltas takes them at
-    the mean of their scales, so it is a count of signs per value (coordinator/merge.py::counted_mean)."""
+    the mean of their scales, so it is a count of signs per value (common/merge.py::counted_mean)."""
 
     name = "tsign"
 

@@ -50,8 +50,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from common.fsutil import fsync_dir
-from common.tokenizer import (
+from geotrain.common.fsutil import fsync_dir
+from geotrain.common.tokenizer import (
     BPE_FILE,
     MIN_BPE_VOCAB,
     ByteTokenizer,

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.config import ModelConfig
+from geotrain.common.config import ModelConfig
 
 
 class LayerNorm(nn.Module):

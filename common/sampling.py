@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from common.checkpoint import load_checkpoint, resolve_checkpoint_dir
-from common.config import ModelConfig
-from common.data import TokenData, resolve_data_dir
-from common.model import GPT, resolve_device
-from common.tokenizer import Tokenizer, load_tokenizer
-from common.train import estimate_loss, eval_seed
+from geotrain.common.checkpoint import load_checkpoint, resolve_checkpoint_dir
+from geotrain.common.config import ModelConfig
+from geotrain.common.data import TokenData, resolve_data_dir
+from geotrain.common.model import GPT, resolve_device
+from geotrain.common.tokenizer import Tokenizer, load_tokenizer
+from geotrain.common.train import estimate_loss, eval_seed
 
 
 def _load(path: Path | str, device: torch.device | str = "cpu") -> tuple[GPT, ModelConfig, dict | None, dict, Path]:

@@ -1,8 +1,8 @@
 """The run status table: `geotrain status HOST:PORT` and the coordinator's periodic log block.
 
 Both render the same dict, ``CoordinatorState.status()`` (what the Status RPC returns as
-``status_json``), with :func:`render_status`. :func:`fetch_status` asks a running coordinator for
-it over gRPC (token and TLS as the workers use them).
+``status_json``), with :func:`render_status`. The gRPC client that fetches
+it is ``geotrain.protos.rpc.fetch_status``.
 """
 
 from __future__ import annotations
@@ -11,24 +11,8 @@ import json
 import math
 from typing import Any, Iterable
 
-STATUS_DEADLINE_SECONDS = 10.0
-
 WORKER_COLUMNS = ("worker", "device", "tok/s", "loss", "merged tok", "pushes", "wait %", "MB up", "MB down", "seen")
 _RIGHT = frozenset(WORKER_COLUMNS[2:])  # numbers are right-aligned
-
-
-def fetch_status(target: str, token: str | None = None, tls_ca: bytes | None = None,
-                 timeout: float = STATUS_DEADLINE_SECONDS) -> dict[str, Any]:
-    """The coordinator's status dict (the Status RPC's status_json). grpc.RpcError on failure."""
-    from common.rpc import auth_metadata, make_channel
-    from protos import geotrain_pb2 as pb
-    from protos import geotrain_pb2_grpc as pb_grpc
-
-    with make_channel(target, tls_ca) as channel:
-        reply = pb_grpc.CoordinatorStub(channel).Status(
-            pb.StatusRequest(), timeout=timeout, metadata=auth_metadata(token)
-        )
-    return json.loads(reply.status_json)
 
 
 def strict_json(value: Any) -> Any:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from common.checkpoint import (
+from geotrain.common.checkpoint import (
     atomic_write_bytes,
     capture_rng_state,
     list_checkpoints,
@@ -35,9 +35,9 @@ from common.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from common.config import ModelConfig, OptimConfig, RunConfig
-from common.data import TokenData, resolve_data_dir
-from common.model import GPT, autocast_context, configure_optimizer, resolve_device
+from geotrain.common.config import ModelConfig, OptimConfig, RunConfig
+from geotrain.common.data import TokenData, resolve_data_dir
+from geotrain.common.model import GPT, autocast_context, configure_optimizer, resolve_device
 
 log = logging.getLogger("geotrain.train")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import click
 
-from common.config import DELTA_SCHEMES, apply_overrides, load_run_config
-from common.rpc import read_token
+from geotrain.common.config import DELTA_SCHEMES, apply_overrides, load_run_config
+from geotrain.protos.rpc import read_token
 
 log = logging.getLogger("coordinator")
 
@@ -98,8 +98,8 @@ def main(config, run_dir, host, port, metrics_port, token_file, token, tls_cert,
         token = read_token(token_file, token)
         if bool(tls_cert) != bool(tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
-        from common.data import TokenData, resolve_data_dir
-        from coordinator.server import CoordinatorServer
+        from geotrain.common.data import TokenData, resolve_data_dir
+        from geotrain.coordinator.server import CoordinatorServer
 
         data = TokenData(resolve_data_dir(run.data.dir or None))
         server = CoordinatorServer(
@@ -118,7 +118,7 @@ def main(config, run_dir, host, port, metrics_port, token_file, token, tls_cert,
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     if port_file:
-        from common.checkpoint import atomic_write_bytes
+        from geotrain.common.checkpoint import atomic_write_bytes
 
         atomic_write_bytes(Path(port_file), str(bound).encode())
     try:
@@ -131,9 +131,9 @@ def main(config, run_dir, host, port, metrics_port, token_file, token, tls_cert,
 
 
 def entry() -> None:
-    """The `coordinator` command (and `python -m coordinator.cli`): main(), then exit without the
+    """The `coordinator` command (and `python -m geotrain.coordinator.cli`): main(), then exit without the
     interpreter's teardown, which occasionally hung after "run finished" (common/entry.py)."""
-    from common.entry import run_then_exit
+    from geotrain.common.entry import run_then_exit
 
     run_then_exit(main)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from common import __version__
-from common.rpc import PROTOCOL_VERSION
+from geotrain.common import __version__
+from geotrain.protos.rpc import PROTOCOL_VERSION
 
 MAX_WORKER_LABELS = 64
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.config import RunConfig
-from common.data import TokenData
-from common.rpc import TokenAuthInterceptor, server_options
-from common.status import render_status
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.service import CoordinatorServicer
-from coordinator.state import CoordinatorState
-from protos import geotrain_pb2_grpc as pb_grpc
+from geotrain.common.config import RunConfig
+from geotrain.common.data import TokenData
+from geotrain.protos.rpc import TokenAuthInterceptor, server_options
+from geotrain.common.status import render_status
+from geotrain.coordinator.metrics import CoordinatorMetrics
+from geotrain.coordinator.service import CoordinatorServicer
+from geotrain.coordinator.state import CoordinatorState
+from geotrain.protos import geotrain_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.5

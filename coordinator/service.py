@@ -15,11 +15,11 @@ from typing import Callable, Iterator
 
 import grpc
 
-from common.rpc import CHUNK_BYTES, collect_blob, iter_chunks, sha256_hex
-from coordinator.ledger import TrainedRange
-from coordinator.state import CoordinatorError, CoordinatorState, InvalidArgument
-from protos import geotrain_pb2 as pb
-from protos import geotrain_pb2_grpc as pb_grpc
+from geotrain.protos.rpc import CHUNK_BYTES, collect_blob, iter_chunks, sha256_hex
+from geotrain.coordinator.ledger import TrainedRange
+from geotrain.coordinator.state import CoordinatorError, CoordinatorState, InvalidArgument
+from geotrain.protos import geotrain_pb2 as pb
+from geotrain.protos import geotrain_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

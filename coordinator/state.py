@@ -41,18 +41,18 @@ from typing import Any, Callable, Container
 import numpy as np
 import torch
 
-from common import __version__
-from common.checkpoint import load_latest_checkpoint, save_checkpoint
-from common.compression import ErrorFeedback, decode_tensors, encode_tensors, get_codec
-from common.config import REPLAYED_DOWNLINKS, ModelConfig, RunConfig
-from common.data import TokenData
-from common.model import GPT
-from common.rpc import PROTOCOL_VERSION
-from common.tensors import clone_tensors, global_norm, model_tensors, params_sha256, tensor_spec
-from coordinator.groups import Assignment, GroupFormation
-from coordinator.ledger import Ledger, LedgerError, TrainedRange
-from common.counts import encode_counts
-from coordinator.merge import (
+from geotrain.common import __version__
+from geotrain.common.checkpoint import load_latest_checkpoint, save_checkpoint
+from geotrain.common.compression import ErrorFeedback, decode_tensors, encode_tensors, get_codec
+from geotrain.common.config import REPLAYED_DOWNLINKS, ModelConfig, RunConfig
+from geotrain.common.data import TokenData
+from geotrain.common.model import GPT
+from geotrain.protos.rpc import PROTOCOL_VERSION
+from geotrain.common.tensors import clone_tensors, global_norm, model_tensors, params_sha256, tensor_spec
+from geotrain.coordinator.groups import Assignment, GroupFormation
+from geotrain.coordinator.ledger import Ledger, LedgerError, TrainedRange
+from geotrain.common.counts import encode_counts
+from geotrain.common.merge import (
     Contribution,
     NormGate,
     OuterOptimizer,
@@ -126,7 +126,7 @@ class RelayedDelta:
 
     push_id: str
     blob: bytes  # the payload exactly as the worker pushed it
-    weight: float  # its merge weight (coordinator/merge.py::merge_weights)
+    weight: float  # its merge weight (common/merge.py::merge_weights)
     factor: float  # the outlier gate's clip factor
 
 
@@ -468,7 +468,7 @@ class CoordinatorState:
         sha256. NotFound for a shard outside the manifest; InvalidArgument for a bad range."""
         import hashlib
 
-        from common.data import order_rows, read_shard, sequence_order
+        from geotrain.common.data import order_rows, read_shard, sequence_order
 
         path, _ = self.shard_path(worker_id, session_id, shard)
         T = self.model_config.block_size

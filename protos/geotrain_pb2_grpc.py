@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import geotrain_pb2 as protos_dot_geotrain__pb2
+from geotrain.protos import geotrain_pb2 as geotrain_dot_protos_dot_geotrain__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/geotrain_pb2_grpc.py depends on'
+        + ' but the generated code in geotrain/protos/geotrain_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,43 +36,43 @@ class CoordinatorStub:
         """
         self.Join = channel.unary_unary(
                 '/geotrain.v1.Coordinator/Join',
-                request_serializer=protos_dot_geotrain__pb2.JoinRequest.SerializeToString,
-                response_deserializer=protos_dot_geotrain__pb2.JoinReply.FromString,
+                request_serializer=geotrain_dot_protos_dot_geotrain__pb2.JoinRequest.SerializeToString,
+                response_deserializer=geotrain_dot_protos_dot_geotrain__pb2.JoinReply.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/geotrain.v1.Coordinator/Heartbeat',
-                request_serializer=protos_dot_geotrain__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=protos_dot_geotrain__pb2.HeartbeatReply.FromString,
+                request_serializer=geotrain_dot_protos_dot_geotrain__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=geotrain_dot_protos_dot_geotrain__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
         self.Leave = channel.unary_unary(
                 '/geotrain.v1.Coordinator/Leave',
-                request_serializer=protos_dot_geotrain__pb2.LeaveRequest.SerializeToString,
-                response_deserializer=protos_dot_geotrain__pb2.LeaveReply.FromString,
+                request_serializer=geotrain_dot_protos_dot_geotrain__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=geotrain_dot_protos_dot_geotrain__pb2.LeaveReply.FromString,
                 _registered_method=True)
         self.LeaseWork = channel.unary_unary(
                 '/geotrain.v1.Coordinator/LeaseWork',
-                request_serializer=protos_dot_geotrain__pb2.LeaseRequest.SerializeToString,
-                response_deserializer=protos_dot_geotrain__pb2.LeaseReply.FromString,
+                request_serializer=geotrain_dot_protos_dot_geotrain__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=geotrain_dot_protos_dot_geotrain__pb2.LeaseReply.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_stream(
                 '/geotrain.v1.Coordinator/GetModel',
-                request_serializer=protos_dot_geotrain__pb2.ModelRequest.SerializeToString,
-                response_deserializer=protos_dot_geotrain__pb2.ModelPart.FromString,
+                request_serializer=geotrain_dot_protos_dot_geotrain__pb2.ModelRequest.SerializeToString,
+                response_deserializer=geotrain_dot_protos_dot_geotrain__pb2.ModelPart.FromString,
                 _registered_method=True)
         self.GetShard = channel.unary_stream(
                 '/geotrain.v1.Coordinator/GetShard',
-                request_serializer=protos_dot_geotrain__pb2.ShardRequest.SerializeToString,
-                response_deserializer=protos_dot_geotrain__pb2.DataChunk.FromString,
+                request_serializer=geotrain_dot_protos_dot_geotrain__pb2.ShardRequest.SerializeToString,
+                response_deserializer=geotrain_dot_protos_dot_geotrain__pb2.DataChunk.FromString,
                 _registered_method=True)
         self.PushDelta = channel.stream_unary(
                 '/geotrain.v1.Coordinator/PushDelta',
-                request_serializer=protos_dot_geotrain__pb2.DeltaPart.SerializeToString,
-                response_deserializer=protos_dot_geotrain__pb2.PushReply.FromString,
+                request_serializer=geotrain_dot_protos_dot_geotrain__pb2.DeltaPart.SerializeToString,
+                response_deserializer=geotrain_dot_protos_dot_geotrain__pb2.PushReply.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/geotrain.v1.Coordinator/Status',
-                request_serializer=protos_dot_geotrain__pb2.StatusRequest.SerializeToString,
-                response_deserializer=protos_dot_geotrain__pb2.StatusReply.FromString,
+                request_serializer=geotrain_dot_protos_dot_geotrain__pb2.StatusRequest.SerializeToString,
+                response_deserializer=geotrain_dot_protos_dot_geotrain__pb2.StatusReply.FromString,
                 _registered_method=True)
 
 
@@ -142,43 +142,43 @@ def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
-                    request_deserializer=protos_dot_geotrain__pb2.JoinRequest.FromString,
-                    response_serializer=protos_dot_geotrain__pb2.JoinReply.SerializeToString,
+                    request_deserializer=geotrain_dot_protos_dot_geotrain__pb2.JoinRequest.FromString,
+                    response_serializer=geotrain_dot_protos_dot_geotrain__pb2.JoinReply.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=protos_dot_geotrain__pb2.HeartbeatRequest.FromString,
-                    response_serializer=protos_dot_geotrain__pb2.HeartbeatReply.SerializeToString,
+                    request_deserializer=geotrain_dot_protos_dot_geotrain__pb2.HeartbeatRequest.FromString,
+                    response_serializer=geotrain_dot_protos_dot_geotrain__pb2.HeartbeatReply.SerializeToString,
             ),
             'Leave': grpc.unary_unary_rpc_method_handler(
                     servicer.Leave,
-                    request_deserializer=protos_dot_geotrain__pb2.LeaveRequest.FromString,
-                    response_serializer=protos_dot_geotrain__pb2.LeaveReply.SerializeToString,
+                    request_deserializer=geotrain_dot_protos_dot_geotrain__pb2.LeaveRequest.FromString,
+                    response_serializer=geotrain_dot_protos_dot_geotrain__pb2.LeaveReply.SerializeToString,
             ),
             'LeaseWork': grpc.unary_unary_rpc_method_handler(
                     servicer.LeaseWork,
-                    request_deserializer=protos_dot_geotrain__pb2.LeaseRequest.FromString,
-                    response_serializer=protos_dot_geotrain__pb2.LeaseReply.SerializeToString,
+                    request_deserializer=geotrain_dot_protos_dot_geotrain__pb2.LeaseRequest.FromString,
+                    response_serializer=geotrain_dot_protos_dot_geotrain__pb2.LeaseReply.SerializeToString,
             ),
             'GetModel': grpc.unary_stream_rpc_method_handler(
                     servicer.GetModel,
-                    request_deserializer=protos_dot_geotrain__pb2.ModelRequest.FromString,
-                    response_serializer=protos_dot_geotrain__pb2.ModelPart.SerializeToString,
+                    request_deserializer=geotrain_dot_protos_dot_geotrain__pb2.ModelRequest.FromString,
+                    response_serializer=geotrain_dot_protos_dot_geotrain__pb2.ModelPart.SerializeToString,
             ),
             'GetShard': grpc.unary_stream_rpc_method_handler(
                     servicer.GetShard,
-                    request_deserializer=protos_dot_geotrain__pb2.ShardRequest.FromString,
-                    response_serializer=protos_dot_geotrain__pb2.DataChunk.SerializeToString,
+                    request_deserializer=geotrain_dot_protos_dot_geotrain__pb2.ShardRequest.FromString,
+                    response_serializer=geotrain_dot_protos_dot_geotrain__pb2.DataChunk.SerializeToString,
             ),
             'PushDelta': grpc.stream_unary_rpc_method_handler(
                     servicer.PushDelta,
-                    request_deserializer=protos_dot_geotrain__pb2.DeltaPart.FromString,
-                    response_serializer=protos_dot_geotrain__pb2.PushReply.SerializeToString,
+                    request_deserializer=geotrain_dot_protos_dot_geotrain__pb2.DeltaPart.FromString,
+                    response_serializer=geotrain_dot_protos_dot_geotrain__pb2.PushReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=protos_dot_geotrain__pb2.StatusRequest.FromString,
-                    response_serializer=protos_dot_geotrain__pb2.StatusReply.SerializeToString,
+                    request_deserializer=geotrain_dot_protos_dot_geotrain__pb2.StatusRequest.FromString,
+                    response_serializer=geotrain_dot_protos_dot_geotrain__pb2.StatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -206,8 +206,8 @@ class Coordinator:
             request,
             target,
             '/geotrain.v1.Coordinator/Join',
-            protos_dot_geotrain__pb2.JoinRequest.SerializeToString,
-            protos_dot_geotrain__pb2.JoinReply.FromString,
+            geotrain_dot_protos_dot_geotrain__pb2.JoinRequest.SerializeToString,
+            geotrain_dot_protos_dot_geotrain__pb2.JoinReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -233,8 +233,8 @@ class Coordinator:
             request,
             target,
             '/geotrain.v1.Coordinator/Heartbeat',
-            protos_dot_geotrain__pb2.HeartbeatRequest.SerializeToString,
-            protos_dot_geotrain__pb2.HeartbeatReply.FromString,
+            geotrain_dot_protos_dot_geotrain__pb2.HeartbeatRequest.SerializeToString,
+            geotrain_dot_protos_dot_geotrain__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -260,8 +260,8 @@ class Coordinator:
             request,
             target,
             '/geotrain.v1.Coordinator/Leave',
-            protos_dot_geotrain__pb2.LeaveRequest.SerializeToString,
-            protos_dot_geotrain__pb2.LeaveReply.FromString,
+            geotrain_dot_protos_dot_geotrain__pb2.LeaveRequest.SerializeToString,
+            geotrain_dot_protos_dot_geotrain__pb2.LeaveReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -287,8 +287,8 @@ class Coordinator:
             request,
             target,
             '/geotrain.v1.Coordinator/LeaseWork',
-            protos_dot_geotrain__pb2.LeaseRequest.SerializeToString,
-            protos_dot_geotrain__pb2.LeaseReply.FromString,
+            geotrain_dot_protos_dot_geotrain__pb2.LeaseRequest.SerializeToString,
+            geotrain_dot_protos_dot_geotrain__pb2.LeaseReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -314,8 +314,8 @@ class Coordinator:
             request,
             target,
             '/geotrain.v1.Coordinator/GetModel',
-            protos_dot_geotrain__pb2.ModelRequest.SerializeToString,
-            protos_dot_geotrain__pb2.ModelPart.FromString,
+            geotrain_dot_protos_dot_geotrain__pb2.ModelRequest.SerializeToString,
+            geotrain_dot_protos_dot_geotrain__pb2.ModelPart.FromString,
             options,
             channel_credentials,
             insecure,
@@ -341,8 +341,8 @@ class Coordinator:
             request,
             target,
             '/geotrain.v1.Coordinator/GetShard',
-            protos_dot_geotrain__pb2.ShardRequest.SerializeToString,
-            protos_dot_geotrain__pb2.DataChunk.FromString,
+            geotrain_dot_protos_dot_geotrain__pb2.ShardRequest.SerializeToString,
+            geotrain_dot_protos_dot_geotrain__pb2.DataChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -368,8 +368,8 @@ class Coordinator:
             request_iterator,
             target,
             '/geotrain.v1.Coordinator/PushDelta',
-            protos_dot_geotrain__pb2.DeltaPart.SerializeToString,
-            protos_dot_geotrain__pb2.PushReply.FromString,
+            geotrain_dot_protos_dot_geotrain__pb2.DeltaPart.SerializeToString,
+            geotrain_dot_protos_dot_geotrain__pb2.PushReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -395,8 +395,8 @@ class Coordinator:
             request,
             target,
             '/geotrain.v1.Coordinator/Status',
-            protos_dot_geotrain__pb2.StatusRequest.SerializeToString,
-            protos_dot_geotrain__pb2.StatusReply.FromString,
+            geotrain_dot_protos_dot_geotrain__pb2.StatusRequest.SerializeToString,
+            geotrain_dot_protos_dot_geotrain__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -420,8 +420,8 @@ class WorkerStub:
         """
         self.Ping = channel.unary_unary(
                 '/geotrain.v1.Worker/Ping',
-                request_serializer=protos_dot_geotrain__pb2.PingRequest.SerializeToString,
-                response_deserializer=protos_dot_geotrain__pb2.PingReply.FromString,
+                request_serializer=geotrain_dot_protos_dot_geotrain__pb2.PingRequest.SerializeToString,
+                response_deserializer=geotrain_dot_protos_dot_geotrain__pb2.PingReply.FromString,
                 _registered_method=True)
 
 
@@ -440,8 +440,8 @@ def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Ping': grpc.unary_unary_rpc_method_handler(
                     servicer.Ping,
-                    request_deserializer=protos_dot_geotrain__pb2.PingRequest.FromString,
-                    response_serializer=protos_dot_geotrain__pb2.PingReply.SerializeToString,
+                    request_deserializer=geotrain_dot_protos_dot_geotrain__pb2.PingRequest.FromString,
+                    response_serializer=geotrain_dot_protos_dot_geotrain__pb2.PingReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -470,8 +470,8 @@ class Worker:
             request,
             target,
             '/geotrain.v1.Worker/Ping',
-            protos_dot_geotrain__pb2.PingRequest.SerializeToString,
-            protos_dot_geotrain__pb2.PingReply.FromString,
+            geotrain_dot_protos_dot_geotrain__pb2.PingRequest.SerializeToString,
+            geotrain_dot_protos_dot_geotrain__pb2.PingReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import peer_pb2 as protos_dot_peer__pb2
+from geotrain.protos import peer_pb2 as geotrain_dot_protos_dot_peer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/peer_pb2_grpc.py depends on'
+        + ' but the generated code in geotrain/protos/peer_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class PeerStub:
         """
         self.Exchange = channel.stream_unary(
                 '/geotrain.v1.Peer/Exchange',
-                request_serializer=protos_dot_peer__pb2.PeerPart.SerializeToString,
-                response_deserializer=protos_dot_peer__pb2.ExchangeReply.FromString,
+                request_serializer=geotrain_dot_protos_dot_peer__pb2.PeerPart.SerializeToString,
+                response_deserializer=geotrain_dot_protos_dot_peer__pb2.ExchangeReply.FromString,
                 _registered_method=True)
         self.Checksum = channel.unary_unary(
                 '/geotrain.v1.Peer/Checksum',
-                request_serializer=protos_dot_peer__pb2.ChecksumRequest.SerializeToString,
-                response_deserializer=protos_dot_peer__pb2.ChecksumReply.FromString,
+                request_serializer=geotrain_dot_protos_dot_peer__pb2.ChecksumRequest.SerializeToString,
+                response_deserializer=geotrain_dot_protos_dot_peer__pb2.ChecksumReply.FromString,
                 _registered_method=True)
         self.FetchState = channel.unary_stream(
                 '/geotrain.v1.Peer/FetchState',
-                request_serializer=protos_dot_peer__pb2.StateRequest.SerializeToString,
-                response_deserializer=protos_dot_peer__pb2.StatePart.FromString,
+                request_serializer=geotrain_dot_protos_dot_peer__pb2.StateRequest.SerializeToString,
+                response_deserializer=geotrain_dot_protos_dot_peer__pb2.StatePart.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/geotrain.v1.Peer/Status',
-                request_serializer=protos_dot_peer__pb2.PeerStatusRequest.SerializeToString,
-                response_deserializer=protos_dot_peer__pb2.PeerStatusReply.FromString,
+                request_serializer=geotrain_dot_protos_dot_peer__pb2.PeerStatusRequest.SerializeToString,
+                response_deserializer=geotrain_dot_protos_dot_peer__pb2.PeerStatusReply.FromString,
                 _registered_method=True)
 
 
@@ -97,23 +97,23 @@ def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Exchange': grpc.stream_unary_rpc_method_handler(
                     servicer.Exchange,
-                    request_deserializer=protos_dot_peer__pb2.PeerPart.FromString,
-                    response_serializer=protos_dot_peer__pb2.ExchangeReply.SerializeToString,
+                    request_deserializer=geotrain_dot_protos_dot_peer__pb2.PeerPart.FromString,
+                    response_serializer=geotrain_dot_protos_dot_peer__pb2.ExchangeReply.SerializeToString,
             ),
             'Checksum': grpc.unary_unary_rpc_method_handler(
                     servicer.Checksum,
-                    request_deserializer=protos_dot_peer__pb2.ChecksumRequest.FromString,
-                    response_serializer=protos_dot_peer__pb2.ChecksumReply.SerializeToString,
+                    request_deserializer=geotrain_dot_protos_dot_peer__pb2.ChecksumRequest.FromString,
+                    response_serializer=geotrain_dot_protos_dot_peer__pb2.ChecksumReply.SerializeToString,
             ),
             'FetchState': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchState,
-                    request_deserializer=protos_dot_peer__pb2.StateRequest.FromString,
-                    response_serializer=protos_dot_peer__pb2.StatePart.SerializeToString,
+                    request_deserializer=geotrain_dot_protos_dot_peer__pb2.StateRequest.FromString,
+                    response_serializer=geotrain_dot_protos_dot_peer__pb2.StatePart.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=protos_dot_peer__pb2.PeerStatusRequest.FromString,
-                    response_serializer=protos_dot_peer__pb2.PeerStatusReply.SerializeToString,
+                    request_deserializer=geotrain_dot_protos_dot_peer__pb2.PeerStatusRequest.FromString,
+                    response_serializer=geotrain_dot_protos_dot_peer__pb2.PeerStatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -141,8 +141,8 @@ class Peer:
             request_iterator,
             target,
             '/geotrain.v1.Peer/Exchange',
-            protos_dot_peer__pb2.PeerPart.SerializeToString,
-            protos_dot_peer__pb2.ExchangeReply.FromString,
+            geotrain_dot_protos_dot_peer__pb2.PeerPart.SerializeToString,
+            geotrain_dot_protos_dot_peer__pb2.ExchangeReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -168,8 +168,8 @@ class Peer:
             request,
             target,
             '/geotrain.v1.Peer/Checksum',
-            protos_dot_peer__pb2.ChecksumRequest.SerializeToString,
-            protos_dot_peer__pb2.ChecksumReply.FromString,
+            geotrain_dot_protos_dot_peer__pb2.ChecksumRequest.SerializeToString,
+            geotrain_dot_protos_dot_peer__pb2.ChecksumReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -195,8 +195,8 @@ class Peer:
             request,
             target,
             '/geotrain.v1.Peer/FetchState',
-            protos_dot_peer__pb2.StateRequest.SerializeToString,
-            protos_dot_peer__pb2.StatePart.FromString,
+            geotrain_dot_protos_dot_peer__pb2.StateRequest.SerializeToString,
+            geotrain_dot_protos_dot_peer__pb2.StatePart.FromString,
             options,
             channel_credentials,
             insecure,
@@ -222,8 +222,8 @@ class Peer:
             request,
             target,
             '/geotrain.v1.Peer/Status',
-            protos_dot_peer__pb2.PeerStatusRequest.SerializeToString,
-            protos_dot_peer__pb2.PeerStatusReply.FromString,
+            geotrain_dot_protos_dot_peer__pb2.PeerStatusRequest.SerializeToString,
+            geotrain_dot_protos_dot_peer__pb2.PeerStatusReply.FromString,
             options,
             channel_credentials,
             insecure,

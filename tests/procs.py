@@ -30,8 +30,8 @@ from typing import Any, Callable
 import grpc
 import numpy as np
 
-from protos import geotrain_pb2 as pb
-from protos import geotrain_pb2_grpc as pb_grpc
+from geotrain.protos import geotrain_pb2 as pb
+from geotrain.protos import geotrain_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 LOG_TAIL_LINES = 60
@@ -65,7 +65,7 @@ def english_like_text(n_bytes: int, seed: int = 0) -> str:
 
 def prepare_corpus(root: Path, n_bytes: int = 200_000, seed: int = 0) -> Path:
     """A byte-tokenized prepared data directory under root/tokens."""
-    from common.data import prepare
+    from geotrain.common.data import prepare
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "corpus.txt").write_text(english_like_text(n_bytes, seed))
@@ -75,7 +75,7 @@ def prepare_corpus(root: Path, n_bytes: int = 200_000, seed: int = 0) -> Path:
 
 def unigram_entropy(data_dir: Path, split: str = "train") -> float:
     """Entropy (nats) of the token distribution of a split: the loss of the best context-free model."""
-    from common.data import TokenData
+    from geotrain.common.data import TokenData
 
     data = TokenData(data_dir)
     counts = np.zeros(data.vocab_size, dtype=np.int64)
@@ -87,7 +87,7 @@ def unigram_entropy(data_dir: Path, split: str = "train") -> float:
 
 
 def train_tokens(data_dir: Path) -> int:
-    from common.data import TokenData
+    from geotrain.common.data import TokenData
 
     return sum(s.tokens for s in TokenData(data_dir).manifest.shards if s.split == "train")
 
@@ -248,7 +248,7 @@ class Cluster:
         port_file = self.tmp / "coordinator.port"
         port_file.unlink(missing_ok=True)
         args = [
-            sys.executable, "-m", "coordinator.cli", "--config", str(self.config_path),
+            sys.executable, "-m", "geotrain.coordinator.cli", "--config", str(self.config_path),
             "--data", str(self.data_dir), "--run-dir", str(run_dir or self.run_dir),
             "--host", "127.0.0.1", "--port", str(port), "--port-file", str(port_file),
             "--metrics-port", "0", *(extra or []),
@@ -272,7 +272,7 @@ class Cluster:
 
     def start_worker(self, name: str, target: str | None = None, extra: list[str] | None = None) -> Proc:
         args = [
-            sys.executable, "-m", "worker.cli", "--coordinator", target or self.target, "--name", name,
+            sys.executable, "-m", "geotrain.worker.cli", "--coordinator", target or self.target, "--name", name,
             "--port", "0", "--metrics-port", "0", "--threads", "1", "--device", "cpu",
             "--cache-dir", str(self.tmp / "cache"), *(extra or []),
         ]
@@ -379,7 +379,7 @@ def finite(x: float) -> bool:
 
 def checkpoint_state(run_dir: Path) -> tuple[dict, Path]:
     """The verified newest checkpoint's state dict and path (AssertionError when none)."""
-    from common.checkpoint import load_latest_checkpoint
+    from geotrain.common.checkpoint import load_latest_checkpoint
 
     loaded = load_latest_checkpoint(Path(run_dir) / "checkpoints")
     assert loaded is not None, f"no checkpoint under {run_dir}"

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import rpc
-from worker.allreduce import CompressedAllReduce, PeerFailure
+from geotrain.protos import rpc
+from geotrain.worker.allreduce import CompressedAllReduce, PeerFailure
 
 
 # --------------------------------------------------------------------------- helpers
@@ -138,7 +138,7 @@ def test_sign_allreduce_bit_identical_and_close(n, algorithm):
 def test_allgather_quantizes_each_members_own_buffer_once(n):
     """allgather = the mean of every member's own 1-bit encoding, decoded (no sum is ever
     re-quantized), in rank order; each member sends (N - 1) encoded buffers."""
-    from common.compression import get_codec
+    from geotrain.common.compression import get_codec
 
     members, servers = start_group(n, compression="sign", algorithm="allgather", chunk=64)
     try:
@@ -164,7 +164,7 @@ def test_scatter_sums_members_own_blocks_exactly_then_quantizes_the_mean_once(n)
     """scatter: the owner of block b sums every member's own 1-bit encoding of b exactly (rank
     order), encodes the mean once, ternary; everyone decodes those bytes. Bytes sent per member:
     log2(N)/2 1-bit buffers + (N-1)/N ternary ones."""
-    from common.compression import get_codec
+    from geotrain.common.compression import get_codec
 
     members, servers = start_group(n, compression="sign", algorithm="scatter", chunk=64)
     try:
@@ -203,7 +203,7 @@ def test_count_sums_own_signs_on_shared_scales_exactly(n, sign_scale):
     |value|); the mean is the exact sum of those
     over members / N, identical on every member; the residual is y - shared scale x sign. Bytes:
     (N-1) x (sign bits + one code per chunk) up, (N-1) x (codes + zstd agree counts) back."""
-    from common.counts import packed_size, scale_codes, scales_from_codes
+    from geotrain.common.counts import packed_size, scale_codes, scales_from_codes
 
     C = 64
     members, servers = start_group(n, compression="sign", algorithm="count", chunk=C, sign_scale=sign_scale)
@@ -233,7 +233,7 @@ def test_count_sums_own_signs_on_shared_scales_exactly(n, sign_scale):
 def test_count_refuses_a_garbled_count_payload(monkeypatch):
     """A member whose all-gather message does not decode raises PeerFailure naming it, and its
     error feedback is not committed (the call failed)."""
-    import worker.allreduce as allreduce_module
+    import geotrain.worker.allreduce as allreduce_module
 
     members, servers = start_group(2, compression="sign", algorithm="count", chunk=64, deadline_s=3.0)
     real = allreduce_module.encode_counts
@@ -305,7 +305,7 @@ def test_error_feedback_tracks_true_sum(n):
 def test_rank0_batch_plan_reaches_every_member(n, algorithm):
     """Rank 0's BatchPlan rides the all-reduce headers: every member holds it after the call, and
     a call without one leaves every member's last_plan None."""
-    from protos import peer_pb2
+    from geotrain.protos import peer_pb2
 
     members, servers = start_group(n, compression="sign", algorithm=algorithm)
     try:
@@ -456,7 +456,7 @@ def test_member_killed_mid_allreduce(n):
 def test_count_sums_agree_from_owner_and_member_view(n):
     """The owner turns its count of + signs into sum / n; every other member turns its own sign and
     its agree count into the same value, bit for bit (exact fp32), for every possible combination."""
-    from worker.allreduce import _agree_table, _k_from_agree, _k_from_plus
+    from geotrain.worker.allreduce import _agree_table, _k_from_agree, _k_from_plus
 
     table = _agree_table(n)
     for plus in range(n + 1):

@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from common import checkpoint as ck
-from common.config import ModelConfig
-from common.model import GPT
+from geotrain.common import checkpoint as ck
+from geotrain.common.config import ModelConfig
+from geotrain.common.model import GPT
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

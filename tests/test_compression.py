@@ -15,7 +15,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.compression import (
+from geotrain.common.compression import (
     MAX_CHUNK,
     SCHEMES,
     ErrorFeedback,
@@ -341,7 +341,7 @@ def test_decode_is_bit_identical_in_another_process():
     digest = hashlib.sha256(b"".join(dec[k].numpy().tobytes() for k in ts)).hexdigest()
     code = (
         "import sys, hashlib\n"
-        "from common.compression import decode_tensors\n"
+        "from geotrain.common.compression import decode_tensors\n"
         "blob = sys.stdin.buffer.read()\n"
         f"out = decode_tensors(blob, {shapes_of(ts)!r})\n"
         "print(hashlib.sha256(b''.join(t.numpy().tobytes() for t in out.values())).hexdigest())\n"
@@ -545,7 +545,7 @@ def test_fuzz_valid_header_random_frame(scheme, junk, count):
 @pytest.mark.parametrize("shape", [(37, 13), (1000,), (3, 5, 7), (1, 300), (300, 1)])
 def test_fused_sign_feedback_matches_the_generic_definition(monkeypatch, sign_scale, shape):
     """The cache-blocked sign + feedback path == y = x + r; encode(y); r = y - decoded."""
-    from common.compression import SignCodec
+    from geotrain.common.compression import SignCodec
 
     monkeypatch.setattr(SignCodec, "block", 40)  # many blocks, ragged last block, chunk tails
     codec = get_codec("sign", 16, sign_scale)

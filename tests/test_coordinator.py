@@ -12,23 +12,23 @@ import pytest
 import torch
 import zstandard
 
-from common.compression import encode_tensors
-from common.config import OuterConfig, RunConfig
-from common.data import TokenData, prepare
-from common.rpc import PROTOCOL_VERSION, iter_chunks, make_channel
-from common.tensors import clone_tensors, params_sha256
-from coordinator.ledger import TrainedRange
-from coordinator.merge import OuterOptimizer
-from coordinator.server import CoordinatorServer
-from coordinator.state import (
+from geotrain.common.compression import encode_tensors
+from geotrain.common.config import OuterConfig, RunConfig
+from geotrain.common.data import TokenData, prepare
+from geotrain.protos.rpc import PROTOCOL_VERSION, iter_chunks, make_channel
+from geotrain.common.tensors import clone_tensors, params_sha256
+from geotrain.coordinator.ledger import TrainedRange
+from geotrain.common.merge import OuterOptimizer
+from geotrain.coordinator.server import CoordinatorServer
+from geotrain.coordinator.state import (
     AlreadyExists,
     CoordinatorState,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
 )
-from protos import geotrain_pb2 as pb
-from protos import geotrain_pb2_grpc as pb_grpc
+from geotrain.protos import geotrain_pb2 as pb
+from geotrain.protos import geotrain_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")
@@ -343,8 +343,8 @@ def test_worker_rebuilds_the_initial_model_from_the_seed(data, tmp_path):
     wrong checksum gives None (the worker downloads instead)."""
     import json
 
-    from common.config import ModelConfig, run_config_from_dict
-    from worker.runner import initial_weights_from_seed
+    from geotrain.common.config import ModelConfig, run_config_from_dict
+    from geotrain.worker.runner import initial_weights_from_seed
 
     state = CoordinatorState(small_run(), data, tmp_path)
     spec = json.loads(state.run_spec(0))

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from common.compression import decode_tensors, encode_tensors
-from common.counts import decode_counts, encode_counts, packed_size
-from common.tensors import clone_tensors, params_sha256
-from coordinator.ledger import TrainedRange
-from coordinator.merge import OuterOptimizer
-from coordinator.service import _update_info
-from coordinator.state import CoordinatorState
-from protos import geotrain_pb2 as pb
+from geotrain.common.compression import decode_tensors, encode_tensors
+from geotrain.common.counts import decode_counts, encode_counts, packed_size
+from geotrain.common.tensors import clone_tensors, params_sha256
+from geotrain.coordinator.ledger import TrainedRange
+from geotrain.common.merge import OuterOptimizer
+from geotrain.coordinator.service import _update_info
+from geotrain.coordinator.state import CoordinatorState
+from geotrain.protos import geotrain_pb2 as pb
 from test_coordinator import data, join, small_run  # noqa: F401 - the data fixture
-from worker.runner import replay_counted, replay_relayed
+from geotrain.worker.runner import replay_counted, replay_relayed
 
 
 def count_run(**changes):
@@ -138,12 +138,12 @@ def test_merges_that_are_not_counts_are_relayed(data, tmp_path):  # noqa: F811
 
 
 def test_count_runs_weigh_the_deltas_of_a_merge_equally():
-    from coordinator.merge import Contribution, merge_weights
+    from geotrain.common.merge import Contribution, merge_weights
 
     cs = [Contribution(f"p{i}", f"w{i}", 5, tokens, 1, 0.0, {}) for i, tokens in enumerate((64, 70, 58))]
     assert merge_weights(cs, 5, 0.5, by_tokens=False) == [1 / 3] * 3
     assert merge_weights(cs, 5, 0.5) == [64 / 192, 70 / 192, 58 / 192]
-    from common.config import MergeConfig
+    from geotrain.common.config import MergeConfig
 
     with pytest.raises(ValueError, match="merge.weights"):
         MergeConfig(weights="tokens2").validate()
@@ -215,7 +215,7 @@ def test_count_payloads_round_trip_and_refuse_garbage():
 
 
 def test_count_needs_tsign():
-    from common.config import CompressionConfig
+    from geotrain.common.config import CompressionConfig
 
     with pytest.raises(ValueError, match="'count' needs compression.scheme 'tsign'"):
         CompressionConfig(scheme="sign", downlink="count").validate()
@@ -225,7 +225,7 @@ def test_a_counted_worker_subtracts_the_merge_scale_times_its_signs(data, tmp_pa
     """The worker's side of a count merge: U replays bit-identically, and rebasing with
     counted_contribution leaves params - base = its delta - merge scale x its signs (what its own
     scale differed by, plus its own 1-bit error, stays in its weights for the next delta)."""
-    from worker.runner import apply_update, counted_contribution
+    from geotrain.worker.runner import apply_update, counted_contribution
 
     state = CoordinatorState(count_run(), data, tmp_path)
     initial = clone_tensors(state.global_params)
@@ -249,7 +249,7 @@ def test_a_counted_worker_subtracts_the_merge_scale_times_its_signs(data, tmp_pa
 
 
 def test_scale_codes_round_trip_within_a_quarter_octave():
-    from common.counts import scale_codes, scales_from_codes
+    from geotrain.common.counts import scale_codes, scales_from_codes
 
     s = np.array([0.0, 1.0, 0.5, 3.3e-3, 7.77, 1e-12, 1e30, 1e-40])
     codes = scale_codes(s)

@@ -17,9 +17,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from common import data
-from common.cli import cli
-from common.data import (
+from geotrain.common import data
+from geotrain.cli import cli
+from geotrain.common.data import (
     HEADER_BYTES,
     SHARD_MAGIC,
     SHARD_VERSION,
@@ -317,7 +317,7 @@ def test_get_batch_deterministic_across_instances(prepared):
 def test_get_batch_same_in_another_process(prepared):
     x, y = TokenData(prepared).get_batch("train", 4, 16, seed=123, step=99)
     code = (
-        "import sys; from common.data import TokenData;"
+        "import sys; from geotrain.common.data import TokenData;"
         "x, y = TokenData(sys.argv[1]).get_batch('train', 4, 16, seed=123, step=99);"
         "print(x.tolist(), y.tolist())"
     )
@@ -516,7 +516,7 @@ def test_cli_prepare_bad_val_fraction_and_help(tmp_path):
 def test_default_data_dir_two_processes(tmp_path):
     env = dict(os.environ, GEOTRAIN_CACHE=str(tmp_path / "cache"))
     code = (
-        "from common import data; data.DEFAULT_CORPUS_BYTES = 100_000;"
+        "from geotrain.common import data; data.DEFAULT_CORPUS_BYTES = 100_000;"
         "print(data.default_data_dir())"
     )
     procs = [
@@ -543,7 +543,7 @@ def test_output_inside_input_dir_is_not_read_back(tmp_path):
 
 
 def test_sequence_order_is_a_deterministic_permutation_per_epoch():
-    from common.data import gather_sequences, sequence_order
+    from geotrain.common.data import gather_sequences, sequence_order
 
     a = sequence_order("train_000000.bin", 6401, 64, seed=3, epoch=0)
     assert sorted(a.tolist()) == list(range(100))

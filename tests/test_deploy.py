@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from common import metric_names as mn
+from geotrain.common import metric_names as mn
 from tools import find_promtool, find_shellcheck, missing_tool, require_promtool, require_tool, venv_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,14 +91,14 @@ def _families(registry) -> set[tuple[str, str]]:
 
 
 def test_coordinator_exports_exactly_the_contract():
-    from coordinator.metrics import CoordinatorMetrics
+    from geotrain.coordinator.metrics import CoordinatorMetrics
 
     exported = _families(CoordinatorMetrics().registry)
     assert exported == {(m.name, m.kind) for m in mn.COORDINATOR_METRICS}
 
 
 def test_worker_exports_only_contract_metrics():
-    from worker.metrics import WorkerMetrics
+    from geotrain.worker.metrics import WorkerMetrics
 
     exported = _families(WorkerMetrics().registry)
     contract = {(m.name, m.kind) for m in mn.WORKER_METRICS}

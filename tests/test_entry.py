@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROGRAM = textwrap.dedent(
     """
     import sys, threading
-    from common.entry import run_then_exit
+    from geotrain.common.entry import run_then_exit
 
     def main():
         # a non-daemon thread that never ends: a normal interpreter exit would wait on it forever

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from common.checkpoint import list_checkpoints, load_latest_checkpoint
+from geotrain.common.checkpoint import list_checkpoints, load_latest_checkpoint
 from procs import Cluster, checkpoint_state, merges, prepare_corpus, tiny_config
 from proxy import Proxy
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from coordinator.ledger import Ledger, LedgerError, TrainedRange
+from geotrain.coordinator.ledger import Ledger, LedgerError, TrainedRange
 
 SHARDS = [("a", 1000), ("b", 333), ("c", 65)]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.config import ModelConfig, model_config
-from common.model import GPT, configure_optimizer
+from geotrain.common.config import ModelConfig, model_config
+from geotrain.common.model import GPT, configure_optimizer
 
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)
 

@@ -16,16 +16,16 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from common import __version__
-from common import metric_names as mn
-from common.cli import cli
-from common.config import RunConfig
-from common.data import TokenData
-from common.plot import CHART_NAMES, PlotError, plot_run
-from common.rpc import PROTOCOL_VERSION
-from common.status import WORKER_COLUMNS, format_duration, render_status
-from coordinator import server as server_mod
-from coordinator.server import CoordinatorServer
+from geotrain.common import __version__
+from geotrain.common import metric_names as mn
+from geotrain.cli import cli
+from geotrain.common.config import RunConfig
+from geotrain.common.data import TokenData
+from geotrain.common.plot import CHART_NAMES, PlotError, plot_run
+from geotrain.protos.rpc import PROTOCOL_VERSION
+from geotrain.common.status import WORKER_COLUMNS, format_duration, render_status
+from geotrain.coordinator import server as server_mod
+from geotrain.coordinator.server import CoordinatorServer
 from tools import LiveRun, require_promtool, require_tool, samples, scrape, tiny_data_dir, venv_tool
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -171,7 +171,7 @@ def test_status_command_unreachable_coordinator_fails_cleanly():
 def test_coordinator_logs_the_status_table_periodically(coordinator, monkeypatch, caplog):
     srv, _ = coordinator
     monkeypatch.setattr(server_mod, "STATUS_EVERY_SECONDS", 0.3)
-    caplog.set_level(logging.INFO, logger="coordinator.server")
+    caplog.set_level(logging.INFO, logger="geotrain.coordinator.server")
     stop = threading.Event()
     thread = threading.Thread(target=srv.run_until, args=(stop,), daemon=True)
     thread.start()

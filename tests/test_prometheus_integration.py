@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from common import metric_names as mn
+from geotrain.common import metric_names as mn
 from tools import LiveRun, free_port, require_prometheus, require_promtool, tiny_data_dir
 
 pytestmark = pytest.mark.integration

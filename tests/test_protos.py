@@ -17,7 +17,7 @@ def test_stubs_are_up_to_date():
 
 
 def test_stubs_import_from_package():
-    from protos import geotrain_pb2, geotrain_pb2_grpc
+    from geotrain.protos import geotrain_pb2, geotrain_pb2_grpc
 
     header = geotrain_pb2.DeltaHeader(push_id="p1", base_version=3)
     again = geotrain_pb2.DeltaHeader.FromString(header.SerializeToString())

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.compression import decode_tensors, encode_tensors
-from common.config import CompressionConfig, RunConfig, RoundConfig
-from common.tensors import clone_tensors, params_sha256
-from coordinator.merge import OuterOptimizer, weighted_sum
-from coordinator.service import _update_info
-from coordinator.state import CoordinatorState
-from protos import geotrain_pb2 as pb
+from geotrain.common.compression import decode_tensors, encode_tensors
+from geotrain.common.config import CompressionConfig, RunConfig, RoundConfig
+from geotrain.common.tensors import clone_tensors, params_sha256
+from geotrain.common.merge import OuterOptimizer, weighted_sum
+from geotrain.coordinator.service import _update_info
+from geotrain.coordinator.state import CoordinatorState
+from geotrain.protos import geotrain_pb2 as pb
 from test_coordinator import data, join, small_run  # noqa: F401 - the data fixture
-from coordinator.ledger import TrainedRange
-from worker.runner import replay_relayed
+from geotrain.coordinator.ledger import TrainedRange
+from geotrain.worker.runner import replay_relayed
 
 
 def relay_run(**changes) -> RunConfig:
@@ -185,8 +185,8 @@ def test_weighted_sum_applies_factor_then_weight_in_order():
 
 
 def test_bad_scheme_chunk_or_zstd_level_is_refused_and_schemes_match_the_codecs():
-    from common.compression import SCHEMES
-    from common.config import DELTA_SCHEMES
+    from geotrain.common.compression import SCHEMES
+    from geotrain.common.config import DELTA_SCHEMES
 
     assert DELTA_SCHEMES == SCHEMES
     with pytest.raises(ValueError, match="compression.scheme .*'int3'"):
@@ -214,7 +214,7 @@ def test_unknown_downlink_or_sync_schedule_is_refused():
         CompressionConfig(last_scheme="sign").validate()
     with pytest.raises(ValueError, match="round.max_lag_steps"):
         RoundConfig(max_lag_steps=-1).validate()
-    from worker.allreduce import ALGORITHMS
-    from common.config import SYNC_SCHEDULES
+    from geotrain.worker.allreduce import ALGORITHMS
+    from geotrain.common.config import SYNC_SCHEDULES
 
     assert set(SYNC_SCHEDULES) == set(ALGORITHMS)  # every schedule the config admits exists

@@ -11,13 +11,13 @@ import grpc
 import pytest
 import torch
 
-from common.compression import encode_tensors
-from common.config import RunConfig
-from common.data import TokenData, prepare
-from common.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, auth_metadata, make_channel
-from coordinator.server import CoordinatorServer
-from protos import geotrain_pb2 as pb
-from protos import geotrain_pb2_grpc as pb_grpc
+from geotrain.common.compression import encode_tensors
+from geotrain.common.config import RunConfig
+from geotrain.common.data import TokenData, prepare
+from geotrain.protos.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, auth_metadata, make_channel
+from geotrain.coordinator.server import CoordinatorServer
+from geotrain.protos import geotrain_pb2 as pb
+from geotrain.protos import geotrain_pb2_grpc as pb_grpc
 
 TOKEN = "s3cret-run-token"
 
@@ -86,7 +86,7 @@ def test_missing_or_wrong_token_is_refused_and_counted(server):
 def test_worker_process_with_wrong_token_exits_with_a_message(server, tmp_path):
     _, target = server
     result = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "--port", "0", "--coordinator", target, "--metrics-port", "0",
+        [sys.executable, "-m", "geotrain.worker.cli", "--port", "0", "--coordinator", target, "--metrics-port", "0",
          "--cache-dir", str(tmp_path), "--device", "cpu", "--threads", "1"],
         capture_output=True, text=True, timeout=120, env={"GEOTRAIN_TOKEN": "wrong", "PATH": "/usr/bin:/bin"},
     )
@@ -195,8 +195,8 @@ def test_outlier_delta_norm_is_refused_or_clipped(server):
 
 
 def test_worker_endpoint_requires_the_run_token():
-    from worker.service import WorkerServer
-    from common.rpc import TokenAuthInterceptor
+    from geotrain.worker.service import WorkerServer
+    from geotrain.protos.rpc import TokenAuthInterceptor
 
     server = WorkerServer(0, lambda: ("w", "id", "training"), interceptors=[TokenAuthInterceptor(TOKEN)])
     server.start()
@@ -213,8 +213,8 @@ def test_lease_sequences_match_the_shard_and_bad_ranges_are_refused(server, data
     gather from the whole shard; a range past the shard's end is INVALID_ARGUMENT."""
     import numpy as np
 
-    from common.data import gather_sequences, read_shard, sequence_order
-    from worker.client import CoordinatorClient
+    from geotrain.common.data import gather_sequences, read_shard, sequence_order
+    from geotrain.worker.client import CoordinatorClient
 
     srv, target = server
     T = srv.state.model_config.block_size

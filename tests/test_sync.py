@@ -9,12 +9,12 @@ from concurrent import futures
 import pytest
 import torch
 
-from common.config import OptimConfig, model_config
-from common.model import GPT
-from common.train import lr_at
+from geotrain.common.config import OptimConfig, model_config
+from geotrain.common.model import GPT
+from geotrain.common.train import lr_at
 from test_allreduce import run_all, start_group, stop_group
-from worker.allreduce import CompressedAllReduce, PeerFailure
-from worker.sync import SyncGroupTrainer, VarianceProbe
+from geotrain.worker.allreduce import CompressedAllReduce, PeerFailure
+from geotrain.worker.sync import SyncGroupTrainer, VarianceProbe
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=256)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from coordinator.groups import GroupFormation, group_key
+from geotrain.coordinator.groups import GroupFormation, group_key
 
 
 class Clock:
@@ -26,7 +26,7 @@ def formation(n: int, key: str = "g", settle: float = 2.0):
 
 
 def test_waits_for_settle_then_forms_largest_power_of_two(caplog):
-    caplog.set_level(logging.INFO, logger="coordinator.groups")
+    caplog.set_level(logging.INFO, logger="geotrain.coordinator.groups")
     g, clock = formation(3)
     assert g.assignment("w0") is None  # still settling: everyone trains async meanwhile
     clock.t += 2.0
@@ -108,10 +108,10 @@ def test_coordinator_assigns_groups_refuses_rank1_pushes_and_reforms_on_drop(tmp
     import pytest
     import torch
 
-    from common.rpc import PROTOCOL_VERSION
-    from coordinator.state import CoordinatorState, FailedPrecondition
+    from geotrain.protos.rpc import PROTOCOL_VERSION
+    from geotrain.coordinator.state import CoordinatorState, FailedPrecondition
     from test_coordinator import delta_like, push, small_run
-    from common.data import TokenData, prepare
+    from geotrain.common.data import TokenData, prepare
 
     root = tmp_path / "data"
     root.mkdir()

@@ -100,9 +100,9 @@ def test_member_sigkill_survivor_finishes(data_dir, tmp_path, victim_rank):
 
 
 def test_sync_step_metrics_feed_the_worker_metrics():
-    from common import metric_names as mn
-    from worker.metrics import WorkerMetrics
-    from worker.sync import SyncStepMetrics
+    from geotrain.common import metric_names as mn
+    from geotrain.worker.metrics import WorkerMetrics
+    from geotrain.worker.sync import SyncStepMetrics
 
     m = WorkerMetrics()
     assert b"geotrain_sync_" not in m.scrape()  # only workers in a sync group export them
@@ -120,7 +120,7 @@ def test_sync_step_metrics_feed_the_worker_metrics():
 
 
 def test_demo_sync_needs_a_power_of_two_workers():
-    from coordinator.demo import DemoOptions, run_demo
+    from geotrain.demo import DemoOptions, run_demo
 
     for n in (1, 3, 6):
         with pytest.raises(ValueError, match="power of two"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.tokenizer import (
+from geotrain.common.tokenizer import (
     EOT_TEXT,
     ByteTokenizer,
     CharTokenizer,

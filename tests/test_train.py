@@ -15,12 +15,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from common.checkpoint import load_latest_checkpoint
-from common.cli import cli
-from common.config import OptimConfig, RunConfig, apply_overrides
-from common.data import TokenData, prepare
-from common.sampling import evaluate, load_model_from_checkpoint, sample, sample_tokens
-from common.train import check_model_config, lr_at, train
+from geotrain.common.checkpoint import load_latest_checkpoint
+from geotrain.cli import cli
+from geotrain.common.config import OptimConfig, RunConfig, apply_overrides
+from geotrain.common.data import TokenData, prepare
+from geotrain.common.sampling import evaluate, load_model_from_checkpoint, sample, sample_tokens
+from geotrain.common.train import check_model_config, lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16"]
@@ -118,7 +118,7 @@ def test_checkpoint_of_other_model_refused(corpus, tmp_path):
 
 def _cli_train(corpus: Path, out: Path, max_iters: int, *extra: str) -> list[str]:
     # `geotrain train` in a fresh interpreter (the console script may not be on PATH)
-    return [sys.executable, "-c", "from common.cli import main; main()", "train", "--data", str(corpus), "--out", str(out), *TINY,
+    return [sys.executable, "-c", "from geotrain.cli import main; main()", "train", "--data", str(corpus), "--out", str(out), *TINY,
             "--batch-size", "4", "--max-iters", str(max_iters), "--eval-interval", "50", "--eval-iters", "2",
             "--checkpoint-interval", "10", "--log-interval", "1", "--dropout", "0.1", "--threads", "1",
             "--warmup-iters", "5", "--no-progress", *extra]

@@ -10,11 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from common.rpc import PROTOCOL_VERSION, Backoff, server_options, sha256_hex
-from protos import geotrain_pb2 as pb
-from protos import geotrain_pb2_grpc as pb_grpc
-from worker.client import CoordinatorClient, FatalError, parse_target
-from worker.runner import apply_update, full_contains_push, rebase_full
+from geotrain.protos.rpc import PROTOCOL_VERSION, Backoff, server_options, sha256_hex
+from geotrain.protos import geotrain_pb2 as pb
+from geotrain.protos import geotrain_pb2_grpc as pb_grpc
+from geotrain.worker.client import CoordinatorClient, FatalError, parse_target
+from geotrain.worker.runner import apply_update, full_contains_push, rebase_full
 
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:
@@ -208,7 +208,7 @@ def test_model_stream_and_push_chunks(fake):
 def test_a_push_of_an_old_session_is_not_sent_after_a_rejoin(fake):
     """A delta trained in session 1 must not go out under session 2 (its ranges were dropped with
     the old session and are trained again): SessionRenewed, and the coordinator receives nothing."""
-    from worker.client import SessionRenewed
+    from geotrain.worker.client import SessionRenewed
 
     servicer, target = fake
     client = _client(target)
@@ -231,7 +231,7 @@ def test_a_push_of_an_old_session_is_not_sent_after_a_rejoin(fake):
 
 def test_batch_plan_shares_cover_the_plan_once():
     """A group's members split a plan's slots into contiguous shares: every slot exactly once."""
-    from worker.group_runner import plan_for, plan_slots
+    from geotrain.worker.group_runner import plan_for, plan_slots
 
     for n, batch, remaining in [(2, 12, 1000), (4, 12, 30), (4, 3, 4), (8, 5, 1 << 20)]:
         plan = plan_for("s", 1, 100, remaining, n, batch)
@@ -252,7 +252,7 @@ def test_parse_target():
 
 
 def test_help_lists_env_vars():
-    from worker.cli import main
+    from geotrain.worker.cli import main
 
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0, result.output
@@ -261,7 +261,7 @@ def test_help_lists_env_vars():
 
 
 def test_bad_coordinator_is_a_clear_error():
-    from worker.cli import main
+    from geotrain.worker.cli import main
 
     result = CliRunner().invoke(main, ["--coordinator", "localhost", "--port", "0"])
     assert result.exit_code == 2
@@ -269,7 +269,7 @@ def test_bad_coordinator_is_a_clear_error():
 
 
 def test_cli_exits_nonzero_with_server_message_on_refusal(fake):
-    from worker.cli import main
+    from geotrain.worker.cli import main
 
     servicer, target = fake
     servicer.join_refusal = (grpc.StatusCode.FAILED_PRECONDITION, "protocol version mismatch: coordinator 1")
@@ -282,7 +282,7 @@ def test_cli_exits_nonzero_with_server_message_on_refusal(fake):
 def test_next_round_counts_from_the_merge_not_the_push():
     """A merged push restarts the round counter (the workers of a semi-sync merge push together
     again) and records its merge lag in local steps; an unmerged one changes neither."""
-    from worker.runner import WorkerConfig, WorkerRunner, _Push
+    from geotrain.worker.runner import WorkerConfig, WorkerRunner, _Push
 
     runner = WorkerRunner(WorkerConfig(coordinator="127.0.0.1:1", serve=False))
     runner.metrics = None
@@ -303,8 +303,8 @@ def test_next_round_counts_from_the_merge_not_the_push():
 def test_a_push_takes_the_session_its_oldest_range_was_leased_in():
     """A rejoin can land between a step and its handling: ranges of the old session must not be
     pushed under the new one, and a range of the old session never grows into the new one."""
-    from worker.client import CoordinatorClient
-    from worker.runner import WorkerConfig, WorkerRunner, _Lease
+    from geotrain.worker.client import CoordinatorClient
+    from geotrain.worker.runner import WorkerConfig, WorkerRunner, _Lease
 
     runner = WorkerRunner(WorkerConfig(coordinator="127.0.0.1:1", serve=False))
     runner.client = CoordinatorClient("127.0.0.1:1", stop_event=threading.Event())

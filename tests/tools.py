@@ -204,7 +204,7 @@ def free_port() -> int:
 
 def tiny_data_dir(root: Path) -> Path:
     """A small prepared data directory (byte tokenizer) under `root`."""
-    from common.data import prepare
+    from geotrain.common.data import prepare
 
     text = root / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 3000)
@@ -272,7 +272,7 @@ class LiveRun:
         port_file = self.root / "coordinator.port"
         coordinator = self._spawn(
             [
-                sys.executable, "-m", "coordinator.cli", "--config", str(self.config), "--run-dir", str(self.run_dir),
+                sys.executable, "-m", "geotrain.coordinator.cli", "--config", str(self.config), "--run-dir", str(self.run_dir),
                 "--data", str(self.data_dir), "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
                 "--metrics-port", str(self.coordinator_metrics_port),
             ],
@@ -287,7 +287,7 @@ class LiveRun:
         for i, name in enumerate(self.worker_names):
             self._spawn(
                 [
-                    sys.executable, "-m", "worker.cli", "--coordinator", self.target, "--port", "0", "--name", name,
+                    sys.executable, "-m", "geotrain.worker.cli", "--coordinator", self.target, "--port", "0", "--name", name,
                     "--device", "cpu", "--threads", "1", "--metrics-port", str(self.worker_metrics_ports[i]),
                     "--cache-dir", str(self.root / "cache"),
                 ],

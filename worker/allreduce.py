@@ -76,10 +76,10 @@ import grpc
 import numpy as np
 import torch
 
-from common import rpc
-from common.compression import SIGN_SCALES
-from common.counts import decode_counts, encode_counts, scale_codes, scales_from_codes
-from protos import peer_pb2, peer_pb2_grpc
+from geotrain.protos import rpc
+from geotrain.common.compression import SIGN_SCALES
+from geotrain.common.counts import decode_counts, encode_counts, scale_codes, scales_from_codes
+from geotrain.protos import peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def _k_from_agree(negative: np.ndarray, agree: np.ndarray, n: int, out: torch.Te
 
 
 def _codec(scheme: str, chunk: int, sign_scale: str):
-    from common.compression import get_codec  # the shared codecs (sign = 1 bit + per-chunk scales)
+    from geotrain.common.compression import get_codec  # the shared codecs (sign = 1 bit + per-chunk scales)
 
     return get_codec(scheme, chunk=chunk, sign_scale=sign_scale)
 
@@ -211,7 +211,7 @@ def _chunk_scales(rows: torch.Tensor, sign_scale: str) -> torch.Tensor:
 
 
 def _feedback(codec):
-    from common.compression import ErrorFeedback
+    from geotrain.common.compression import ErrorFeedback
 
     return ErrorFeedback(codec)
 

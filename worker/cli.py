@@ -15,8 +15,8 @@ import sys
 
 import click
 
-from common.entry import run_then_exit
-from worker.client import FatalError, parse_target
+from geotrain.common.entry import run_then_exit
+from geotrain.worker.client import FatalError, parse_target
 
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
@@ -80,7 +80,7 @@ def main(port, coordinator, name, device, batch_size, advertise_host, advertise_
     coordinator answers within a short deadline, leaves and exits 0; a second exits at once.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from common.rpc import read_token
+    from geotrain.protos.rpc import read_token
 
     try:
         token = read_token(token_file, token)
@@ -95,8 +95,8 @@ def main(port, coordinator, name, device, batch_size, advertise_host, advertise_
         click.echo(f"error: --name must match [A-Za-z0-9._-]{{1,64}}, got {name!r}", err=True)
         sys.exit(EXIT_USAGE)
 
-    from worker.runner import WorkerConfig, WorkerRunner
-    from worker.group_runner import GroupWorkerRunner
+    from geotrain.worker.runner import WorkerConfig, WorkerRunner
+    from geotrain.worker.group_runner import GroupWorkerRunner
 
     config = WorkerConfig(
         coordinator=coordinator, port=port, name=name, device=device, batch_size=batch_size, threads=threads,
@@ -134,7 +134,7 @@ def main(port, coordinator, name, device, batch_size, advertise_host, advertise_
 
 
 def entry() -> None:
-    """The `worker` command (and `python -m worker.cli`): main(), then exit without the
+    """The `worker` command (and `python -m geotrain.worker.cli`): main(), then exit without the
     interpreter's teardown (common/entry.py says why)."""
     run_then_exit(main)
 

@@ -11,7 +11,7 @@ Deadlines (seconds, per attempt; a retried call gets a fresh deadline each time)
   model for a full model.
 
 Retries: UNAVAILABLE and DEADLINE_EXCEEDED mean the coordinator is down, restarting or slow;
-every call retries them with exponential backoff and full jitter (``common.rpc.Backoff``, cap 10 s)
+every call retries them with exponential backoff and full jitter (``protos.rpc.Backoff``, cap 10 s)
 for as long as the client is not stopped (``stop_event``), or for ``patience`` seconds when a
 caller gives one (the way out: final push and Leave). So workers survive a coordinator restart
 with no manual step.
@@ -39,8 +39,8 @@ from typing import Callable, Iterator, TypeVar
 
 import grpc
 
-from common import __version__
-from common.rpc import (
+from geotrain.common import __version__
+from geotrain.protos.rpc import (
     CHUNK_BYTES,
     PROTOCOL_VERSION,
     Backoff,
@@ -51,8 +51,8 @@ from common.rpc import (
     retry_call,
     sha256_hex,
 )
-from protos import geotrain_pb2 as pb
-from protos import geotrain_pb2_grpc as pb_grpc
+from geotrain.protos import geotrain_pb2 as pb
+from geotrain.protos import geotrain_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -67,9 +67,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from protos import geotrain_pb2 as pb
-from worker.client import HEARTBEAT_DEADLINE_S
-from worker.runner import WorkerConfig, WorkerRunner, _Lease
+from geotrain.protos import geotrain_pb2 as pb
+from geotrain.worker.client import HEARTBEAT_DEADLINE_S
+from geotrain.worker.runner import WorkerConfig, WorkerRunner, _Lease
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def plan_slots(plan, rank: int, world_size: int) -> tuple[int, int]:
 def plan_for(shard: str, epoch: int, first_slot: int, remaining: int, world_size: int, batch_size: int):
     """The group's next BatchPlan from a lease whose next sequence is `first_slot` with `remaining`
     whole sequences left, or None when fewer than one per member remain."""
-    from protos import peer_pb2
+    from geotrain.protos import peer_pb2
 
     if remaining < world_size:
         return None
@@ -213,7 +213,7 @@ class GroupWorkerRunner(WorkerRunner):
             self._enter_group(want)
 
     def _enter_group(self, a: pb.GroupAssignment) -> None:
-        from worker.allreduce import CompressedAllReduce
+        from geotrain.worker.allreduce import CompressedAllReduce
 
         scheme = self.sync_compression or ("sign" if self.run_cfg.compression.scheme == "sign" else "none")
         if a.rank > 0:
@@ -238,8 +238,8 @@ class GroupWorkerRunner(WorkerRunner):
 
     def _start_training(self, g: _Group) -> None:
         """Every member serves the group: build the SyncGroupTrainer around the worker's model."""
-        from common.train import lr_at
-        from worker.sync import SyncGroupTrainer
+        from geotrain.common.train import lr_at
+        from geotrain.worker.sync import SyncGroupTrainer
 
         o, max_iters = self.run_cfg.optim, self.run_cfg.train.max_iters
         r = self.run_cfg.round
@@ -263,7 +263,7 @@ class GroupWorkerRunner(WorkerRunner):
 
     def _waiting_peers(self, g: _Group, ranks) -> set[int]:
         """The ranks among `ranks` whose Peer Status does not answer for this group yet."""
-        from protos import peer_pb2
+        from geotrain.protos import peer_pb2
 
         request = peer_pb2.PeerStatusRequest(group_id=g.group_id, sender=g.rank)
         waiting = set()
@@ -294,7 +294,7 @@ class GroupWorkerRunner(WorkerRunner):
         deadline + PEER_WAIT_EXTRA_S (a member still stuck in the old group's all-reduce needs up to
         one deadline to give up on it); the others (which may be training out their leases) within
         PEER_WAIT_MAX_S; an assignment change or a stop ends the wait at once."""
-        from worker.allreduce import PeerFailure
+        from geotrain.worker.allreduce import PeerFailure
 
         start = time.monotonic()
         give_up = start + PEER_WAIT_MAX_S
@@ -483,7 +483,7 @@ class GroupWorkerRunner(WorkerRunner):
     def _sync_step(self, g: _Group, x: torch.Tensor, y: torch.Tensor, next_batch=None) -> float | None:
         """One step of the group (rank 0 sends `next_batch`); its loss, or None after a PeerFailure
         (the group is dropped)."""
-        from worker.allreduce import PeerFailure
+        from geotrain.worker.allreduce import PeerFailure
 
         if self.device.type != "cpu":
             x, y = x.to(self.device), y.to(self.device)

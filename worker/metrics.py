@@ -6,7 +6,7 @@ heartbeat (WorkerStats), which exports them per worker.
 
 from __future__ import annotations
 
-from common import metric_names as mn
+from geotrain.common import metric_names as mn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 LAG_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -52,10 +52,10 @@ import grpc
 import numpy as np
 import torch
 
-from common.config import REPLAYED_DOWNLINKS, ModelConfig, RunConfig, run_config_from_dict
-from common.counts import decode_counts
-from common.data import gather_sequences, sequence_order
-from common.tensors import (
+from geotrain.common.config import REPLAYED_DOWNLINKS, ModelConfig, RunConfig, run_config_from_dict
+from geotrain.common.counts import decode_counts
+from geotrain.common.data import gather_sequences, sequence_order
+from geotrain.common.tensors import (
     add_,
     all_finite,
     clone_tensors,
@@ -65,7 +65,7 @@ from common.tensors import (
     sub,
     tensor_spec,
 )
-from coordinator.merge import (  # the merge arithmetic a replaying worker repeats
+from geotrain.common.merge import (  # the merge arithmetic a replaying worker repeats
     OuterOptimizer,
     counted_mean,
     negative_signs,
@@ -73,8 +73,8 @@ from coordinator.merge import (  # the merge arithmetic a replaying worker repea
     sign_sum_from_plus,
     weighted_sum,
 )
-from protos import geotrain_pb2 as pb
-from worker.client import CoordinatorClient, FatalError, ModelReply, SessionRenewed
+from geotrain.protos import geotrain_pb2 as pb
+from geotrain.worker.client import CoordinatorClient, FatalError, ModelReply, SessionRenewed
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def initial_weights_from_seed(run: RunConfig, model: ModelConfig, initial_sha: s
     """The run's version 1, built exactly as the coordinator builds it (fp32 on CPU after
     torch.manual_seed(run.train.seed)), or None when `initial_sha` is empty or the checksum
     differs (another torch version may initialise differently). The global RNG state is kept."""
-    from common.model import GPT
+    from geotrain.common.model import GPT
 
     if not initial_sha:
         return None
@@ -335,7 +335,7 @@ class WorkerRunner:
             self._abort.set()  # still joining / downloading the first model: give up retrying
 
     def run(self) -> int:
-        from common.model import resolve_device
+        from geotrain.common.model import resolve_device
 
         self.device = resolve_device(self.config.device)
         self.client = CoordinatorClient(
@@ -343,20 +343,20 @@ class WorkerRunner:
             on_rejoin=lambda reply: self._inbox.put(("rejoined", reply)),
         )
         if self.config.serve and self.server is None:
-            from worker.service import WorkerServer
+            from geotrain.worker.service import WorkerServer
 
-            from common.rpc import TokenAuthInterceptor
+            from geotrain.protos.rpc import TokenAuthInterceptor
 
             # Peer traffic of sync groups needs the same run token as the coordinator's RPCs.
             auth = [TokenAuthInterceptor(self.config.token)] if self.config.token else []
             self.server = WorkerServer(self.config.port, self._describe, interceptors=auth)
             if self.config.sync_group:  # the Peer service must be registered before start()
-                from worker.allreduce import router_for
+                from geotrain.worker.allreduce import router_for
 
                 router_for(self.server.server)
             self.server.start()
         if self.metrics is None:
-            from worker.metrics import WorkerMetrics
+            from geotrain.worker.metrics import WorkerMetrics
 
             self.metrics = WorkerMetrics()
             if self.config.metrics_port:
@@ -395,7 +395,7 @@ class WorkerRunner:
                 memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             except (ValueError, OSError):
                 memory = 0
-        from common import __version__
+        from geotrain.common import __version__
 
         advertise_port = self.config.advertise_port or (self.server.port if self.server else 0)
         return pb.JoinRequest(
@@ -406,8 +406,8 @@ class WorkerRunner:
         )
 
     def _setup(self) -> None:
-        from common.data import Manifest
-        from common.model import GPT, configure_optimizer
+        from geotrain.common.data import Manifest
+        from geotrain.common.model import GPT, configure_optimizer
 
         reply = self.client.join(self._join_request())
         self.join_reply = reply
@@ -439,7 +439,7 @@ class WorkerRunner:
         self._push_blobs_lock = threading.Lock()
         cache = Path(self.config.cache_dir).expanduser() if self.config.cache_dir else None
         if cache is None:
-            from common.data import cache_root
+            from geotrain.common.data import cache_root
 
             cache = cache_root() / "shards"
         self.shard_dir = cache / self.run_id
@@ -508,7 +508,7 @@ class WorkerRunner:
             self._inbox.get_nowait()
 
     def _decode(self, blob: bytes) -> dict[str, torch.Tensor]:
-        from common.compression import decode_tensors
+        from geotrain.common.compression import decode_tensors
 
         return decode_tensors(blob, self.spec, max_blob_bytes=self.max_blob_bytes)
 
@@ -739,7 +739,7 @@ class WorkerRunner:
                 self._downloading.discard(name)
 
     def _ensure_shard(self, name: str) -> np.ndarray:
-        from common.data import read_shard
+        from geotrain.common.data import read_shard
 
         with self._shard_lock:
             if name in self._shards:
@@ -764,12 +764,12 @@ class WorkerRunner:
             return arr
 
     def _token_itemsize(self) -> int:
-        from common.data import dtype_for_vocab
+        from geotrain.common.data import dtype_for_vocab
 
         return 4 if self.manifest.dtype == "uint32" or dtype_for_vocab(self.manifest.vocab_size) == "uint32" else 2
 
     def _download_shard(self, name: str, info, path: Path) -> None:
-        from common.data import HEADER_BYTES
+        from geotrain.common.data import HEADER_BYTES
 
         expected = HEADER_BYTES + info.tokens * self._token_itemsize()
         tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
@@ -791,7 +791,7 @@ class WorkerRunner:
                 os.fsync(fh[0].fileno())
                 fh[0].close()
                 fh[0] = None
-                from common.data import shard_sha256
+                from geotrain.common.data import shard_sha256
 
                 if not info.sha256 or shard_sha256(tmp) == info.sha256:
                     os.replace(tmp, path)
@@ -849,8 +849,8 @@ class WorkerRunner:
         return x, y, n
 
     def _train_step(self, lease: _Lease) -> None:
-        from common.model import autocast_context
-        from common.train import lr_at
+        from geotrain.common.model import autocast_context
+        from geotrain.common.train import lr_at
 
         T = self.model_cfg.block_size
         x, y, n = self._lease_batch(lease)
@@ -913,7 +913,7 @@ class WorkerRunner:
         """The delta since the basepoint, encoded with `scheme` (default: the run's). The
         compression error stays in params - base, so the next push carries it (implicit error
         feedback)."""
-        from common.compression import encode_tensors
+        from geotrain.common.compression import encode_tensors
 
         c = self.run_cfg.compression
         delta = sub(self.params, self.base)

@@ -13,9 +13,9 @@ from typing import Callable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.rpc import server_options
-from protos import geotrain_pb2 as pb
-from protos import geotrain_pb2_grpc as pb_grpc
+from geotrain.protos.rpc import server_options
+from geotrain.protos import geotrain_pb2 as pb
+from geotrain.protos import geotrain_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -89,9 +89,9 @@ import torch.nn as nn
 
 import math
 
-from common.model import autocast_context, configure_optimizer
-from common.tensors import params_sha256
-from worker.allreduce import CompressedAllReduce, PeerFailure  # noqa: F401 - re-exported for callers
+from geotrain.common.model import autocast_context, configure_optimizer
+from geotrain.common.tensors import params_sha256
+from geotrain.worker.allreduce import CompressedAllReduce, PeerFailure  # noqa: F401 - re-exported for callers
 
 log = logging.getLogger(__name__)
 

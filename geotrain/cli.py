@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 
-from common import __version__
-from common.data import DEFAULT_SHARD_TOKENS
-from common.config import DELTA_SCHEMES
+from geotrain.common import __version__
+from geotrain.common.data import DEFAULT_SHARD_TOKENS
+from geotrain.common.config import DELTA_SCHEMES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,8 +78,8 @@ _TRAIN_FLAGS = {  # CLI option -> dotted RunConfig key
 @click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm bar on a terminal.")
 def train(out, config_file, resume, progress, **flags) -> None:
     """Train a GPT in one process (nanoGPT-style reference trainer)."""
-    from common.config import apply_overrides, load_run_config
-    from common.train import train as run_train
+    from geotrain.common.config import apply_overrides, load_run_config
+    from geotrain.common.train import train as run_train
 
     try:
         run = load_run_config(config_file)
@@ -102,7 +102,7 @@ def train(out, config_file, resume, progress, **flags) -> None:
 @click.option("--device", default="auto", show_default=True)
 def sample(checkpoint, prompt, max_new_tokens, temperature, top_k, num_samples, seed, device) -> None:
     """Generate text from a checkpoint."""
-    from common.sampling import sample_checkpoint
+    from geotrain.common.sampling import sample_checkpoint
 
     try:
         texts = sample_checkpoint(checkpoint, prompt, max_new_tokens, temperature, top_k or None, seed,
@@ -128,7 +128,7 @@ def eval_(checkpoint, data, iters, batch_size, seed, device, as_json) -> None:
     """Validation loss and perplexity of a checkpoint."""
     import json as _json
 
-    from common.sampling import evaluate_checkpoint
+    from geotrain.common.sampling import evaluate_checkpoint
 
     try:
         result = evaluate_checkpoint(checkpoint, data, iters, batch_size, seed, device)
@@ -172,7 +172,7 @@ def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens, work
     Undecodable bytes are replaced with U+FFFD and a warning naming the file is printed (once per
     file); files that look binary are skipped with a warning.
     """
-    from common import data as data_mod
+    from geotrain.common import data as data_mod
 
     try:
         if from_nanogpt is not None:
@@ -216,7 +216,7 @@ def demo(workers, model, data, config, steps, tokens, minutes, compression, roun
     """Train on loopback: a coordinator and N worker processes, to a token budget."""
     import json as _json
 
-    from coordinator.demo import DemoOptions, run_demo, sample_from_run
+    from geotrain.demo import DemoOptions, run_demo, sample_from_run
 
     opts = DemoOptions(
         workers=workers, model=model, data=data, config=config, steps=steps, tokens=tokens, minutes=minutes,
@@ -248,7 +248,7 @@ def health(target, service, timeout):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from common.rpc import make_channel
+    from geotrain.protos.rpc import make_channel
 
     with make_channel(target) as channel:
         try:
@@ -277,8 +277,9 @@ def status(target, as_json, token_file, tls_ca, timeout):
 
     import grpc
 
-    from common.rpc import read_token
-    from common.status import fetch_status, render_status, strict_json
+    from geotrain.protos.rpc import read_token
+    from geotrain.common.status import render_status, strict_json
+    from geotrain.protos.rpc import fetch_status
 
     try:
         token = read_token(token_file, os.environ.get("GEOTRAIN_TOKEN"))
@@ -298,7 +299,7 @@ def status(target, as_json, token_file, tls_ca, timeout):
 def plot(run_dir, out):
     """Write PNG charts from RUN_DIR/history.jsonl (loss vs tokens and time, per-worker throughput
     and traffic). Needs matplotlib: pip install 'geotrain[plot]'."""
-    from common.plot import PlotError, plot_run
+    from geotrain.common.plot import PlotError, plot_run
 
     try:
         paths = plot_run(run_dir, out)
@@ -310,6 +311,6 @@ def plot(run_dir, out):
 
 def main() -> None:
     """The `geotrain` command: exits without the interpreter's teardown (common/entry.py)."""
-    from common.entry import run_then_exit
+    from geotrain.common.entry import run_then_exit
 
     run_then_exit(cli)

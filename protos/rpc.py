@@ -201,3 +201,21 @@ def read_token(token_file: str | None, env_value: str | None) -> str | None:
             raise ValueError(f"token file {token_file} is empty")
         return token
     return env_value or None
+
+
+STATUS_DEADLINE_SECONDS = 10.0
+
+
+def fetch_status(target: str, token: str | None = None, tls_ca: bytes | None = None,
+                 timeout: float = STATUS_DEADLINE_SECONDS) -> dict[str, Any]:
+    """The coordinator's status dict (the Status RPC's status_json). grpc.RpcError on failure."""
+    import json
+
+    from geotrain.protos import geotrain_pb2 as pb
+    from geotrain.protos import geotrain_pb2_grpc as pb_grpc
+
+    with make_channel(target, tls_ca) as channel:
+        reply = pb_grpc.CoordinatorStub(channel).Status(
+            pb.StatusRequest(), timeout=timeout, metadata=auth_metadata(token)
+        )
+    return json.loads(reply.status_json)

@@ -19,7 +19,8 @@ the negative of the weighted mean delta, so a positive outer learning rate moves
   update = lr * (D + f * mu * m), so partial merges move the model by about their share.
 - `NormGate`: refuses (or clips) a delta whose norm is far above the recent median.
 
-Plain module: torch only, no gRPC. coordinator/state.py calls these under its lock.
+Plain module: torch only, no gRPC. Both roles use it: the coordinator merges with it (under its
+state lock) and a worker replays the same arithmetic on a relayed or counted version, bit for bit.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from common.config import MergeConfig, OuterConfig
-from common.tensors import global_norm
+from geotrain.common.config import MergeConfig, OuterConfig
+from geotrain.common.tensors import global_norm
 
 
 @dataclass
