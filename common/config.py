@@ -1,7 +1,12 @@
 """Typed configuration for every geotrain command, with all defaults in one place.
 
-The CLIs map flags and an optional TOML file onto these dataclasses:
-precedence is command-line flag > TOML file > the defaults below.
+The CLIs map flags and an optional TOML file onto these dataclasses: every option a user can set
+is a field here, and the click options are derived from the fields (common/options.py): a field
+declared with `opt(...)` becomes a flag (name `--field-name` unless `flag=` says otherwise), with
+the field's default, type, help and choices, and the environment variable GEOTRAIN_<FLAG>
+(`--round-steps` -> GEOTRAIN_ROUND_STEPS). Precedence: command-line flag > environment > TOML file
+> the defaults below. Adding an option = adding a field with `opt(...)` and naming its dotted key
+in the command's option list.
 
 A run config TOML looks like::
 
@@ -34,14 +39,53 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+# --------------------------------------------------------------------------- option metadata
+
+
+@dataclass(frozen=True)
+class CliMeta:
+    """How a config field appears on the command line (read by common/options.py).
+
+    flag: the option name ("--round-steps"); "" = "--" + the field name with dashes.
+    choices: the allowed values (a click Choice). low / high: inclusive bounds of a number, except
+    low_open (low itself refused). auto: the word that stands for the field's 0 ("auto" batch
+    size). path: a file path (click.Path, no directories). required: the command needs it.
+    hidden: left out of --help (secrets given on the command line).
+    """
+
+    help: str = ""
+    flag: str = ""
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    auto: str = ""
+    path: bool = False
+    required: bool = False
+    hidden: bool = False
+    metavar: str | None = None
+    case_sensitive: bool = True
+
+
+def opt(default: Any = MISSING, *, help: str = "", flag: str = "", choices: Sequence[Any] | None = None,
+        low: float | None = None, high: float | None = None, low_open: bool = False, auto: str = "",
+        path: bool = False, required: bool = False, hidden: bool = False, metavar: str | None = None,
+        case_sensitive: bool = True) -> Any:
+    """A dataclass field that is also a command-line option (see CliMeta)."""
+    meta = CliMeta(help=help, flag=flag, choices=tuple(choices) if choices is not None else None, low=low,
+                   high=high, low_open=low_open, auto=auto, path=path, required=required, hidden=hidden,
+                   metavar=metavar, case_sensitive=case_sensitive)
+    return field(default=default, metadata={"cli": meta})
 
 
 # --------------------------------------------------------------------------- model
@@ -104,18 +148,23 @@ def model_config(preset: str = "nano", vocab_size: int | None = None, **override
 
 # --------------------------------------------------------------------------- sections
 
+DELTA_SCHEMES = ("none", "bf16", "int8", "int4", "sign", "ternary", "tsign")  # == common.compression.SCHEMES
+DOWNLINKS = ("relay", "combine", "recode", "count")
+REPLAYED_DOWNLINKS = ("relay", "combine", "count")  # workers keep an outer-momentum replica and replay versions
+SYNC_SCHEDULES = ("auto", "doubling", "halving", "allgather", "scatter", "count")  # worker/allreduce.py ALGORITHMS
+
 
 @dataclass
 class ModelSection:
     """The [model] table: a preset plus optional overrides of ModelConfig fields."""
 
-    preset: str = "nano"
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_embd: int | None = None
-    block_size: int | None = None
-    dropout: float | None = None
-    bias: bool | None = None
+    preset: str = opt("nano", flag="--model", choices=tuple(MODEL_PRESETS), help="Model preset.")
+    n_layer: int | None = opt(None, low=1, help="Transformer blocks (default: the preset's).")
+    n_head: int | None = opt(None, low=1, help="Attention heads (default: the preset's).")
+    n_embd: int | None = opt(None, low=1, help="Embedding width (default: the preset's).")
+    block_size: int | None = opt(None, low=1, help="Context length in tokens (default: the preset's).")
+    dropout: float | None = opt(None, low=0.0, high=1.0, help="Dropout probability (default: the preset's).")
+    bias: bool | None = opt(None, help="Biases in linear layers and layer norms (default: the preset's).")
 
     def build(self, vocab_size: int) -> ModelConfig:
         overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
@@ -126,7 +175,7 @@ class ModelSection:
 class DataSection:
     """Where the token shards live. Empty dir means the embedded default corpus."""
 
-    dir: str = ""
+    dir: str = opt("", flag="--data", help="Prepared data directory ('' = the embedded default corpus).")
 
 
 @dataclass
@@ -136,14 +185,14 @@ class OptimConfig:
     Defaults follow nanoGPT's Shakespeare-char recipe.
     """
 
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int | None = None  # None: decay ends at max_iters
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 disables clipping
+    lr: float = opt(1e-3, low=0.0, low_open=True, help="Peak learning rate.")
+    min_lr: float = opt(1e-4, low=0.0, help="Learning rate at the end of the cosine decay.")
+    warmup_iters: int = opt(100, low=0, help="Linear warmup steps.")
+    lr_decay_iters: int | None = opt(None, low=1, help="Cosine decay ends here (default: max-iters).")
+    weight_decay: float = opt(0.1, low=0.0, help="AdamW weight decay.")
+    beta1: float = opt(0.9, low=0.0, high=1.0, help="AdamW beta1.")
+    beta2: float = opt(0.99, low=0.0, high=1.0, help="AdamW beta2.")
+    grad_clip: float = opt(1.0, low=0.0, help="Global gradient-norm clip; 0 disables clipping.")
 
     def validate(self) -> "OptimConfig":
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -163,17 +212,20 @@ class OptimConfig:
 class TrainConfig:
     """The reference single-process trainer (`geotrain train`)."""
 
-    batch_size: int = 12
-    grad_accum: int = 1
-    max_iters: int = 2000
-    eval_interval: int = 250
-    eval_iters: int = 200
-    log_interval: int = 10
-    checkpoint_interval: int = 250
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    compile: bool = False
-    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    batch_size: int = opt(12, low=1, help="Sequences per step (per micro-batch).")
+    # Honoured by `geotrain train` only: async workers and sync groups step once per batch, so the
+    # coordinator refuses a run with grad_accum != 1 (RunConfig.validate_for_workers).
+    grad_accum: int = opt(1, low=1, help="Micro-batches per optimizer step (geotrain train only).")
+    max_iters: int = opt(2000, low=1, help="Optimizer steps; the lr schedule decays over them.")
+    eval_interval: int = opt(250, low=1, help="Steps between validation passes.")
+    eval_iters: int = opt(200, low=1, help="Validation batches per pass.")
+    log_interval: int = opt(10, low=1, help="Steps between log lines.")
+    checkpoint_interval: int = opt(250, low=1, help="Steps between checkpoints.")
+    seed: int = opt(1337, help="Seed of the initial model and the data order.")
+    device: str = opt("auto", help="auto, cpu, cuda, cuda:N or mps.")
+    # Honoured by `geotrain train` only (workers run eager: the coordinator refuses compile = true).
+    compile: bool = opt(False, help="torch.compile the model (geotrain train only).")
+    threads: int = opt(0, low=0, help="torch intra-op threads on CPU (0 = torch's default).")
 
     def validate(self) -> "TrainConfig":
         for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters"):
@@ -196,9 +248,9 @@ class OuterConfig:
     0.8/0.8 1.3% below it. A steady direction moves lr / (1 - momentum) = 4x per round.
     """
 
-    kind: str = "nesterov"
-    lr: float = 0.8
-    momentum: float = 0.8
+    kind: str = opt("nesterov", flag="--outer-kind", choices=("nesterov", "average"), help="Outer optimizer.")
+    lr: float = opt(0.8, flag="--outer-lr", low=0.0, low_open=True, help="Outer learning rate.")
+    momentum: float = opt(0.8, flag="--outer-momentum", low=0.0, high=1.0, help="Outer Nesterov momentum.")
 
     def validate(self) -> "OuterConfig":
         if self.kind not in ("nesterov", "average"):
@@ -216,12 +268,13 @@ class RoundConfig:
     GPU does more steps than a slow one.
     """
 
-    steps: int = 50
-    seconds: float = 0.0
+    steps: int = opt(50, flag="--round-steps", low=0, help="Inner steps per local round (0: time-based, see --round-seconds).")
+    seconds: float = opt(0.0, flag="--round-seconds", low=0.0,
+                         help="Seconds per local round, used when round steps are 0 (a flag alone implies it).")
     # Inner steps a worker may train past its push before it waits for that push's merge (0: no
     # limit, the worker never waits). The steps trained on the old basepoint while a merge is in
     # flight cost quality (README: merge lag); a small bound trades a little waiting for it.
-    max_lag_steps: int = 0
+    max_lag_steps: int = opt(0, low=0, help="Steps a worker may train past its push before it waits for the merge (0 = never waits).")
 
     def validate(self) -> "RoundConfig":
         if self.steps <= 0 and self.seconds <= 0:
@@ -229,6 +282,12 @@ class RoundConfig:
         if not isinstance(self.max_lag_steps, int) or self.max_lag_steps < 0:
             raise ValueError(f"round.max_lag_steps must be an int >= 0, got {self.max_lag_steps!r}")
         return self
+
+
+# The derived semi-sync timeout: this many median round times, never below the minimum (seconds);
+# a worker slower than 3x the median is not worth the others' wait.
+SEMI_SYNC_TIMEOUT_FACTOR = 3.0
+SEMI_SYNC_TIMEOUT_MIN_S = 10.0
 
 
 @dataclass
@@ -239,9 +298,14 @@ class MergeConfig:
     to semi_sync_timeout seconds, then apply them together.
     """
 
-    policy: str = "semi-sync"
+    policy: str = opt("semi-sync", flag="--merge-policy", choices=("async", "semi-sync"), help="When deltas merge.")
     max_staleness: int = 8  # versions; an older delta is refused (FAILED_PRECONDITION)
-    semi_sync_timeout: float = 0.0  # seconds; 0 = derived: 3 x the median round time, min 10 s
+    # seconds; 0 = derived: SEMI_SYNC_TIMEOUT_FACTOR x the median measured round time, at least
+    # SEMI_SYNC_TIMEOUT_MIN_S; before any round was measured, first_semi_sync_timeout
+    semi_sync_timeout: float = 0.0
+    # seconds a semi-sync merge waits before the first round time is known (it includes the
+    # workers' model download and first steps, hence longer than the derived minimum)
+    first_semi_sync_timeout: float = 30.0
     staleness_power: float = 0.5  # weight multiplier 1 / (1 + staleness) ** power
     max_delta_norm_ratio: float = 0.0  # >0: refuse deltas whose norm exceeds ratio x recent median
     clip_outliers: bool = False  # with max_delta_norm_ratio: clip instead of refusing
@@ -263,8 +327,10 @@ class MergeConfig:
 class CompressionConfig:
     """Codec for deltas in both directions (see common/compression.py)."""
 
-    scheme: str = "none"  # none | bf16 | int8 | int4 | sign | ternary (common/compression.py)
-    chunk: int = 256  # values per scale for chunked schemes
+    scheme: str = opt("none", flag="--compression", choices=DELTA_SCHEMES, help="Delta codec (common/compression.py).")
+    # values per scale of the chunked schemes: async workers' deltas, the coordinator's downlink
+    # and sync groups' all-reduce buffers
+    chunk: int = 256
     zstd_level: int = 3
     # How a merged version reaches the workers:
     #   relay:  the merged workers' compressed deltas as they were pushed, with their merge weights;
@@ -286,13 +352,13 @@ class CompressionConfig:
     #   recode: the outer update itself, compressed with `scheme` and error feedback on the
     #           coordinator: one payload per version, whatever the merge's size; the workers'
     #           basepoints lag the coordinator's exact update by the feedback residual.
-    downlink: str = "relay"
+    downlink: str = opt("relay", choices=DOWNLINKS, help="How merged versions reach the workers (README: How it works, 5).")
     # Scheme of the coordinator's payload under "combine" and "recode" ("" = `scheme`).
     downlink_scheme: str = ""
     # Scheme of a worker's last delta of the run (its final partial round, sent when its data runs
     # out) under the coarse schemes sign, tsign, ternary and int4: the error-feedback residual left
     # in its weights goes out with it, so it must not be 1-bit. int8 (default) or int4.
-    last_scheme: str = "int8"
+    last_scheme: str = opt("int8", choices=("int8", "int4"), help="Scheme of a worker's last delta of the run.")
     # Sync groups' all-reduce schedule (worker/allreduce.py), the same for every member of the run:
     # auto (doubling for 2, count from 4; halving from 4 without compression) | doubling | halving
     # | allgather | scatter | count (1-bit only). halving and scatter re-quantize means, which costs
@@ -324,10 +390,6 @@ class CompressionConfig:
         return self
 
 
-DELTA_SCHEMES = ("none", "bf16", "int8", "int4", "sign", "ternary", "tsign")  # == common.compression.SCHEMES
-DOWNLINKS = ("relay", "combine", "recode", "count")
-REPLAYED_DOWNLINKS = ("relay", "combine", "count")  # workers keep an outer-momentum replica and replay versions
-SYNC_SCHEDULES = ("auto", "doubling", "halving", "allgather", "scatter", "count")  # worker/allreduce.py ALGORITHMS
 
 
 @dataclass
@@ -353,17 +415,53 @@ class DataPlanConfig:
     """How the training stream is cut into leasable work units."""
 
     unit_tokens: int = 65536  # tokens per work unit (one lease)
-    max_tokens: int = 0  # training tokens for the whole run; 0 = no limit (run until stopped)
+    max_tokens: int = opt(0, low=0, help="Training tokens for the whole run (0 = no limit: until stopped).")
 
 
 @dataclass
 class WorkersConfig:
     """Membership: how often workers heartbeat and when a silent one is dropped."""
 
+    # Sent to every worker on join (JoinReply.heartbeat_seconds); a worker falls back to this
+    # default only when a reply leaves it 0.
     heartbeat_seconds: float = 2.0
     lease_seconds: float = 20.0  # no heartbeat for this long: dropped, its data returns to the pool
     max_workers: int = 256
     history_versions: int = 64  # merged updates kept in memory for workers catching up
+
+
+@dataclass
+class SyncConfig:
+    """Sync groups' training (worker/sync.py SyncGroupTrainer), the same for every member of a run.
+
+    A compressed group's first steps all-reduce at `warmup_compression` into one shared AdamW step
+    while the Adam moments settle, then switch to 1-bit directions.
+    """
+
+    # in (0, 1): that fraction of train.max_iters; a whole number >= 1: that many steps
+    compression_warmup: float = opt(0.25, flag="--sync-warmup", low=0.0, low_open=True,
+                                    help="Sync groups' warmup before 1-bit: a fraction of max-iters (< 1) or whole steps (>= 1).")
+    warmup_compression: str = opt("int8", flag="--sync-warmup-compression", choices=("int8", "none"),
+                                  help="How sync groups all-reduce during the warmup: int8 or none (fp32).")
+    variance_probe_every: int = 8  # steps between second-moment probes (0: no correction)
+    variance_refresh_every: int = 0  # after warmup, every Nth step is an fp32 AdamW step (0: never)
+    check_every: int = 0  # steps between checksum rounds; 0 = round.steps (10 for time-based rounds)
+
+    def validate(self) -> "SyncConfig":
+        w = self.compression_warmup
+        if not (0 < w < 1 or (w >= 1 and float(w).is_integer())):
+            raise ValueError(f"sync.compression_warmup must be a fraction in (0, 1) or whole steps >= 1, got {w!r}")
+        if self.warmup_compression not in ("int8", "none"):
+            raise ValueError(f"sync.warmup_compression must be 'int8' or 'none', got {self.warmup_compression!r}")
+        for name in ("variance_probe_every", "variance_refresh_every", "check_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"sync.{name} must be >= 0, got {getattr(self, name)!r}")
+        return self
+
+    def warmup(self) -> int | float:
+        """The SyncGroupTrainer's compression_warmup: a float fraction below 1, else whole steps."""
+        w = self.compression_warmup
+        return float(w) if w < 1 else int(w)
 
 
 @dataclass
@@ -382,8 +480,10 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     plan: DataPlanConfig = field(default_factory=DataPlanConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
 
     def validate(self) -> "RunConfig":
+        self.sync.validate()
         self.optim.validate()
         self.train.validate()
         self.outer.validate()
@@ -396,8 +496,142 @@ class RunConfig:
             )
         return self
 
+    def validate_for_workers(self) -> "RunConfig":
+        """The coordinator's check: refuse what async workers and sync groups do not honour."""
+        self.validate()
+        if self.train.grad_accum != 1:
+            raise ValueError(f"train.grad_accum = {self.train.grad_accum}: workers step once per batch "
+                             "(set train.batch_size, or a worker's --batch-size, instead)")
+        if self.train.compile:
+            raise ValueError("train.compile = true: workers train eagerly (torch.compile is for geotrain train)")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- host-local options
+# Options of one process, not part of the run: flags and GEOTRAIN_* variables only.
+
+PORT_MAX = 65535
+COORDINATOR_PORT = 50051
+COORDINATOR_METRICS_PORT = 9090
+WORKER_PORT = 10000
+WORKER_METRICS_PORT = 9100
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class CoordinatorConfig:
+    """The `coordinator` process: where it listens and keeps its run."""
+
+    run_dir: str = opt("runs/coordinator", help="Checkpoints, history and summary; an existing run here is resumed.")
+    host: str = opt("0.0.0.0", help="Address to listen on.")
+    port: int = opt(COORDINATOR_PORT, low=0, high=PORT_MAX, help="gRPC port (0 = any free port).")
+    metrics_port: int = opt(COORDINATOR_METRICS_PORT, low=0, high=PORT_MAX, help="Prometheus metrics HTTP port; 0 = off.")
+    token_file: str | None = opt(None, path=True, help="File with the run token (or GEOTRAIN_TOKEN).")
+    token: str | None = opt(None, hidden=True, help="The run token (prefer --token-file).")
+    tls_cert: str | None = opt(None, path=True, help="PEM certificate: serve TLS (with --tls-key).")
+    tls_key: str | None = opt(None, path=True, help="PEM private key of --tls-cert.")
+    port_file: str | None = opt(None, path=True, hidden=True, help="Write the bound port here once listening (for --port 0).")
+    log_level: str = opt("info", choices=LOG_LEVELS, case_sensitive=False, help="Logging level.")
+
+
+# Worker timing defaults (seconds); tests shorten them through WorkerConfig.
+LONG_POLL_SECONDS = 20.0  # GetModel wait while the worker's push awaits its merge
+SHUTDOWN_PATIENCE_S = 15.0  # on a signal: how long to try the final push and Leave
+FINISH_PATIENCE_S = 120.0  # run finished (exhausted / STOP): wait for the last merge and push
+SUMMARY_SECONDS = 10.0  # between the worker's summary log lines
+
+
+@dataclass
+class WorkerConfig:
+    """One `worker` process: the coordinator it joins and how it trains on this host."""
+
+    coordinator: str = opt(required=True, metavar="HOST:PORT", help="The coordinator's address.")
+    port: int = opt(WORKER_PORT, low=0, high=PORT_MAX,
+                    help="Port of this worker's gRPC server (health, Ping, sync-group peers); 0 = any free port.")
+    name: str = opt("", help="Worker name shown in status (default: hostname-pid).")
+    device: str = opt("auto", help="auto | cuda | cuda:N | cpu.")
+    batch_size: int = opt(0, auto="auto", low=1, help="Sequences per inner step; auto = the run's train.batch_size.")
+    threads: int = opt(0, low=0, help="torch intra-op threads (0 = torch's default).")
+    cache_dir: str | None = opt(None, help="Shard cache; shards go to CACHE_DIR/<run_id>. Default ~/.cache/geotrain/shards.")
+    token: str | None = opt(None, help="Run token (prefer the environment variable or --token-file over the command line).")
+    token_file: str | None = opt(None, path=True, help="File whose first line is the run token.")
+    tls_ca_file: str | None = opt(None, flag="--tls-ca", path=True, help="PEM CA certificate: talk TLS to the coordinator.")
+    metrics_port: int = opt(WORKER_METRICS_PORT, low=0, high=PORT_MAX, help="Prometheus metrics HTTP port; 0 = off.")
+    advertise_host: str = opt("", help="Host peers use to reach --port (behind NAT).")
+    advertise_port: int = opt(0, low=0, high=PORT_MAX, help="Port peers use to reach --port (default: the bound port).")
+    sync_group: str = opt("", help="Sync group name or 'auto' ('' = async worker).")
+    sync_compression: str = opt("", choices=("", "none", "sign"),
+                                help="Sync-group all-reduce compression (default: sign when the run compresses with sign, else none).")
+    log_level: str = opt("info", choices=LOG_LEVELS, case_sensitive=False, help="Logging level.")
+    tls_ca: bytes | None = None  # the PEM of tls_ca_file, read by the CLI
+    long_poll_seconds: float = LONG_POLL_SECONDS
+    shutdown_patience: float = SHUTDOWN_PATIENCE_S
+    finish_patience: float = FINISH_PATIENCE_S
+    summary_seconds: float = SUMMARY_SECONDS
+    serve: bool = True  # start the worker's own gRPC server (False: unit tests drive the runner)
+
+
+@dataclass
+class DemoConfig:
+    """`geotrain demo`: a coordinator and N workers as processes on loopback. The run's own
+    defaults (model, seed, batch size) are RunConfig's."""
+
+    workers: int = opt(2, low=1, high=64, help="Worker processes.")
+    model: str = opt(ModelSection.preset, choices=tuple(MODEL_PRESETS), help="Model preset.")
+    data: str = opt("", help="Prepared data directory (default: the embedded corpus).")
+    config: str | None = opt(None, path=True, help="Run config TOML.")
+    steps: int = opt(500, low=1, help="Inner steps per worker: sets the token budget (workers x steps x batch x block).")
+    tokens: int = opt(0, low=0, help="Token budget (overrides --steps).")
+    minutes: float = opt(0.0, low=0.0, help="Stop after this many minutes (0 = no cap).")
+    compression: str | None = opt(None, choices=DELTA_SCHEMES, help="Delta codec (default: the run config's).")
+    round_steps: int | None = opt(None, low=1, help="Inner steps per local round (default: the run config's).")
+    run_dir: str = opt("runs/demo", help="The run's directory (logs, checkpoints, summary.json).")
+    seed: int = opt(TrainConfig.seed, help="Seed of the run.")
+    batch_size: int = TrainConfig.batch_size  # per worker
+    sync: bool = opt(False, help="Train the workers as one sync group (--workers a power of two).")
+    quiet: bool = False  # no progress lines
+    extra_coordinator_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SampleConfig:
+    """`geotrain sample`: generate text from a checkpoint."""
+
+    checkpoint: str = opt(required=True, help="Trainer out dir, checkpoint root or one ckpt-* directory.")
+    prompt: str = opt("\n", help="Start text ('' starts from end-of-text).")
+    max_new_tokens: int = opt(200, low=0, help="Tokens to generate.")
+    temperature: float = opt(0.8, low=0.0, low_open=True, help="Softmax temperature.")
+    top_k: int = opt(200, low=0, help="Keep the k most likely tokens; 0: no top-k cut.")
+    num_samples: int = opt(1, low=1, help="Independent samples.")
+    seed: int = opt(TrainConfig.seed, help="Sampling seed.")
+    device: str = opt(TrainConfig.device, help="auto, cpu, cuda, cuda:N or mps.")
+
+
+@dataclass
+class EvalCheckpointConfig:
+    """`geotrain eval`: validation loss of a checkpoint, batches like the trainer's evaluation."""
+
+    checkpoint: str = opt(required=True, help="Trainer out dir, checkpoint root or one ckpt-* directory.")
+    data: str | None = opt(None, help="Data directory (default: the checkpoint's).")
+    iters: int = opt(TrainConfig.eval_iters, low=1, help="Validation batches.")
+    batch_size: int = opt(TrainConfig.batch_size, low=1, help="Sequences per batch.")
+    seed: int | None = opt(None, help="Batch seed (default: the trainer's fixed evaluation seed).")
+    device: str = opt(TrainConfig.device, help="auto, cpu, cuda, cuda:N or mps.")
+    json: bool = opt(False, help="Print the result as JSON.")
+
+
+@dataclass
+class StatusConfig:
+    """`geotrain status`: one coordinator's status table."""
+
+    json: bool = opt(False, help="Print the Status RPC's status_json (strict JSON: NaN, e.g. no validation loss yet, as null).")
+    token_file: str | None = opt(None, path=True, help="File with the run token (or GEOTRAIN_TOKEN).")
+    token: str | None = opt(None, hidden=True, help="The run token (prefer --token-file).")
+    tls_ca: str | None = opt(None, path=True, help="PEM CA certificate: talk TLS to the coordinator.")
+    timeout: float = opt(10.0, low=0.0, low_open=True, help="Seconds.")
 
 
 # --------------------------------------------------------------------------- loading

@@ -44,7 +44,9 @@ import torch
 from geotrain.common import __version__
 from geotrain.common.checkpoint import load_latest_checkpoint, save_checkpoint
 from geotrain.common.compression import ErrorFeedback, decode_tensors, encode_tensors, get_codec
-from geotrain.common.config import REPLAYED_DOWNLINKS, ModelConfig, RunConfig
+from geotrain.common.config import (
+    REPLAYED_DOWNLINKS, SEMI_SYNC_TIMEOUT_FACTOR, SEMI_SYNC_TIMEOUT_MIN_S, ModelConfig, RunConfig,
+)
 from geotrain.common.data import TokenData
 from geotrain.common.model import GPT
 from geotrain.protos.rpc import PROTOCOL_VERSION
@@ -665,11 +667,13 @@ class CoordinatorState:
         return max(1, self.run.workers.history_versions, 2 * live)
 
     def semi_sync_timeout(self) -> float:
-        if self.run.merge.semi_sync_timeout > 0:
-            return self.run.merge.semi_sync_timeout
+        """Seconds a semi-sync merge waits for the last worker (MergeConfig.semi_sync_timeout)."""
+        m = self.run.merge
+        if m.semi_sync_timeout > 0:
+            return m.semi_sync_timeout
         if not self.round_times:
-            return 30.0
-        return max(10.0, 3.0 * statistics.median(self.round_times))
+            return m.first_semi_sync_timeout
+        return max(SEMI_SYNC_TIMEOUT_MIN_S, SEMI_SYNC_TIMEOUT_FACTOR * statistics.median(self.round_times))
 
     def _maybe_merge(self, now: float | None = None) -> None:
         """Merge when the policy says so. Caller holds the lock."""

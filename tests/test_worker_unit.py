@@ -282,7 +282,8 @@ def test_cli_exits_nonzero_with_server_message_on_refusal(fake):
 def test_next_round_counts_from_the_merge_not_the_push():
     """A merged push restarts the round counter (the workers of a semi-sync merge push together
     again) and records its merge lag in local steps; an unmerged one changes neither."""
-    from geotrain.worker.runner import WorkerConfig, WorkerRunner, _Push
+    from geotrain.common.config import WorkerConfig
+    from geotrain.worker.runner import WorkerRunner, _Push
 
     runner = WorkerRunner(WorkerConfig(coordinator="127.0.0.1:1", serve=False))
     runner.metrics = None
@@ -304,7 +305,8 @@ def test_a_push_takes_the_session_its_oldest_range_was_leased_in():
     """A rejoin can land between a step and its handling: ranges of the old session must not be
     pushed under the new one, and a range of the old session never grows into the new one."""
     from geotrain.worker.client import CoordinatorClient
-    from geotrain.worker.runner import WorkerConfig, WorkerRunner, _Lease
+    from geotrain.common.config import WorkerConfig
+    from geotrain.worker.runner import WorkerRunner, _Lease
 
     runner = WorkerRunner(WorkerConfig(coordinator="127.0.0.1:1", serve=False))
     runner.client = CoordinatorClient("127.0.0.1:1", stop_event=threading.Event())

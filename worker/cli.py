@@ -1,13 +1,14 @@
 """`worker`: join a coordinator and train.
 
-Every option can also come from the environment: GEOTRAIN_<OPTION> (e.g. GEOTRAIN_COORDINATOR,
-GEOTRAIN_TOKEN); `worker --help` lists them. Exit status: 0 after a clean leave, 2 for a bad
+Every option is a field of common/config.py's WorkerConfig and can also come from the environment:
+GEOTRAIN_<OPTION> (e.g. GEOTRAIN_COORDINATOR, GEOTRAIN_TOKEN); `worker --help` lists them. Exit status: 0 after a clean leave, 2 for a bad
 command line, 3 when the coordinator refuses the worker (bad token, protocol mismatch), 1 on an
 unexpected error; a second SIGTERM/Ctrl+C exits at once with 128 + the signal number.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -15,96 +16,56 @@ import sys
 
 import click
 
+from geotrain.common.config import WorkerConfig
 from geotrain.common.entry import run_then_exit
+from geotrain.common.options import config_from_params, config_options
 from geotrain.worker.client import FatalError, parse_target
 
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
 
 
-def _coordinator(ctx, param, value):
-    try:
-        host, port = parse_target(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+# every WorkerConfig field with command-line metadata is a flag
+WORKER_OPTIONS = tuple(f.name for f in dataclasses.fields(WorkerConfig) if "cli" in f.metadata)
 
 
-def _batch_size(ctx, param, value):
-    if value is None or str(value).lower() == "auto":
-        return 0
-    try:
-        n = int(value)
-    except ValueError:
-        raise click.BadParameter(f"expected 'auto' or a positive integer, got {value!r}") from None
-    if n <= 0:
-        raise click.BadParameter(f"expected 'auto' or a positive integer, got {value!r}")
-    return n
+def worker_config(params: dict, command: click.Command | None = None) -> WorkerConfig:
+    """WorkerConfig from the given flags and GEOTRAIN_* variables over the defaults; reads the token
+    and the CA file. ValueError (naming the value) for anything bad."""
+    config: WorkerConfig = config_from_params(WorkerConfig, params, command=command)
+    host, port = parse_target(config.coordinator)
+    config.coordinator = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if config.name and not all(c.isalnum() or c in "._-" for c in config.name) or len(config.name) > 64:
+        raise ValueError(f"--name must match [A-Za-z0-9._-]{{1,64}}, got {config.name!r}")
+    from geotrain.protos.rpc import read_token
+
+    config.token = read_token(config.token_file, config.token)
+    if config.tls_ca_file:
+        with open(config.tls_ca_file, "rb") as fh:
+            config.tls_ca = fh.read()
+    return config
 
 
-@click.command(context_settings={"auto_envvar_prefix": "GEOTRAIN", "help_option_names": ["-h", "--help"]})
-@click.option("--port", type=click.IntRange(0, 65535), default=10000, show_default=True, show_envvar=True,
-              help="Port of this worker's gRPC server (health, Ping, sync-group peers); 0 = any free port.")
-@click.option("--coordinator", required=True, callback=_coordinator, metavar="HOST:PORT", show_envvar=True,
-              help="The coordinator's address.")
-@click.option("--name", default="", show_envvar=True, help="Worker name shown in status (default: hostname-pid).")
-@click.option("--device", default="auto", show_default=True, show_envvar=True,
-              help="auto | cuda | cuda:N | cpu.")
-@click.option("--batch-size", default="auto", callback=_batch_size, show_default=True, show_envvar=True,
-              help="Sequences per inner step; auto = the run's train.batch_size.")
-@click.option("--advertise-host", default="", show_envvar=True, help="Host peers use to reach --port (behind NAT).")
-@click.option("--advertise-port", type=click.IntRange(0, 65535), default=0, show_envvar=True,
-              help="Port peers use to reach --port (default: the bound port).")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9100, show_default=True, show_envvar=True,
-              help="Prometheus metrics HTTP port; 0 = off.")
-@click.option("--cache-dir", default=None, show_envvar=True,
-              help="Shard cache; shards go to CACHE_DIR/<run_id>. Default ~/.cache/geotrain/shards.")
-@click.option("--token", default=None, show_envvar=True,
-              help="Run token (prefer the environment variable or --token-file over the command line).")
-@click.option("--token-file", default=None, type=click.Path(dir_okay=False), show_envvar=True,
-              help="File whose first line is the run token.")
-@click.option("--tls-ca", default=None, type=click.Path(dir_okay=False), show_envvar=True,
-              help="PEM CA certificate: talk TLS to the coordinator.")
-@click.option("--threads", type=click.IntRange(0), default=0, show_envvar=True,
-              help="torch intra-op threads (0 = torch's default).")
-@click.option("--sync-group", default="", show_envvar=True, help="Sync group name or 'auto' ('' = async worker).")
-@click.option("--sync-compression", type=click.Choice(["", "none", "sign"]), default="", show_envvar=True,
-              help="Sync-group all-reduce compression (default: sign when the run compresses with sign, else none).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-              default="info", show_default=True, show_envvar=True)
-def main(port, coordinator, name, device, batch_size, advertise_host, advertise_port, metrics_port, cache_dir,
-         token, token_file, tls_ca, threads, sync_group, sync_compression, log_level) -> None:
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@config_options(WorkerConfig, WORKER_OPTIONS)
+def main(**params) -> None:
     """Join the coordinator at HOST:PORT and train until the run ends or a signal arrives.
 
     The first SIGTERM or Ctrl+C finishes the current step, pushes the pending delta if the
     coordinator answers within a short deadline, leaves and exits 0; a second exits at once.
     """
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from geotrain.protos.rpc import read_token
-
     try:
-        token = read_token(token_file, token)
-        ca = None
-        if tls_ca:
-            with open(tls_ca, "rb") as fh:
-                ca = fh.read()
+        config = worker_config(params)
     except (ValueError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
-    if name and not all(c.isalnum() or c in "._-" for c in name) or len(name) > 64:
-        click.echo(f"error: --name must match [A-Za-z0-9._-]{{1,64}}, got {name!r}", err=True)
-        sys.exit(EXIT_USAGE)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from geotrain.worker.runner import WorkerConfig, WorkerRunner
+    from geotrain.worker.runner import WorkerRunner
     from geotrain.worker.group_runner import GroupWorkerRunner
 
-    config = WorkerConfig(
-        coordinator=coordinator, port=port, name=name, device=device, batch_size=batch_size, threads=threads,
-        cache_dir=cache_dir, token=token, tls_ca=ca, metrics_port=metrics_port,
-        advertise_host=advertise_host, advertise_port=advertise_port, sync_group=sync_group,
-    )
     try:
-        runner = GroupWorkerRunner(config, sync_compression) if sync_group else WorkerRunner(config)
+        runner = GroupWorkerRunner(config, config.sync_compression) if config.sync_group else WorkerRunner(config)
     except ValueError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)

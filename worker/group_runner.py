@@ -69,7 +69,8 @@ import torch
 
 from geotrain.protos import geotrain_pb2 as pb
 from geotrain.worker.client import HEARTBEAT_DEADLINE_S
-from geotrain.worker.runner import WorkerConfig, WorkerRunner, _Lease
+from geotrain.common.config import WorkerConfig
+from geotrain.worker.runner import WorkerRunner, _Lease
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,7 @@ class GroupWorkerRunner(WorkerRunner):
         ar = CompressedAllReduce(
             int(a.rank), int(a.world_size), list(a.peers), a.group_id, epoch=int(a.epoch), compression=scheme,
             algorithm=self.run_cfg.compression.sync_schedule, token=self.config.token, min_deadline_s=max(MIN_DEADLINE_S, 3.0 * self.heartbeat_seconds),
+            chunk=self.run_cfg.compression.chunk,
         )
         ar.add_to_server(self.server.server)
         g = self._group = _Group(a.group_id, int(a.epoch), int(a.rank), int(a.world_size), ar)
@@ -243,12 +245,15 @@ class GroupWorkerRunner(WorkerRunner):
 
         o, max_iters = self.run_cfg.optim, self.run_cfg.train.max_iters
         r = self.run_cfg.round
-        check_every = r.steps if r.steps > 0 else DEFAULT_CHECK_EVERY
+        sc = self.run_cfg.sync
+        check_every = sc.check_every or (r.steps if r.steps > 0 else DEFAULT_CHECK_EVERY)
         ar = g.ar
         trainer = SyncGroupTrainer(
             self.model, ar, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), grad_clip=o.grad_clip,
             check_every=check_every, device=self.device, lr_fn=lambda s: lr_at(s, o, max_iters),
-            total_steps=max_iters, mode="update",
+            total_steps=max_iters, mode="update", compression_warmup=sc.warmup(),
+            warmup_compression=sc.warmup_compression, variance_probe_every=sc.variance_probe_every,
+            variance_refresh_every=sc.variance_refresh_every,
         )
         if self.optimizer.state:
             try:

@@ -52,7 +52,9 @@ import grpc
 import numpy as np
 import torch
 
-from geotrain.common.config import REPLAYED_DOWNLINKS, ModelConfig, RunConfig, run_config_from_dict
+from geotrain.common.config import (
+    REPLAYED_DOWNLINKS, ModelConfig, RunConfig, WorkerConfig, WorkersConfig, run_config_from_dict,
+)
 from geotrain.common.counts import decode_counts
 from geotrain.common.data import gather_sequences, sequence_order
 from geotrain.common.tensors import (
@@ -78,10 +80,6 @@ from geotrain.worker.client import CoordinatorClient, FatalError, ModelReply, Se
 
 log = logging.getLogger(__name__)
 
-LONG_POLL_SECONDS = 20.0  # GetModel wait while our push awaits its merge
-SHUTDOWN_PATIENCE_S = 15.0  # on a signal: how long to try the final push and Leave
-FINISH_PATIENCE_S = 120.0  # run finished (exhausted / STOP): wait for the last merge and push
-SUMMARY_SECONDS = 10.0
 HELD_PUSHES = 8  # our last pushes' payloads kept for relayed updates (one is in flight at a time)
 
 
@@ -231,28 +229,6 @@ def full_contains_push(version: int, base_version: int, push_id: str, merged_pus
 
 
 # --------------------------------------------------------------------------- config and state
-
-
-@dataclass
-class WorkerConfig:
-    coordinator: str
-    port: int = 10000
-    name: str = ""
-    device: str = "auto"
-    batch_size: int = 0  # 0 = auto (the run's train.batch_size)
-    threads: int = 0
-    cache_dir: str | None = None  # shards go to CACHE_DIR/<run_id>; default ~/.cache/geotrain/shards
-    token: str | None = None
-    tls_ca: bytes | None = None
-    metrics_port: int = 0
-    advertise_host: str = ""
-    advertise_port: int = 0
-    sync_group: str = ""
-    long_poll_seconds: float = LONG_POLL_SECONDS
-    shutdown_patience: float = SHUTDOWN_PATIENCE_S
-    finish_patience: float = FINISH_PATIENCE_S
-    summary_seconds: float = SUMMARY_SECONDS
-    serve: bool = True  # start the worker's own gRPC server
 
 
 @dataclass
@@ -418,7 +394,7 @@ class WorkerRunner:
         self.manifest = Manifest.from_json(json.dumps(spec["manifest"]))
         self.shard_info = {s.name: s for s in self.manifest.shards}
         self.step_offset = int(spec.get("step_offset", 0))
-        self.heartbeat_seconds = reply.heartbeat_seconds or 10.0
+        self.heartbeat_seconds = reply.heartbeat_seconds or WorkersConfig.heartbeat_seconds
         self.batch_size = self.config.batch_size or self.run_cfg.train.batch_size
         torch.manual_seed(self.run_cfg.train.seed + (zlib.crc32(reply.worker_id.encode()) % 10_000))
         self.model = GPT(self.model_cfg).to(self.device)

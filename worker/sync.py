@@ -89,6 +89,7 @@ import torch.nn as nn
 
 import math
 
+from geotrain.common.config import OptimConfig, SyncConfig
 from geotrain.common.model import autocast_context, configure_optimizer
 from geotrain.common.tensors import params_sha256
 from geotrain.worker.allreduce import CompressedAllReduce, PeerFailure  # noqa: F401 - re-exported for callers
@@ -97,7 +98,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("momentum", "update", "gradient")
 WARMUP_SCHEMES = ("int8", "none")  # the warmup / refresh / probe all-reduce of a compressed group
-DEFAULT_WARMUP_FRACTION = 0.25   # of total_steps, when the caller knows them (DeepSpeed: 15-25%)
+DEFAULT_WARMUP_FRACTION = SyncConfig.compression_warmup  # of total_steps, when the caller knows them (DeepSpeed: 15-25%)
 DEFAULT_WARMUP_STEPS = 100       # otherwise
 
 
@@ -230,10 +231,10 @@ class SyncGroupTrainer:
         model: nn.Module,
         allreduce: CompressedAllReduce,
         *,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.99),
-        grad_clip: float = 1.0,
+        lr: float = OptimConfig.lr,
+        weight_decay: float = OptimConfig.weight_decay,
+        betas: tuple[float, float] = (OptimConfig.beta1, OptimConfig.beta2),
+        grad_clip: float = OptimConfig.grad_clip,
         check_every: int = 50,
         device: torch.device | str = "cpu",
         lr_fn: Callable[[int], float] | None = None,
