@@ -158,7 +158,8 @@ SYNC_SCHEDULES = ("auto", "doubling", "halving", "allgather", "scatter", "count"
 class ModelSection:
     """The [model] table: a preset plus optional overrides of ModelConfig fields."""
 
-    preset: str = opt("nano", flag="--model", choices=tuple(MODEL_PRESETS), help="Model preset.")
+    # validated by model_config / RunConfig.validate, whose error lists the presets
+    preset: str = opt("nano", flag="--model", help="Model preset: " + ", ".join(MODEL_PRESETS) + ".")
     n_layer: int | None = opt(None, low=1, help="Transformer blocks (default: the preset's).")
     n_head: int | None = opt(None, low=1, help="Attention heads (default: the preset's).")
     n_embd: int | None = opt(None, low=1, help="Embedding width (default: the preset's).")
@@ -212,13 +213,14 @@ class OptimConfig:
 class TrainConfig:
     """The reference single-process trainer (`geotrain train`)."""
 
-    batch_size: int = opt(12, low=1, help="Sequences per step (per micro-batch).")
+    # the positive integers below are checked by validate() (its message names the field)
+    batch_size: int = opt(12, help="Sequences per step (per micro-batch).")
     # Honoured by `geotrain train` only: async workers and sync groups step once per batch, so the
     # coordinator refuses a run with grad_accum != 1 (RunConfig.validate_for_workers).
-    grad_accum: int = opt(1, low=1, help="Micro-batches per optimizer step (geotrain train only).")
-    max_iters: int = opt(2000, low=1, help="Optimizer steps; the lr schedule decays over them.")
-    eval_interval: int = opt(250, low=1, help="Steps between validation passes.")
-    eval_iters: int = opt(200, low=1, help="Validation batches per pass.")
+    grad_accum: int = opt(1, help="Micro-batches per optimizer step (geotrain train only).")
+    max_iters: int = opt(2000, help="Optimizer steps; the lr schedule decays over them.")
+    eval_interval: int = opt(250, help="Steps between validation passes.")
+    eval_iters: int = opt(200, help="Validation batches per pass.")
     log_interval: int = opt(10, low=1, help="Steps between log lines.")
     checkpoint_interval: int = opt(250, low=1, help="Steps between checkpoints.")
     seed: int = opt(1337, help="Seed of the initial model and the data order.")
@@ -580,7 +582,7 @@ class DemoConfig:
     defaults (model, seed, batch size) are RunConfig's."""
 
     workers: int = opt(2, low=1, high=64, help="Worker processes.")
-    model: str = opt(ModelSection.preset, choices=tuple(MODEL_PRESETS), help="Model preset.")
+    model: str = opt(ModelSection.preset, help="Model preset: " + ", ".join(MODEL_PRESETS) + ".")
     data: str = opt("", help="Prepared data directory (default: the embedded corpus).")
     config: str | None = opt(None, path=True, help="Run config TOML.")
     steps: int = opt(500, low=1, help="Inner steps per worker: sets the token budget (workers x steps x batch x block).")
@@ -592,6 +594,7 @@ class DemoConfig:
     seed: int = opt(TrainConfig.seed, help="Seed of the run.")
     batch_size: int = TrainConfig.batch_size  # per worker
     sync: bool = opt(False, help="Train the workers as one sync group (--workers a power of two).")
+    json: bool = opt(False, help="Print the summary as JSON.")
     quiet: bool = False  # no progress lines
     extra_coordinator_args: list[str] = field(default_factory=list)
 

@@ -1,20 +1,22 @@
 """`geotrain`: the umbrella command (prepare, train, sample, eval, demo, status).
 
-Each subcommand maps flags (and `--config FILE.toml` where it applies) onto the typed dataclasses
-of common/config.py and calls a plain function; ValueError from those becomes a clear message and
-exit status 2.
+Each subcommand's options are derived from the typed dataclasses of common/config.py
+(common/options.py); flags, GEOTRAIN_* variables and `--config FILE.toml` where it applies fill one
+of them and a plain function runs; ValueError from those becomes a clear message and exit status 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import click
 
 from geotrain.common import __version__
+from geotrain.common.config import DemoConfig, EvalCheckpointConfig, RunConfig, SampleConfig, StatusConfig
 from geotrain.common.data import DEFAULT_SHARD_TOKENS
-from geotrain.common.config import DELTA_SCHEMES
+from geotrain.common.options import config_from_params, config_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,59 +33,36 @@ def fail(message: str) -> None:
 
 # --------------------------------------------------------------------------- train / sample / eval
 
-_TRAIN_FLAGS = {  # CLI option -> dotted RunConfig key
-    "data": "data.dir", "model": "model.preset", "n_layer": "model.n_layer", "n_head": "model.n_head",
-    "n_embd": "model.n_embd", "block_size": "model.block_size", "dropout": "model.dropout",
-    "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "max_iters": "train.max_iters",
-    "eval_interval": "train.eval_interval", "eval_iters": "train.eval_iters", "seed": "train.seed",
-    "device": "train.device", "compile": "train.compile", "threads": "train.threads",
-    "log_interval": "train.log_interval", "checkpoint_interval": "train.checkpoint_interval",
-    "lr": "optim.lr", "min_lr": "optim.min_lr", "warmup_iters": "optim.warmup_iters",
-    "lr_decay_iters": "optim.lr_decay_iters", "weight_decay": "optim.weight_decay",
-    "beta2": "optim.beta2", "grad_clip": "optim.grad_clip",
-}
+# RunConfig fields with a flag on `geotrain train` (the file given with --config sets any field)
+TRAIN_OPTIONS = (
+    "data.dir", "model.preset", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size",
+    "model.dropout", "model.bias", "train.batch_size", "train.grad_accum", "train.max_iters", "optim.lr",
+    "optim.min_lr", "optim.warmup_iters", "optim.lr_decay_iters", "optim.weight_decay", "optim.beta1",
+    "optim.beta2", "optim.grad_clip", "train.eval_interval", "train.eval_iters", "train.log_interval",
+    "train.checkpoint_interval", "train.seed", "train.device", "train.compile", "train.threads",
+)
+
+
+def _fields(cls) -> tuple[str, ...]:
+    """The names of the fields of `cls` that are command-line options."""
+    return tuple(f.name for f in dataclasses.fields(cls) if "cli" in f.metadata)
 
 
 @cli.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory: checkpoints/, config.json, history.jsonl, summary.json.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Run config TOML; the flags below override it.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), envvar="GEOTRAIN_CONFIG",
+              show_envvar=True, help="Run config TOML; flags and GEOTRAIN_* variables override it.")
 @click.option("--resume", is_flag=True, help="Continue from the latest valid checkpoint in --out.")
-@click.option("--data", help="Prepared data directory (default: the embedded corpus).")
-@click.option("--model", help="Model preset: nano, gpt2, gpt2-medium, gpt2-large, gpt2-xl.")
-@click.option("--n-layer", type=int)
-@click.option("--n-head", type=int)
-@click.option("--n-embd", type=int)
-@click.option("--block-size", type=int)
-@click.option("--dropout", type=float)
-@click.option("--batch-size", type=int)
-@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
-@click.option("--max-iters", type=int)
-@click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--min-lr", type=float)
-@click.option("--warmup-iters", type=int)
-@click.option("--lr-decay-iters", type=int, help="Cosine decay ends here (default: max-iters).")
-@click.option("--weight-decay", type=float)
-@click.option("--beta2", type=float)
-@click.option("--grad-clip", type=float, help="0 disables clipping.")
-@click.option("--eval-interval", type=int)
-@click.option("--eval-iters", type=int)
-@click.option("--log-interval", type=int)
-@click.option("--checkpoint-interval", type=int)
-@click.option("--seed", type=int)
-@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--compile/--no-compile", default=None, help="torch.compile the model.")
-@click.option("--threads", type=int, help="torch intra-op threads (0: torch's default).")
+@config_options(RunConfig, TRAIN_OPTIONS)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm bar on a terminal.")
-def train(out, config_file, resume, progress, **flags) -> None:
+def train(out, config_file, resume, progress, **params) -> None:
     """Train a GPT in one process (nanoGPT-style reference trainer)."""
-    from geotrain.common.config import apply_overrides, load_run_config
+    from geotrain.common.config import load_run_config
     from geotrain.common.train import train as run_train
 
     try:
-        run = load_run_config(config_file)
-        apply_overrides(run, {_TRAIN_FLAGS[k]: v for k, v in flags.items()})
+        run = config_from_params(RunConfig, params, base=load_run_config(config_file))
         run.validate()
         run_train(run, out, resume=resume, progress=progress)
     except ValueError as exc:
@@ -91,50 +70,38 @@ def train(out, config_file, resume, progress, **flags) -> None:
 
 
 @cli.command()
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
-              help="Trainer out dir, checkpoint root or one ckpt-* directory.")
-@click.option("--prompt", default="\n", show_default=True, help="Start text ('' starts from end-of-text).")
-@click.option("--max-new-tokens", default=200, show_default=True, type=click.IntRange(0))
-@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--top-k", default=200, show_default=True, type=click.IntRange(0), help="0: no top-k cut.")
-@click.option("--num-samples", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=1337, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True)
-def sample(checkpoint, prompt, max_new_tokens, temperature, top_k, num_samples, seed, device) -> None:
+@config_options(SampleConfig, _fields(SampleConfig))
+def sample(**params) -> None:
     """Generate text from a checkpoint."""
     from geotrain.common.sampling import sample_checkpoint
 
     try:
-        texts = sample_checkpoint(checkpoint, prompt, max_new_tokens, temperature, top_k or None, seed,
-                                  num_samples, device)
+        c: SampleConfig = config_from_params(SampleConfig, params)
+        texts = sample_checkpoint(Path(c.checkpoint), c.prompt, c.max_new_tokens, c.temperature, c.top_k or None,
+                                  c.seed, c.num_samples, c.device)
     except ValueError as exc:
         fail(str(exc))
     for i, text in enumerate(texts):
         if i:
             click.echo("---------------")
-        click.echo(prompt + text)
+        click.echo(c.prompt + text)
 
 
 @cli.command(name="eval")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
-              help="Trainer out dir, checkpoint root or one ckpt-* directory.")
-@click.option("--data", type=click.Path(path_type=Path), help="Data directory (default: the checkpoint's).")
-@click.option("--iters", default=200, show_default=True, type=click.IntRange(1), help="Validation batches.")
-@click.option("--batch-size", default=12, show_default=True, type=click.IntRange(1))
-@click.option("--seed", type=int, help="Batch seed (default: the trainer's fixed evaluation seed).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(checkpoint, data, iters, batch_size, seed, device, as_json) -> None:
+@config_options(EvalCheckpointConfig, _fields(EvalCheckpointConfig))
+def eval_(**params) -> None:
     """Validation loss and perplexity of a checkpoint."""
     import json as _json
 
     from geotrain.common.sampling import evaluate_checkpoint
 
     try:
-        result = evaluate_checkpoint(checkpoint, data, iters, batch_size, seed, device)
+        c: EvalCheckpointConfig = config_from_params(EvalCheckpointConfig, params)
+        result = evaluate_checkpoint(Path(c.checkpoint), Path(c.data) if c.data else None, c.iters, c.batch_size,
+                                     c.seed, c.device)
     except ValueError as exc:
         fail(str(exc))
-    if as_json:
+    if c.json:
         click.echo(_json.dumps(result, indent=2))
     else:
         click.echo(f"{result['checkpoint']} (step {result['step']}): val loss {result['val_loss']:.4f}, "
@@ -198,35 +165,19 @@ def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens, work
 
 
 @cli.command()
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="Worker processes.")
-@click.option("--model", default="nano", show_default=True, help="Model preset.")
-@click.option("--data", default="", help="Prepared data directory (default: the embedded corpus).")
-@click.option("--config", type=click.Path(dir_okay=False, exists=True), help="Run config TOML.")
-@click.option("--steps", default=500, show_default=True, type=click.IntRange(1),
-              help="Inner steps per worker: sets the token budget (workers x steps x batch x block).")
-@click.option("--tokens", default=0, type=click.IntRange(0), help="Token budget (overrides --steps).")
-@click.option("--minutes", default=0.0, type=click.FloatRange(0), help="Stop after this many minutes (0 = no cap).")
-@click.option("--compression", type=click.Choice(DELTA_SCHEMES))
-@click.option("--round-steps", type=click.IntRange(1), help="Inner steps per local round.")
-@click.option("--run-dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--seed", default=1337, show_default=True, type=int)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--sync", is_flag=True, help="Train the workers as one sync group (--workers a power of two).")
-def demo(workers, model, data, config, steps, tokens, minutes, compression, round_steps, run_dir, seed, as_json, sync):
+@config_options(DemoConfig, _fields(DemoConfig))
+def demo(**params):
     """Train on loopback: a coordinator and N worker processes, to a token budget."""
     import json as _json
 
-    from geotrain.demo import DemoOptions, run_demo, sample_from_run
+    from geotrain.demo import run_demo, sample_from_run
 
-    opts = DemoOptions(
-        workers=workers, model=model, data=data, config=config, steps=steps, tokens=tokens, minutes=minutes,
-        compression=compression, round_steps=round_steps, run_dir=run_dir, seed=seed, sync=sync,
-    )
     try:
+        opts: DemoConfig = config_from_params(DemoConfig, params)
         summary = run_demo(opts)
     except (ValueError, RuntimeError) as exc:
         fail(str(exc))
-    if as_json:
+    if opts.json:
         click.echo(_json.dumps(summary, indent=2))
         return
     click.echo(
@@ -235,8 +186,8 @@ def demo(workers, model, data, config, steps, tokens, minutes, compression, roun
         f"up {summary['sent_bytes'] / 1e6:.2f} MB, down {summary['received_bytes'] / 1e6:.2f} MB, "
         f"waiting {100 * summary['wait_fraction']:.1f}%"
     )
-    click.echo("sample:\n" + sample_from_run(Path(run_dir)))
-    click.echo(f"summary: {Path(run_dir) / 'summary.json'}")
+    click.echo("sample:\n" + sample_from_run(Path(opts.run_dir)))
+    click.echo(f"summary: {Path(opts.run_dir) / 'summary.json'}")
 
 
 @cli.command()
@@ -265,15 +216,10 @@ def health(target, service, timeout):
 
 @cli.command()
 @click.argument("target", metavar="HOST:PORT")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the Status RPC's status_json (strict JSON: NaN, e.g. no validation loss yet, as null).")
-@click.option("--token-file", type=click.Path(dir_okay=False), help="File with the run token (or GEOTRAIN_TOKEN).")
-@click.option("--tls-ca", type=click.Path(dir_okay=False), help="PEM CA certificate: talk TLS to the coordinator.")
-@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Seconds.")
-def status(target, as_json, token_file, tls_ca, timeout):
+@config_options(StatusConfig, _fields(StatusConfig))
+def status(target, **params):
     """Show a running coordinator's status: the run, then one row per live worker."""
     import json as _json
-    import os
 
     import grpc
 
@@ -282,15 +228,16 @@ def status(target, as_json, token_file, tls_ca, timeout):
     from geotrain.protos.rpc import fetch_status
 
     try:
-        token = read_token(token_file, os.environ.get("GEOTRAIN_TOKEN"))
-        ca = Path(tls_ca).read_bytes() if tls_ca else None
+        c: StatusConfig = config_from_params(StatusConfig, params)
+        token = read_token(c.token_file, c.token)
+        ca = Path(c.tls_ca).read_bytes() if c.tls_ca else None
     except (ValueError, OSError) as exc:
         fail(str(exc))
     try:
-        snapshot = fetch_status(target, token=token, tls_ca=ca, timeout=timeout)
+        snapshot = fetch_status(target, token=token, tls_ca=ca, timeout=c.timeout)
     except grpc.RpcError as exc:
         fail(f"{target}: {exc.code().name}: {exc.details()}")
-    click.echo(_json.dumps(strict_json(snapshot), indent=2, allow_nan=False) if as_json else render_status(snapshot))
+    click.echo(_json.dumps(strict_json(snapshot), indent=2, allow_nan=False) if c.json else render_status(snapshot))
 
 
 @cli.command()

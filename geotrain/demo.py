@@ -16,11 +16,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
+from geotrain.common.config import DemoConfig
 from geotrain.protos.rpc import make_channel
 from geotrain.protos import geotrain_pb2 as pb
 from geotrain.protos import geotrain_pb2_grpc as pb_grpc
@@ -28,25 +28,6 @@ from geotrain.protos import geotrain_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 STATUS_DEADLINE_SECONDS = 5.0
 CHILD_STOP_GRACE_SECONDS = 15.0
-
-
-@dataclass
-class DemoOptions:
-    workers: int = 2
-    model: str = "nano"
-    data: str = ""
-    config: str | None = None
-    steps: int = 500  # inner steps per worker (sets the token budget and the lr schedule)
-    tokens: int = 0  # overrides steps when > 0
-    minutes: float = 0.0  # wall-clock cap; 0 = none
-    compression: str | None = None
-    round_steps: int | None = None
-    run_dir: str = "runs/demo"
-    seed: int = 1337
-    batch_size: int = 12
-    extra_coordinator_args: list[str] = field(default_factory=list)
-    quiet: bool = False
-    sync: bool = False  # all workers in one sync group "demo" (workers must be a power of two >= 2)
 
 
 def wait_for_port_file(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> int:
@@ -103,13 +84,15 @@ def sample_from_run(run_dir: Path, max_new_tokens: int = 200, seed: int = 0) -> 
     return tokenizer.decode(out[0, 1:].tolist())
 
 
-def run_demo(opts: DemoOptions) -> dict:
+def run_demo(opts: DemoConfig) -> dict:
     """Run the demo to its budget; returns the summary dict (also in RUN_DIR/summary.json)."""
     from geotrain.common.config import model_config
     from geotrain.common.data import TokenData, resolve_data_dir
 
     if opts.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {opts.workers}")
+    if opts.config and not Path(opts.config).is_file():
+        raise ValueError(f"config file not found: {opts.config}")
     if opts.sync and (opts.workers < 2 or opts.workers & (opts.workers - 1)):
         raise ValueError(f"--sync needs a power of two >= 2 of --workers (2, 4, 8, ...), got {opts.workers}")
     data_dir = resolve_data_dir(opts.data or None)  # prepares the embedded corpus once, here
@@ -176,7 +159,7 @@ def run_demo(opts: DemoOptions) -> dict:
     return summary
 
 
-def _watch(coordinator, procs, target, budget, opts: DemoOptions, started: float) -> None:
+def _watch(coordinator, procs, target, budget, opts: DemoConfig, started: float) -> None:
     channel = make_channel(target)
     stub = pb_grpc.CoordinatorStub(channel)
     last_print = 0.0

@@ -120,8 +120,9 @@ def test_sync_step_metrics_feed_the_worker_metrics():
 
 
 def test_demo_sync_needs_a_power_of_two_workers():
-    from geotrain.demo import DemoOptions, run_demo
+    from geotrain.common.config import DemoConfig
+    from geotrain.demo import run_demo
 
     for n in (1, 3, 6):
         with pytest.raises(ValueError, match="power of two"):
-            run_demo(DemoOptions(workers=n, sync=True))
+            run_demo(DemoConfig(workers=n, sync=True))
