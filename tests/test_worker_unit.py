@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from geotrain.protos.rpc import PROTOCOL_VERSION, Backoff, server_options, sha256_hex
+from geotrain.protos.rpc import CHUNK_BYTES, PROTOCOL_VERSION, Backoff, server_options, sha256_hex
 from geotrain.protos import geotrain_pb2 as pb
 from geotrain.protos import geotrain_pb2_grpc as pb_grpc
 from geotrain.worker.client import CoordinatorClient, FatalError, parse_target
@@ -99,8 +99,11 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         self.join_refusal: tuple[grpc.StatusCode, str] | None = None
         self.joins: list[pb.JoinRequest] = []
         self.lease_not_found = 0
+        self.leases: list[pb.LeaseRequest] = []
         self.pushed: list[tuple[pb.DeltaHeader, bytes]] = []
+        self.push_chunks: list[int] = []  # sizes of the last push's chunks
         self.model_blob = b"x" * (3 << 20)
+        self.model_sha = ""  # "" = the blob's own; anything else announces a wrong checksum
 
     def Join(self, request, context):
         self.joins.append(request)
@@ -114,6 +117,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
                             protocol_version=PROTOCOL_VERSION, heartbeat_seconds=1.0)
 
     def LeaseWork(self, request, context):
+        self.leases.append(request)
         if self.lease_not_found > 0:
             self.lease_not_found -= 1
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown session")
@@ -122,7 +126,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
     def GetModel(self, request, context):
         blob = self.model_blob
         yield pb.ModelPart(header=pb.ModelHeader(kind=pb.ModelHeader.FULL, version=3, total_bytes=len(blob),
-                                                 sha256=sha256_hex(blob)))
+                                                 sha256=self.model_sha or sha256_hex(blob)))
         for i in range(0, len(blob), 1 << 20):
             yield pb.ModelPart(chunk=blob[i : i + (1 << 20)])
 
@@ -134,7 +138,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             else:
                 chunks.append(part.chunk)
         blob = b"".join(chunks)
-        assert len(blob) == header.total_bytes and sha256_hex(blob) == header.sha256
+        self.push_chunks = [len(c) for c in chunks]
         self.pushed.append((header, blob))
         return pb.PushReply(result=pb.PushReply.ACCEPTED, model_version=4)
 
@@ -181,10 +185,15 @@ def test_not_found_rejoins_with_previous_worker_id(fake):
     client = _client(target, on_rejoin=rejoined.append)
     client.join(pb.JoinRequest(name="w"))
     servicer.lease_not_found = 1
-    reply = client.lease_work()
-    assert reply.range.end == 640
+    client.lease_work()
     assert servicer.joins[-1].previous_worker_id == "w1"
     assert client.worker_id == "w2" and len(rejoined) == 1
+    # the refused lease was asked again under the new session, with the same request id (a retry
+    # whose reply was lost must get the same range, not a second one)
+    first, retry = servicer.leases
+    assert (first.worker_id, first.session_id) == ("w1", "s1")
+    assert (retry.worker_id, retry.session_id) == ("w2", "s2")
+    assert retry.request_id == first.request_id != ""
     client.close()
 
 
@@ -193,14 +202,20 @@ def test_model_stream_and_push_chunks(fake):
     client = _client(target)
     client.join(pb.JoinRequest(name="w"))
     rep = client.get_model(0, expected_bytes=len(servicer.model_blob), max_bytes=8 << 20)
-    assert rep.header.version == 3 and rep.blob == servicer.model_blob
+    assert rep.blob == servicer.model_blob  # reassembled from 3 streamed chunks
     with pytest.raises(ValueError):
         client.get_model(0, expected_bytes=1, max_bytes=1 << 20)  # announced size over the limit
-    blob = bytes(range(256)) * 9000  # > 2 chunks
-    reply = client.push_delta(pb.DeltaHeader(push_id="p1", base_version=3), blob)
-    assert reply.result == pb.PushReply.ACCEPTED
+    servicer.model_sha = "0" * 64
+    with pytest.raises(ValueError, match="sha256"):
+        client.get_model(0, expected_bytes=len(servicer.model_blob), max_bytes=8 << 20)  # corrupted in transit
+    blob = bytes(range(256)) * 9000  # 2.2 MiB
+    client.push_delta(pb.DeltaHeader(push_id="p1", base_version=3), blob)
     header, got = servicer.pushed[-1]
+    # the client fills in who sends and what: ids of its session, size and checksum of the blob,
+    # which it streams in chunks under the gRPC message limit
     assert got == blob and header.worker_id == "w1" and header.session_id == "s1"
+    assert header.total_bytes == len(blob) and header.sha256 == sha256_hex(blob)
+    assert servicer.push_chunks == [CHUNK_BYTES, CHUNK_BYTES, len(blob) - 2 * CHUNK_BYTES]
     assert client.sent_bytes > len(blob) and client.received_bytes > len(servicer.model_blob)
     client.close()
 
