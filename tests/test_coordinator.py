@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import math
-import struct
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
-import zstandard
 
 from geotrain.common.compression import encode_tensors
 from geotrain.common.config import OuterConfig, RunConfig
-from geotrain.common.data import TokenData, prepare
 from geotrain.protos.rpc import PROTOCOL_VERSION, iter_chunks, make_channel
 from geotrain.common.tensors import clone_tensors, params_sha256
 from geotrain.coordinator.ledger import TrainedRange
@@ -29,58 +25,7 @@ from geotrain.coordinator.state import (
 )
 from geotrain.protos import geotrain_pb2 as pb
 from geotrain.protos import geotrain_pb2_grpc as pb_grpc
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> TokenData:
-    root = tmp_path_factory.mktemp("data")
-    (root / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 3000)
-    prepare([root / "a.txt"], root / "tokens", progress=False)
-    return TokenData(root / "tokens")
-
-
-def small_run(**changes) -> RunConfig:
-    run = RunConfig()
-    run.model.n_layer, run.model.n_embd, run.model.n_head, run.model.block_size = 1, 32, 2, 16
-    run.plan.unit_tokens = 1024
-    run.eval.iters = 2
-    run.merge.policy = "async"
-    run.outer.kind = "average"
-    run.outer.lr = 1.0
-    for key, value in changes.items():
-        section, field = key.split("__")
-        setattr(getattr(run, section), field, value)
-    return run
-
-
-def join(state: CoordinatorState, name: str = "w1"):
-    record, _ = state.join(name, "cpu", 0, "0", PROTOCOL_VERSION, "fp", "", "")
-    exhausted, r = state.lease(record.worker_id, record.session_id)
-    assert not exhausted and r is not None
-    return record, r
-
-
-def delta_like(state: CoordinatorState, value: float) -> dict[str, torch.Tensor]:
-    return {n: torch.full_like(t, value) for n, t in state.global_params.items()}
-
-
-def nan_blob(delta: dict[str, torch.Tensor]) -> bytes:
-    """A well-formed `none` blob whose first value is NaN (encoders refuse to make one)."""
-    blob, _ = encode_tensors(delta, "none")
-    at = blob.index(b"\x28\xb5\x2f\xfd", 16)
-    raw = bytearray(zstandard.ZstdDecompressor().decompress(blob[at:]))
-    raw[0:4] = struct.pack("<f", math.nan)
-    frame = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(bytes(raw))
-    return blob[:at] + frame
-
-
-def push(state, record, r, delta, push_id="p1", base=None, n_tokens=64, scheme="none"):
-    blob, _ = encode_tensors(delta, scheme)
-    ranges = [TrainedRange(r.unit_id, r.start, r.start + n_tokens, r.epoch)]
-    return state.push(
-        record.worker_id, record.session_id, push_id, state.version if base is None else base,
-        n_tokens, 1, 2.5, ranges, blob,
-    )
+from states import delta_like, join, nan_blob, push, small_run
 
 
 def test_average_merge_moves_global_along_the_delta(data, tmp_path):
@@ -379,3 +324,19 @@ def test_updates_larger_than_the_weights_come_as_the_full_model(data, tmp_path):
     assert state.version == 4
     assert state.model_reply(3, False, 0.0).kind == "UPDATES"
     assert state.model_reply(1, False, 0.0).kind == "FULL"
+
+
+def test_semi_sync_timeout_follows_the_merge_config(data, tmp_path):
+    """Before a round was measured a semi-sync merge waits merge.first_semi_sync_timeout; then
+    SEMI_SYNC_TIMEOUT_FACTOR median round times, at least SEMI_SYNC_TIMEOUT_MIN_S; a configured
+    merge.semi_sync_timeout replaces both."""
+    from geotrain.common.config import SEMI_SYNC_TIMEOUT_FACTOR, SEMI_SYNC_TIMEOUT_MIN_S
+
+    state = CoordinatorState(small_run(merge__policy="semi-sync", merge__first_semi_sync_timeout=12.5), data, tmp_path)
+    assert state.semi_sync_timeout() == 12.5
+    state.round_times.extend([1.0, 2.0, 90.0])
+    assert state.semi_sync_timeout() == SEMI_SYNC_TIMEOUT_MIN_S
+    state.round_times.extend([8.0, 9.0])  # median 8
+    assert state.semi_sync_timeout() == SEMI_SYNC_TIMEOUT_FACTOR * 8.0
+    state.run.merge.semi_sync_timeout = 4.0
+    assert state.semi_sync_timeout() == 4.0

@@ -15,7 +15,7 @@ from geotrain.common.merge import OuterOptimizer
 from geotrain.coordinator.service import _update_info
 from geotrain.coordinator.state import CoordinatorState
 from geotrain.protos import geotrain_pb2 as pb
-from test_coordinator import data, join, small_run  # noqa: F401 - the data fixture
+from states import join, small_run
 from geotrain.worker.runner import replay_counted, replay_relayed
 
 

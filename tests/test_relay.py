@@ -12,7 +12,7 @@ from geotrain.common.merge import OuterOptimizer, weighted_sum
 from geotrain.coordinator.service import _update_info
 from geotrain.coordinator.state import CoordinatorState
 from geotrain.protos import geotrain_pb2 as pb
-from test_coordinator import data, join, small_run  # noqa: F401 - the data fixture
+from states import join, small_run
 from geotrain.coordinator.ledger import TrainedRange
 from geotrain.worker.runner import replay_relayed
 
