@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from geotrain.common.config import SHUTDOWN_PATIENCE_S
 from procs import (
     Cluster,
     checkpoint_state,
@@ -30,6 +31,7 @@ from procs import (
 )
 
 LN_VOCAB = math.log(257)  # loss of the uniform initial model (5.549)
+RETRY_RE = re.compile(r"failed \((UNAVAILABLE|DEADLINE_EXCEEDED)")  # a worker's call that it retries
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +188,9 @@ def test_worker_sigkill_loses_no_shard(data_dir, tmp_path):
             row = next((w for w in s["worker_list"] if w["name"] == "victim"), None)
             return row is not None and row["pushes"] >= 2 and s["tokens"] < budget // 2
 
+        # from its second push on the victim always holds a lease it trains (ranges stay leased
+        # until their delta merges): whenever it dies now, leased tokens return to the pool
         c.wait_status(victim_mid_round, 90, "the victim to have pushed twice", fail_if_dead=[coord])
-        time.sleep(0.3)  # mid-round: between pushes
         victim.kill()
         killed_at = len(c.coordinator.log())
         c.wait_for(lambda: (c.run_dir / "summary.json").exists(), 120, "the run to finish", fail_if_dead=[coord])
@@ -221,7 +224,9 @@ def test_coordinator_sigkill_restart_resumes(data_dir, tmp_path):
         coord.kill()
         ckpt, path = checkpoint_state(c.run_dir)
         assert ckpt["version"] >= 2
-        time.sleep(1.0)
+        # the workers notice (a failed call, then retries with backoff) and survive it
+        c.wait_for(lambda: all(RETRY_RE.search(w.log()) for w in workers), 60,
+                   "both workers to retry the lost coordinator", fail_if_dead=workers)
         assert all(w.alive() for w in workers), "workers must survive the coordinator's death"
         coord2 = c.restart_coordinator()
         s = c.wait_status(lambda s: True, 30, "the restarted coordinator to answer")
@@ -234,7 +239,7 @@ def test_coordinator_sigkill_restart_resumes(data_dir, tmp_path):
             assert c.wait_exit(w, 30) == 0, f"{w.name} exited with {w.returncode}"
             log = w.log()
             assert "rejoined as" in log, f"{w.name} never rejoined"
-            assert re.search(r"failed \((UNAVAILABLE|DEADLINE_EXCEEDED)", log), f"{w.name} never retried"
+            assert RETRY_RE.search(log), f"{w.name} never retried"
         assert c.wait_exit(coord2, 30) == 0
         summary = c.summary()
         assert summary["tokens"] == budget and summary["run_id"] == ckpt["run_id"]
@@ -292,22 +297,18 @@ def test_sigterm_stops_worker_and_coordinator_cleanly(data_dir, tmp_path):
         w0, w1 = c.start_worker("w0"), c.start_worker("w1")
         c.wait_status(lambda s: {w["name"] for w in s["worker_list"] if w["pushes"] >= 1} == {"w0", "w1"},
                       90, "both workers pushing", fail_if_dead=[coord, w0, w1])
-        t0 = time.monotonic()
+        # the worker finishes its step, tries its last push and leaves within its shutdown patience
+        # (WorkerConfig.shutdown_patience); the wait only bounds a hang
         w0.signal(signal.SIGTERM)
-        assert c.wait_exit(w0, 20) == 0
-        worker_seconds = time.monotonic() - t0
+        assert c.wait_exit(w0, SHUTDOWN_PATIENCE_S + 15) == 0
         assert "worker w0 left: signal" in coord.log()
         assert "left the run (signal)" in w0.log()
 
         version = c.status()["model_version"]
-        t0 = time.monotonic()
         coord.signal(signal.SIGTERM)
-        assert c.wait_exit(coord, 20) == 0
-        coord_seconds = time.monotonic() - t0
-        print(f"SIGTERM: worker exited in {worker_seconds:.1f}s, coordinator in {coord_seconds:.1f}s")
+        assert c.wait_exit(coord, 30) == 0
         summary = c.summary()
         assert summary["model_version"] >= version
         state, _ = checkpoint_state(c.run_dir)
         assert state["version"] == summary["model_version"]
         assert math.isfinite(summary["val_loss"])
-        assert worker_seconds < 15 and coord_seconds < 15
