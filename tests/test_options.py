@@ -288,3 +288,19 @@ def test_sync_trainer_defaults_are_the_optim_config():
     assert (sig["lr"].default, sig["weight_decay"].default, sig["betas"].default, sig["grad_clip"].default) == (
         o.lr, o.weight_decay, (o.beta1, o.beta2), o.grad_clip)
     assert DEFAULT_WARMUP_FRACTION == C.SyncConfig().compression_warmup
+
+
+def test_every_command_help_lists_its_variables():
+    for name, command in commands().items():
+        result = CliRunner().invoke(command, ["--help"], prog_name=name, terminal_width=400)
+        assert result.exit_code == 0, (name, result.output)
+        for p in command.params:
+            if isinstance(p, ConfigOption) and not p.hidden:
+                assert p.envvar in result.output, (name, p.envvar)
+
+
+def test_demo_refuses_a_missing_config_file_in_one_line(tmp_path):
+    from geotrain.cli import cli
+
+    result = CliRunner().invoke(cli, ["demo", "--config", str(tmp_path / "nope.toml"), "--run-dir", str(tmp_path / "d")])
+    assert result.exit_code == 2 and result.output == f"error: config file not found: {tmp_path / 'nope.toml'}\n"
