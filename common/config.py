@@ -211,7 +211,15 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """The reference single-process trainer (`geotrain train`)."""
+    """The reference single-process trainer (`geotrain train`).
+
+    In an async run (sent to the workers with the run config) batch_size is the workers' default
+    batch, max_iters the length of their lr schedule and seed the model's init and the data order;
+    device and threads are each worker's own (`worker --device --threads`), evaluation and
+    checkpoints the coordinator's ([eval], [checkpoint]), so eval_interval, eval_iters,
+    log_interval and checkpoint_interval serve `geotrain train` only. grad_accum and compile
+    would change what a worker computes: the coordinator refuses them (validate_for_workers).
+    """
 
     # the positive integers below are checked by validate() (its message names the field)
     batch_size: int = opt(12, help="Sequences per step (per micro-batch).")
