@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "load.json"
 
-LONG_POLL_SECONDS = 20.0  # as worker/runner.py
+from geotrain.common.config import LONG_POLL_SECONDS  # a simulated worker long-polls like a real one
 RPC_DEADLINE = 30.0
 
 
