@@ -304,3 +304,25 @@ def test_demo_refuses_a_missing_config_file_in_one_line(tmp_path):
 
     result = CliRunner().invoke(cli, ["demo", "--config", str(tmp_path / "nope.toml"), "--run-dir", str(tmp_path / "d")])
     assert result.exit_code == 2 and result.output == f"error: config file not found: {tmp_path / 'nope.toml'}\n"
+
+
+def test_the_sync_section_reaches_the_group_trainer():
+    """[sync] and [optim] of the run config, as a coordinator's flags set them, are what a sync
+    group's trainer runs with (warmup steps and scheme, optimizer, schedule)."""
+    from geotrain.common.model import GPT
+    from geotrain.worker.allreduce import CompressedAllReduce
+    from geotrain.worker.group_runner import sync_trainer_settings
+    from geotrain.worker.sync import SyncGroupTrainer
+
+    run = coordinator_run(["--sync-warmup", "40", "--sync-warmup-compression", "none", "--max-iters", "400",
+                           "--round-steps", "7"])
+    run.optim.lr = 2e-3
+    settings = sync_trainer_settings(run)
+    assert settings["check_every"] == 7 and settings["lr"] == 2e-3 and settings["total_steps"] == 400
+    model = GPT(C.model_config("nano", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    with CompressedAllReduce(0, 1, ["127.0.0.1:1"], compression="sign") as solo:
+        trainer = SyncGroupTrainer(model, solo, **settings)
+        assert (trainer.warmup_steps, trainer.warmup_compression) == (40, "none")
+        run.sync = C.SyncConfig()  # the default: a quarter of max_iters, at int8
+        trainer = SyncGroupTrainer(model, solo, **sync_trainer_settings(run))
+        assert (trainer.warmup_steps, trainer.warmup_compression) == (100, "int8")

@@ -69,7 +69,7 @@ import torch
 
 from geotrain.protos import geotrain_pb2 as pb
 from geotrain.worker.client import HEARTBEAT_DEADLINE_S
-from geotrain.common.config import WorkerConfig
+from geotrain.common.config import RunConfig, WorkerConfig
 from geotrain.worker.runner import WorkerRunner, _Lease
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,21 @@ def plan_for(shard: str, epoch: int, first_slot: int, remaining: int, world_size
         return None
     return peer_pb2.BatchPlan(shard=shard, epoch=epoch, first_slot=first_slot,
                               sequences=min(world_size * batch_size, remaining))
+
+
+def sync_trainer_settings(run: RunConfig) -> dict:
+    """SyncGroupTrainer keyword arguments from the run config: the inner optimizer and schedule
+    ([optim], train.max_iters) and the [sync] section; the same on every member."""
+    from geotrain.common.train import lr_at
+
+    o, max_iters, sc = run.optim, run.train.max_iters, run.sync
+    return dict(
+        lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), grad_clip=o.grad_clip,
+        check_every=sc.check_every or (run.round.steps if run.round.steps > 0 else DEFAULT_CHECK_EVERY),
+        lr_fn=lambda s: lr_at(s, o, max_iters), total_steps=max_iters, mode="update",
+        compression_warmup=sc.warmup(), warmup_compression=sc.warmup_compression,
+        variance_probe_every=sc.variance_probe_every, variance_refresh_every=sc.variance_refresh_every,
+    )
 
 
 class GroupWorkerRunner(WorkerRunner):
@@ -240,21 +255,11 @@ class GroupWorkerRunner(WorkerRunner):
 
     def _start_training(self, g: _Group) -> None:
         """Every member serves the group: build the SyncGroupTrainer around the worker's model."""
-        from geotrain.common.train import lr_at
         from geotrain.worker.sync import SyncGroupTrainer
 
-        o, max_iters = self.run_cfg.optim, self.run_cfg.train.max_iters
-        r = self.run_cfg.round
-        sc = self.run_cfg.sync
-        check_every = sc.check_every or (r.steps if r.steps > 0 else DEFAULT_CHECK_EVERY)
-        ar = g.ar
-        trainer = SyncGroupTrainer(
-            self.model, ar, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), grad_clip=o.grad_clip,
-            check_every=check_every, device=self.device, lr_fn=lambda s: lr_at(s, o, max_iters),
-            total_steps=max_iters, mode="update", compression_warmup=sc.warmup(),
-            warmup_compression=sc.warmup_compression, variance_probe_every=sc.variance_probe_every,
-            variance_refresh_every=sc.variance_refresh_every,
-        )
+        settings = sync_trainer_settings(self.run_cfg)
+        check_every = settings["check_every"]
+        trainer = SyncGroupTrainer(self.model, g.ar, device=self.device, **settings)
         if self.optimizer.state:
             try:
                 trainer.optimizer.load_state_dict(self.optimizer.state_dict())
