@@ -14,7 +14,8 @@ import torch
 
 from geotrain.common.checkpoint import load_checkpoint, resolve_checkpoint_dir
 from geotrain.common.config import ModelConfig
-from geotrain.common.data import TokenData, resolve_data_dir
+from geotrain.common.corpus import resolve_data_dir
+from geotrain.common.reader import TokenData
 from geotrain.common.model import GPT, resolve_device
 from geotrain.common.tokenizer import Tokenizer, load_tokenizer
 from geotrain.common.train import estimate_loss, eval_seed

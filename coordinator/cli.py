@@ -98,7 +98,8 @@ def main(config, run_dir, host, port, metrics_port, token_file, token, tls_cert,
         token = read_token(token_file, token)
         if bool(tls_cert) != bool(tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
-        from geotrain.common.data import TokenData, resolve_data_dir
+        from geotrain.common.corpus import resolve_data_dir
+        from geotrain.common.reader import TokenData
         from geotrain.coordinator.server import CoordinatorServer
 
         data = TokenData(resolve_data_dir(run.data.dir or None))

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from geotrain.common import __version__
-from geotrain.common.data import DEFAULT_SHARD_TOKENS
+from geotrain.common.shards import DEFAULT_SHARD_TOKENS
 from geotrain.common.config import DELTA_SCHEMES
 
 
@@ -172,7 +172,8 @@ def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens, work
     Undecodable bytes are replaced with U+FFFD and a warning naming the file is printed (once per
     file); files that look binary are skipped with a warning.
     """
-    from geotrain.common import data as data_mod
+    from geotrain.common.nanogpt import import_nanogpt
+    from geotrain.common.prepare import prepare as run_prepare
 
     try:
         if from_nanogpt is not None:
@@ -180,9 +181,9 @@ def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens, work
                 fail("--from-nanogpt converts existing bins; give no INPUT or --hf-dataset with it")
             if not 0 < shard_tokens:
                 fail(f"--shard-tokens must be positive, got {shard_tokens}")
-            manifest = data_mod.import_nanogpt(from_nanogpt, out, vocab_size, shard_tokens=shard_tokens)
+            manifest = import_nanogpt(from_nanogpt, out, vocab_size, shard_tokens=shard_tokens)
         else:
-            manifest = data_mod.prepare(
+            manifest = run_prepare(
                 list(inputs), out, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
                 shard_tokens=shard_tokens, workers=workers, progress=progress, hf_dataset=hf_dataset,
             )
