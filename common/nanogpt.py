@@ -22,7 +22,7 @@ from geotrain.common.shards import (
     dtype_for_vocab,
     write_shard,
 )
-from geotrain.common.tokenizer import CharTokenizer, ExternalTokenizer
+from geotrain.common.tokenizer import GPT2_FILE, CharTokenizer, ExternalTokenizer, GPT2Tokenizer
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -55,7 +55,7 @@ def nanogpt_tokenizer(src: Path, vocab_size: int | None) -> tuple[dict, int]:
         elif vocab_size < meta_vocab:
             raise ValueError(f"--vocab-size {vocab_size} is below meta.pkl's vocab_size {meta_vocab}")
     if vocab_size is None:
-        raise ValueError(f"{src} has no meta.pkl with vocab_size: pass --vocab-size (50304 for nanoGPT's GPT-2 data)")
+        raise ValueError(f"{src} has no meta.pkl with vocab_size: pass --vocab-size, or --tokenizer gpt2 for nanoGPT's GPT-2 data")
     dtype_for_vocab(vocab_size)
     itos = meta.get("itos") if meta else None
     if isinstance(itos, dict) and itos:
@@ -67,19 +67,31 @@ def nanogpt_tokenizer(src: Path, vocab_size: int | None) -> tuple[dict, int]:
 
 
 def import_nanogpt(src: Path | str, out: Path | str, vocab_size: int | None = None,
-                   shard_tokens: int = DEFAULT_SHARD_TOKENS) -> Manifest:
+                   shard_tokens: int = DEFAULT_SHARD_TOKENS, tokenizer: GPT2Tokenizer | None = None) -> Manifest:
     """Convert nanoGPT's ``train.bin``/``val.bin`` (flat uint16) into geotrain shards + manifest.
 
     ``vocab_size`` comes from ``meta.pkl`` when present (read as plain data only), else is required.
+    ``tokenizer``: the GPT-2 tokenizer the bins were made with (nanoGPT's openwebtext): it fixes the
+    vocabulary, is recorded in the manifest and saved beside the shards; a token id outside it, or
+    a ``vocab_size`` / meta.pkl vocabulary that differs from it, is a ValueError.
     """
     src, out = Path(src), Path(out)
     train_bin = src / "train.bin"
     if not train_bin.is_file():
         raise ValueError(f"{train_bin} is missing: not a nanoGPT data directory")
-    spec, vocab = nanogpt_tokenizer(src, vocab_size)
+    if tokenizer is None:
+        spec, vocab = nanogpt_tokenizer(src, vocab_size)
+    else:
+        vocab = tokenizer.vocab_size
+        meta = read_meta(src) or {}
+        for what, other in (("vocab size", vocab_size), (f"{src}/meta.pkl vocab_size", meta.get("vocab_size"))):
+            if other is not None and other != vocab:
+                raise ValueError(f"{what} {other} does not match the {tokenizer.name} tokenizer's vocabulary ({vocab})")
+        spec = tokenizer.spec()
     dtype = dtype_for_vocab(vocab)
     out.mkdir(parents=True, exist_ok=True)
     clear_out_dir(out)
+    (out / GPT2_FILE).unlink(missing_ok=True)
     shards: list[ShardInfo] = []
     sources = []
     for split in SPLITS:
@@ -93,10 +105,13 @@ def import_nanogpt(src: Path | str, out: Path | str, vocab_size: int | None = No
         for k, start in enumerate(range(0, len(arr), shard_tokens)):
             chunk = np.asarray(arr[start : start + shard_tokens])
             if chunk.size and int(chunk.max()) >= vocab:
-                raise ValueError(f"{path} holds token id {int(chunk.max())} >= vocab size {vocab}")
+                raise ValueError(f"{path} holds token id {int(chunk.max())} >= vocab size {vocab}"
+                                 + (f" of the {tokenizer.name} tokenizer" if tokenizer is not None else ""))
             name = f"{split}_{k:06d}.bin"
             sha = write_shard(out / name, chunk, dtype)
             shards.append(ShardInfo(name, split, int(chunk.size), sha))
+    if tokenizer is not None:
+        tokenizer.save(out)
     manifest = Manifest(MANIFEST_VERSION, spec, vocab, dtype, shards, sources)
     manifest.save(out)
     return manifest

@@ -41,12 +41,17 @@ from geotrain.common.shards import (
 )
 from geotrain.common.tokenizer import (
     BPE_FILE,
+    GPT2_FILE,
     MIN_BPE_VOCAB,
     ByteTokenizer,
+    GPT2Tokenizer,
     Tokenizer,
+    load_gpt2_tokenizer,
     load_tokenizer,
     train_bpe,
 )
+
+TOKENIZERS = ("byte", "bpe", "gpt2")
 
 MAX_VAL_FRACTION = 0.5
 SPAWN_MIN_BYTES = 32 << 20  # with workers=None, inputs below this are encoded in-process
@@ -204,26 +209,41 @@ def _hf_dataset_to_jsonl(spec: str, dest: Path) -> Path:
 def prepare(
     inputs: Sequence[Path | str],
     out: Path | str,
-    tokenizer: str = "byte",
+    tokenizer: str | Tokenizer = "byte",
     vocab_size: int | None = None,
     val_fraction: float = 0.1,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     workers: int | None = None,
     progress: bool = True,
     hf_dataset: str | None = None,
+    tokenizer_file: Path | str | None = None,
 ) -> Manifest:
     """Tokenize text files / directories / .jsonl (field ``text``) into shards + manifest in ``out``.
 
     No inputs (and no ``hf_dataset``): the embedded default corpus (``default_corpus_files()``).
     ``vocab_size``: for ``bpe`` the target vocabulary (>= 257); for ``byte`` an optional padded
-    vocabulary size (>= 257, e.g. a multiple of 64). ``workers``: encoding processes, started with
+    vocabulary size (>= 257, e.g. a multiple of 64); for ``gpt2`` None (the BPE fixes it).
+    ``tokenizer``: a name in ``TOKENIZERS`` or a ``GPT2Tokenizer`` (any tiktoken Encoding, e.g. one
+    built from local merges); ``gpt2`` reads its rank table from ``tokenizer_file`` (a .tiktoken
+    file, GPT-2's vocab.bpe + encoder.json, or a directory of them) or tiktoken's cache, and saves
+    it as ``out/gpt2.tiktoken``. ``workers``: encoding processes, started with
     the ``spawn`` method (never fork); None means in-process below ``SPAWN_MIN_BYTES`` of input, else
     min(CPU count, 8). Returns the saved manifest.
     """
     t0 = time.monotonic()
     _check_prepare_args(val_fraction, shard_tokens, workers)
-    if tokenizer not in ("byte", "bpe"):
-        raise ValueError(f"unknown tokenizer {tokenizer!r}; use 'byte' or 'bpe'")
+    given: GPT2Tokenizer | None = None
+    if isinstance(tokenizer, GPT2Tokenizer):
+        given = tokenizer
+    elif isinstance(tokenizer, Tokenizer) or tokenizer not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; use one of {', '.join(TOKENIZERS)} or a GPT2Tokenizer")
+    if tokenizer_file is not None and tokenizer != "gpt2":
+        raise ValueError(f"a tokenizer file ({tokenizer_file}) only applies to the gpt2 tokenizer")
+    if given is not None or tokenizer == "gpt2":
+        if vocab_size is not None:
+            raise ValueError(f"the gpt2 tokenizer fixes the vocabulary; give no vocab size (got {vocab_size})")
+        if given is None:  # before any output is touched: a missing rank table fails here
+            given = load_gpt2_tokenizer(tokenizer_file)
     if vocab_size is not None:
         if not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB:
             raise ValueError(
@@ -248,13 +268,18 @@ def prepare(
             sources[-1] = f"hf:{hf_dataset}"
 
         tok: Tokenizer
-        if tokenizer == "bpe":
+        for stale in (BPE_FILE, GPT2_FILE):
+            (out / stale).unlink(missing_ok=True)
+        if given is not None:
+            tok = given
+            tok.save(out)  # the encoders (and later sampling) load it from here
+            vocab = tok.vocab_size
+        elif tokenizer == "bpe":
             target = vocab_size if vocab_size is not None else 4096
             texts = (t for p in files for t in _iter_documents(p, warn=False) if t)
             tok = train_bpe(texts, target, out / BPE_FILE)
             vocab = tok.vocab_size
         else:
-            (out / BPE_FILE).unlink(missing_ok=True)
             tok = ByteTokenizer()
             vocab = max(tok.vocab_size, vocab_size or 0)
         dtype = dtype_for_vocab(vocab)
@@ -274,7 +299,7 @@ def prepare(
         bar = tqdm(total=len(jobs), unit="file", desc="tokenizing", disable=None if progress else True)
         try:
             if n_workers == 1:
-                state = _encoder_state(*init_args)
+                state = dict(tok=tok, dtype=dtype, spool=spool, vocab=vocab)  # as _encoder_state builds it
                 for job in jobs:
                     results.append(_encode_with(state, job))
                     bar.update(1)
