@@ -266,3 +266,43 @@ def test_sampling_never_emits_padded_ids():
     assert int(out.max()) < 70
     logits, _ = padded(torch.zeros((1, 1), dtype=torch.long))
     assert torch.isinf(logits[0, 0, 70:]).all() and torch.isfinite(logits[0, 0, :70]).all()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_train_sample_and_eval_on_gpt2_data(tok, tmp_path):
+    from geotrain.common.config import RunConfig, apply_overrides
+    from geotrain.common.train import train
+
+    data = tmp_path / "data"
+    (tmp_path / "text.txt").write_text(" ".join(TEXTS[:2]) * 40, encoding="utf-8")
+    prepare([tmp_path / "text.txt"], data, tokenizer=tok, progress=False)
+    run = apply_overrides(RunConfig(), {
+        "data.dir": str(data), "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_size": 8,
+        "train.batch_size": 2, "train.max_iters": 2, "train.eval_interval": 2, "train.eval_iters": 1,
+        "train.checkpoint_interval": 2, "optim.warmup_iters": 1, "train.threads": 1}).validate()
+    train(run, tmp_path / "run", progress=False)
+    res = CliRunner().invoke(cli, ["sample", "--checkpoint", str(tmp_path / "run"), "--prompt", " the",
+                                   "--max-new-tokens", "12", "--temperature", "5", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(" the")
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(tmp_path / "run"), "--iters", "1", "--batch-size", "1",
+                                   "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    prepare([tmp_path / "text.txt"], tmp_path / "bytes", progress=False)
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "bytes"),
+                                   "--iters", "1", "--device", "cpu"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1
+    assert "tokenizer gpt2 (vocab 267)" in res.output and "tokenized with byte (vocab 257)" in res.output
+
+
+def test_check_same_tokenizer():
+    from geotrain.common.sampling import check_same_tokenizer
+
+    gpt2 = {"name": "gpt2", "vocab_size": 50257, "sha256": "a"}
+    check_same_tokenizer(gpt2, dict(gpt2), "checkpoint", "data")
+    check_same_tokenizer(None, gpt2, "checkpoint", "data")  # an old checkpoint records none
+    for other in ({**gpt2, "sha256": "b"}, {**gpt2, "vocab_size": 50304}, {"name": "byte", "vocab_size": 257}):
+        with pytest.raises(ValueError, match="the token ids mean different things"):
+            check_same_tokenizer(gpt2, other, "checkpoint", "data")
