@@ -7,8 +7,8 @@
   ``tokenizer.json``. ``tokenizers`` is imported lazily (``pip install geotrain[bpe]``).
 * ``char``: the character table of a nanoGPT ``meta.pkl`` (``stoi``/``itos``), only for
   imported nanoGPT data; it has no end-of-text id (``eot_id == -1``).
-* ``gpt2``: GPT-2's byte-level BPE through ``tiktoken`` (50,256 merges + ``<|endoftext|>`` = 50,256,
-  vocab 50,257). The rank table comes from tiktoken's cache (``TIKTOKEN_CACHE_DIR``), from GPT-2's
+* ``gpt2``: GPT-2's byte-level BPE through ``tiktoken`` (256 byte tokens and 50,000 merges, ranks
+  0..50,255, then ``<|endoftext|>`` = 50,256: vocab 50,257). The rank table comes from tiktoken's cache (``TIKTOKEN_CACHE_DIR``), from GPT-2's
   ``vocab.bpe``/``encoder.json`` or a ``.tiktoken`` file the user names; nothing is downloaded.
   ``prepare`` saves it next to the shards as ``gpt2.tiktoken`` (so sampling and evaluation need
   nothing else) and records its sha256 in the spec. ``GPT2Tokenizer`` wraps any
