@@ -59,7 +59,8 @@ def stand_in_tiktoken(files: list[Path], vocab: int, dest: Path) -> Path:
             n += 1
     assert set(byte_of) == set(chars)
     ids = sorted((i, t) for t, i in tok.get_vocab().items() if t != EOT_TEXT)
-    lines = [base64.b64encode(bytes(byte_of[c] for c in t)) + b" " + str(rank).encode() for rank, (_, t) in enumerate(ids)]
+    lines = [base64.b64encode(bytes(byte_of[c] for c in t)) + b" " + str(rank).encode()
+             for rank, (_, t) in enumerate(ids)]
     dest.write_bytes(b"\n".join(lines) + b"\n")
     return dest
 

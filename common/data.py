@@ -8,7 +8,13 @@
 * common/order.py    the order an async run visits a shard's sequences in
 """
 
-from geotrain.common.corpus import DEFAULT_CORPUS_BYTES, cache_root, default_corpus_files, default_data_dir, resolve_data_dir
+from geotrain.common.corpus import (
+    DEFAULT_CORPUS_BYTES,
+    cache_root,
+    default_corpus_files,
+    default_data_dir,
+    resolve_data_dir,
+)
 from geotrain.common.nanogpt import import_nanogpt
 from geotrain.common.order import MAX_SEQUENCES_PER_REQUEST, gather_sequences, order_rows, sequence_order
 from geotrain.common.prepare import prepare

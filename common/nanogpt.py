@@ -55,7 +55,9 @@ def nanogpt_tokenizer(src: Path, vocab_size: int | None) -> tuple[dict, int]:
         elif vocab_size < meta_vocab:
             raise ValueError(f"--vocab-size {vocab_size} is below meta.pkl's vocab_size {meta_vocab}")
     if vocab_size is None:
-        raise ValueError(f"{src} has no meta.pkl with vocab_size: pass --vocab-size, or --tokenizer gpt2 for nanoGPT's GPT-2 data")
+        raise ValueError(
+            f"{src} has no meta.pkl with vocab_size: pass --vocab-size, or --tokenizer gpt2 for nanoGPT's GPT-2 data"
+        )
     dtype_for_vocab(vocab_size)
     itos = meta.get("itos") if meta else None
     if isinstance(itos, dict) and itos:

@@ -8,8 +8,9 @@
 * ``char``: the character table of a nanoGPT ``meta.pkl`` (``stoi``/``itos``), only for
   imported nanoGPT data; it has no end-of-text id (``eot_id == -1``).
 * ``gpt2``: GPT-2's byte-level BPE through ``tiktoken`` (256 byte tokens and 50,000 merges, ranks
-  0..50,255, then ``<|endoftext|>`` = 50,256: vocab 50,257). The rank table comes from tiktoken's cache (``TIKTOKEN_CACHE_DIR``), from GPT-2's
-  ``vocab.bpe``/``encoder.json`` or a ``.tiktoken`` file the user names; nothing is downloaded.
+  0..50,255, then ``<|endoftext|>`` = 50,256: vocab 50,257). The rank table comes from
+  tiktoken's cache (``TIKTOKEN_CACHE_DIR``), from GPT-2's ``vocab.bpe``/``encoder.json`` or from
+  a ``.tiktoken`` file the user names; nothing is downloaded.
   ``prepare`` saves it next to the shards as ``gpt2.tiktoken`` (so sampling and evaluation need
   nothing else) and records its sha256 in the spec. ``GPT2Tokenizer`` wraps any
   ``tiktoken.Encoding`` that has an ``<|endoftext|>`` special token and GPT-2's split pattern.
@@ -281,7 +282,8 @@ def _missing_gpt2_message(where: str) -> str:
     return (
         f"GPT-2 BPE files not found ({where}); fetch them once on a machine with internet: "
         f"`python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"` with the same TIKTOKEN_CACHE_DIR, "
-        f"or download vocab.bpe and encoder.json from {GPT2_BASE_URL} and pass --tokenizer-file DIR"
+        f"or download vocab.bpe and encoder.json from {GPT2_BASE_URL} into DIR and pass "
+        f"`geotrain prepare --tokenizer-file DIR`"
     )
 
 
@@ -355,7 +357,9 @@ def _read_gpt2_ranks(path: Path | str | None) -> dict[bytes, int]:
                 raise ValueError(_missing_gpt2_message(f"tiktoken cache {cache} has no {name}"))
             blobs[name] = f.read_bytes()
             if hashlib.sha256(blobs[name]).hexdigest() != sha:
-                raise ValueError(f"{f}: the cached GPT-2 {name} is corrupt (sha256 mismatch); delete it and fetch it again")
+                raise ValueError(
+                    f"{f}: the cached GPT-2 {name} is corrupt (sha256 mismatch); delete it and fetch it again"
+                )
         return _data_gym_ranks(blobs["vocab.bpe"], blobs["encoder.json"], f"tiktoken cache {cache}")
     p = Path(path)
     if p.is_dir():
@@ -466,7 +470,9 @@ def _load_gpt2(spec: dict, data_dir: Path | str | None, tokenizer_file: Path | s
     return tok
 
 
-def load_tokenizer(spec: dict, data_dir: Path | str | None = None, tokenizer_file: Path | str | None = None) -> Tokenizer:
+def load_tokenizer(
+    spec: dict, data_dir: Path | str | None = None, tokenizer_file: Path | str | None = None
+) -> Tokenizer:
     """Rebuild a tokenizer from its ``spec()``; ``bpe`` needs ``data_dir`` (where tokenizer.json is).
 
     ``gpt2`` reads ``tokenizer_file`` if given, else ``data_dir/gpt2.tiktoken``, else tiktoken's cache.
