@@ -306,3 +306,17 @@ def test_check_same_tokenizer():
     for other in ({**gpt2, "sha256": "b"}, {**gpt2, "vocab_size": 50304}, {"name": "byte", "vocab_size": 257}):
         with pytest.raises(ValueError, match="the token ids mean different things"):
             check_same_tokenizer(gpt2, other, "checkpoint", "data")
+
+
+def test_sample_refuses_a_tokenizer_larger_than_the_model(tok, tmp_path):
+    from geotrain.common.checkpoint import save_checkpoint
+    from geotrain.common.sampling import sample_checkpoint
+
+    cfg = ModelSection(preset="nano", n_layer=1, n_head=2, n_embd=16, block_size=8).build(200)
+    assert (cfg.vocab_size, cfg.n_token_ids) == (256, 200)
+    data = tmp_path / "data"
+    prepare([_docs(tmp_path)], data, tokenizer=tok, progress=False)  # 267 ids: more than the model has
+    save_checkpoint(tmp_path / "ck", 0, GPT(cfg).state_dict(),
+                    {"step": 0, "model_config": cfg.to_dict(), "tokenizer": tok.spec(), "data_dir": str(data)})
+    with pytest.raises(ValueError, match="its tokenizer gpt2 has 267 ids but the model only 200"):
+        sample_checkpoint(tmp_path / "ck", "the", max_new_tokens=2, device="cpu")
