@@ -53,7 +53,8 @@ _DATA = None
 def _data():
     global _DATA
     if _DATA is None:
-        from geotrain.common.data import TokenData, resolve_data_dir
+        from geotrain.common.corpus import resolve_data_dir
+        from geotrain.common.reader import TokenData
 
         _DATA = TokenData(resolve_data_dir(DATA_DIR or None))
     return _DATA

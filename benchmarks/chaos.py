@@ -84,7 +84,7 @@ def chaos_config(args) -> dict:
 def unigram_entropy(data_dir: Path, split: str = "train") -> float:
     import numpy as np
 
-    from geotrain.common.data import TokenData
+    from geotrain.common.reader import TokenData
 
     data = TokenData(data_dir)
     counts = np.zeros(data.vocab_size, dtype=np.int64)
@@ -206,7 +206,8 @@ def run(args) -> dict:
     import torch  # noqa: F401 - checkpoint loading below
 
     from geotrain.common.checkpoint import load_latest_checkpoint
-    from geotrain.common.data import TokenData, resolve_data_dir
+    from geotrain.common.corpus import resolve_data_dir
+    from geotrain.common.reader import TokenData
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="geotrain-chaos-"))
     work.mkdir(parents=True, exist_ok=True)

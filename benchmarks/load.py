@@ -491,7 +491,8 @@ def model_spec(cfg: dict, data_dir: str | None) -> dict:
     import torch
 
     from geotrain.common.config import run_config_from_dict
-    from geotrain.common.data import TokenData, resolve_data_dir
+    from geotrain.common.corpus import resolve_data_dir
+    from geotrain.common.reader import TokenData
     from geotrain.common.model import GPT
     from geotrain.common.tensors import model_tensors, tensor_spec
 

@@ -112,7 +112,8 @@ _DATA = None
 def data():
     global _DATA
     if _DATA is None:
-        from geotrain.common.data import TokenData, resolve_data_dir
+        from geotrain.common.corpus import resolve_data_dir
+        from geotrain.common.reader import TokenData
 
         _DATA = TokenData(resolve_data_dir(os.environ.get("GEOTRAIN_SIM_DATA") or None))
     return _DATA

@@ -91,9 +91,24 @@ def opt(default: Any = MISSING, *, help: str = "", flag: str = "", choices: Sequ
 # --------------------------------------------------------------------------- model
 
 
+VOCAB_MULTIPLE = 64  # embedding rows are padded to a multiple of this (50,257 -> 50,304, as nanoGPT)
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """The smallest multiple of ``multiple`` that holds ``vocab_size`` ids (matmul-friendly shapes)."""
+    if not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise ValueError(f"vocab size must be a positive integer, got {vocab_size!r}")
+    return -(-vocab_size // multiple) * multiple
+
+
 @dataclass
 class ModelConfig:
-    """GPT-2 style decoder shape. vocab_size is normally taken from the data's tokenizer."""
+    """GPT-2 style decoder shape. vocab_size is normally taken from the data's tokenizer.
+
+    ``vocab_size``: rows of the embedding / columns of the logits. ``token_vocab_size``: the ids the
+    data's tokenizer produces (the manifest's vocab_size); ids from it up to ``vocab_size`` are
+    padding, their logits are -inf (never predicted, no share of the loss). None: no padding.
+    """
 
     n_layer: int = 4
     n_head: int = 4
@@ -102,12 +117,21 @@ class ModelConfig:
     vocab_size: int = 257
     dropout: float = 0.0
     bias: bool = False
+    token_vocab_size: int | None = None
+
+    @property
+    def n_token_ids(self) -> int:
+        """Ids a model may read or emit: token_vocab_size, else vocab_size."""
+        return self.vocab_size if self.token_vocab_size is None else self.token_vocab_size
 
     def validate(self) -> "ModelConfig":
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        tv = self.token_vocab_size
+        if tv is not None and (not isinstance(tv, int) or isinstance(tv, bool) or not 0 < tv <= self.vocab_size):
+            raise ValueError(f"model.token_vocab_size must be in 1..vocab_size ({self.vocab_size}), got {tv!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
@@ -168,8 +192,11 @@ class ModelSection:
     bias: bool | None = opt(None, help="Biases in linear layers and layer norms (default: the preset's).")
 
     def build(self, vocab_size: int) -> ModelConfig:
+        """The model for data of ``vocab_size`` ids (the manifest's): the embedding padded to a
+        multiple of VOCAB_MULTIPLE, the padding masked (ModelConfig.token_vocab_size)."""
         overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
-        return model_config(self.preset, vocab_size=vocab_size, **overrides)
+        return model_config(self.preset, vocab_size=padded_vocab_size(vocab_size), token_vocab_size=vocab_size,
+                            **overrides)
 
 
 @dataclass

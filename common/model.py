@@ -131,10 +131,18 @@ class GPT(nn.Module):
             x = block(x)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): only the last position
-        logits = self.lm_head(x)  # (B, T, V)
+            return self._mask_padding(self.lm_head(x[:, [-1], :])), None  # (B, 1, V): only the last position
+        logits = self._mask_padding(self.lm_head(x))  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (..., V) with the padded ids (config.n_token_ids .. V-1) set to -inf in place: the
+        softmax gives them probability 0, so they take no share of the loss and are never sampled."""
+        n = self.config.n_token_ids
+        if n < logits.size(-1):
+            logits[..., n:] = float("-inf")
+        return logits
 
     @torch.no_grad()
     def generate(

@@ -14,7 +14,8 @@ import torch
 
 from geotrain.common.checkpoint import load_checkpoint, resolve_checkpoint_dir
 from geotrain.common.config import ModelConfig
-from geotrain.common.data import TokenData, resolve_data_dir
+from geotrain.common.corpus import resolve_data_dir
+from geotrain.common.reader import TokenData
 from geotrain.common.model import GPT, resolve_device
 from geotrain.common.tokenizer import Tokenizer, load_tokenizer
 from geotrain.common.train import estimate_loss, eval_seed
@@ -65,6 +66,19 @@ def load_model_and_tokenizer(path: Path | str, device: torch.device | str = "cpu
     return model, checkpoint_tokenizer(state)
 
 
+def check_same_tokenizer(a: dict | None, b: dict | None, a_name: str, b_name: str) -> None:
+    """ValueError when two tokenizer specs (manifest["tokenizer"], a checkpoint's) name different
+    tokenizers or vocabularies; a side that records none is not checked."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return
+    keys = ("name", "vocab_size", "sha256")
+    if any(a.get(k) != b.get(k) for k in keys if k in a and k in b):
+        raise ValueError(
+            f"{a_name} was trained with tokenizer {a.get('name')} (vocab {a.get('vocab_size')}) but {b_name} "
+            f"is tokenized with {b.get('name')} (vocab {b.get('vocab_size')}): the token ids mean different things"
+        )
+
+
 def checkpoint_tokenizer(state: dict, data_dir: Path | str | None = None) -> Tokenizer:
     """The tokenizer a checkpoint was trained with (bpe needs its data dir: given or recorded)."""
     spec = state.get("tokenizer")
@@ -89,7 +103,7 @@ def sample_tokens(
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens")
     device = next(model.parameters()).device
-    vocab = model.config.vocab_size
+    vocab = model.config.n_token_ids  # padded ids (common/config.py) are neither read nor emitted
     bad = [i for i in prompt_ids if not 0 <= i < vocab]
     if bad:
         raise ValueError(f"prompt token ids {bad[:5]} are outside the model's vocabulary (0..{vocab - 1})")
@@ -137,9 +151,9 @@ def evaluate(
     if iters <= 0 or batch_size <= 0:
         raise ValueError(f"iters and batch_size must be positive, got {iters}, {batch_size}")
     cfg = model.config
-    if data.vocab_size > cfg.vocab_size:
+    if data.vocab_size > cfg.n_token_ids:
         raise ValueError(
-            f"data {data.data_dir} has vocab_size {data.vocab_size} but the model only {cfg.vocab_size}"
+            f"data {data.data_dir} has vocab_size {data.vocab_size} but the model only {cfg.n_token_ids}"
         )
     device = torch.device(device) if device is not None else next(model.parameters()).device
     seed = eval_seed(0) if seed is None else seed
@@ -168,6 +182,7 @@ def evaluate_checkpoint(
         if data_dir is not None and not Path(data_dir).exists():
             raise ValueError(f"the checkpoint's data directory {data_dir} is gone; pass --data")
     data = TokenData(resolve_data_dir(data_dir))
+    check_same_tokenizer(state.get("tokenizer"), data.manifest.tokenizer, f"checkpoint {ckpt}", f"data {data.data_dir}")
     result = evaluate(model, data, iters, batch_size, seed, dev)
     result.update(checkpoint=str(ckpt), step=state.get("step"), data_dir=str(data.data_dir))
     return result
@@ -178,6 +193,9 @@ def sample_checkpoint(
     top_k: int | None = 200, seed: int = 1337, num_samples: int = 1, device: str = "auto",
 ) -> list[str]:
     dev = resolve_device(device)
-    model, _, _, state, _ = _load(path, dev)
+    model, cfg, _, state, ckpt = _load(path, dev)
     tokenizer = checkpoint_tokenizer(state)
+    if tokenizer.vocab_size > cfg.n_token_ids:
+        raise ValueError(f"checkpoint {ckpt}: its tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but "
+                         f"the model only {cfg.n_token_ids}")
     return sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed, num_samples)

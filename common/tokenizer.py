@@ -7,6 +7,13 @@
   ``tokenizer.json``. ``tokenizers`` is imported lazily (``pip install geotrain[bpe]``).
 * ``char``: the character table of a nanoGPT ``meta.pkl`` (``stoi``/``itos``), only for
   imported nanoGPT data; it has no end-of-text id (``eot_id == -1``).
+* ``gpt2``: GPT-2's byte-level BPE through ``tiktoken`` (256 byte tokens and 50,000 merges, ranks
+  0..50,255, then ``<|endoftext|>`` = 50,256: vocab 50,257). The rank table comes from
+  tiktoken's cache (``TIKTOKEN_CACHE_DIR``), from GPT-2's ``vocab.bpe``/``encoder.json`` or from
+  a ``.tiktoken`` file the user names; nothing is downloaded.
+  ``prepare`` saves it next to the shards as ``gpt2.tiktoken`` (so sampling and evaluation need
+  nothing else) and records its sha256 in the spec. ``GPT2Tokenizer`` wraps any
+  ``tiktoken.Encoding`` that has an ``<|endoftext|>`` special token and GPT-2's split pattern.
 * ``external``: token ids imported from elsewhere with no known tokenizer; encode/decode fail.
 
 ``encode`` never produces the end-of-text id from text: the literal string ``<|endoftext|>`` in a
@@ -14,12 +21,16 @@ document is encoded as ordinary text, so documents cannot forge separators. ``de
 end-of-text id as ``<|endoftext|>`` and replaces invalid UTF-8 with U+FFFD.
 
 A tokenizer is described by ``spec()`` (JSON-able, stored in ``manifest.json["tokenizer"]``) and
-rebuilt by ``load_tokenizer(spec, data_dir)``.
+rebuilt by ``load_tokenizer(spec, data_dir)``, which refuses rank tables that differ from the spec's.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -28,6 +39,16 @@ import numpy as np
 EOT_TEXT = "<|endoftext|>"
 BPE_FILE = "tokenizer.json"
 MIN_BPE_VOCAB = 257  # the 256 byte symbols plus end-of-text
+GPT2_FILE = "gpt2.tiktoken"  # saved next to the shards by prepare: "base64(token) rank" per line
+GPT2_VOCAB_SIZE = 50257
+# GPT-2's pre-tokenizer split (tiktoken's r50k_base / gpt2 pattern).
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+# The files tiktoken.get_encoding("gpt2") caches (as sha1(url) in its cache dir), with their sha256.
+GPT2_FILES = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
 
 
 class Tokenizer:
@@ -237,8 +258,225 @@ class ExternalTokenizer(Tokenizer):
         return out
 
 
-def load_tokenizer(spec: dict, data_dir: Path | str | None = None) -> Tokenizer:
-    """Rebuild a tokenizer from its ``spec()``; ``bpe`` needs ``data_dir`` (where tokenizer.json is)."""
+# --------------------------------------------------------------------------- gpt2 (tiktoken)
+
+
+def _import_tiktoken():
+    try:
+        import tiktoken
+    except ImportError as exc:  # pragma: no cover - tiktoken is a core dependency
+        raise ValueError("the gpt2 tokenizer needs tiktoken: pip install tiktoken") from exc
+    return tiktoken
+
+
+def tiktoken_cache_dir() -> Path:
+    """Where tiktoken caches downloaded files: TIKTOKEN_CACHE_DIR, DATA_GYM_CACHE_DIR, else
+    ``$TMPDIR/data-gym-cache`` (tiktoken's own rule)."""
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if os.environ.get(var):
+            return Path(os.environ[var])
+    return Path(tempfile.gettempdir()) / "data-gym-cache"
+
+
+def _missing_gpt2_message(where: str) -> str:
+    return (
+        f"GPT-2 BPE files not found ({where}); fetch them once on a machine with internet: "
+        f"`python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"` with the same TIKTOKEN_CACHE_DIR, "
+        f"or download vocab.bpe and encoder.json from {GPT2_BASE_URL} into DIR and pass "
+        f"`geotrain prepare --tokenizer-file DIR`"
+    )
+
+
+def _data_gym_ranks(vocab_bpe: bytes, encoder_json: bytes, where: str) -> dict[bytes, int]:
+    """GPT-2's merges (vocab.bpe) -> tiktoken mergeable ranks, checked against encoder.json.
+
+    Data-gym files spell each byte as a printable character: printable non-space bytes as
+    themselves, the other 68 bytes as chr(256 + n) in byte order. Ranks: the 256 bytes in that
+    order, then one rank per merge line.
+    """
+    order = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    char_to_byte = {chr(b): b for b in order}
+    n = 0
+    for b in range(256):
+        if b not in char_to_byte.values():
+            order.append(b)
+            char_to_byte[chr(256 + n)] = b
+            n += 1
+
+    def to_bytes(word: str) -> bytes:
+        try:
+            return bytes(char_to_byte[c] for c in word)
+        except KeyError as exc:
+            raise ValueError(f"{where}: character {exc.args[0]!r} is not a data-gym byte") from None
+
+    try:
+        lines = vocab_bpe.decode("utf-8").split("\n")
+        encoder = json.loads(encoder_json)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{where}: not GPT-2 BPE files ({exc})") from None
+    ranks = {bytes([b]): i for i, b in enumerate(order)}
+    for line in lines[1:]:  # the first line is a version comment
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{where}: vocab.bpe line {line!r} is not a merge of two tokens")
+        ranks.setdefault(to_bytes(parts[0]) + to_bytes(parts[1]), len(ranks))
+    if not isinstance(encoder, dict):
+        raise ValueError(f"{where}: encoder.json must be an object")
+    want = {to_bytes(k): v for k, v in encoder.items() if k not in (EOT_TEXT, "<|startoftext|>")}
+    if want != ranks:
+        raise ValueError(f"{where}: encoder.json does not match vocab.bpe (different ranks)")
+    return ranks
+
+
+def _tiktoken_file_ranks(data: bytes, where: str) -> dict[bytes, int]:
+    """A ``.tiktoken`` rank file ("base64(token) rank" per line) -> mergeable ranks."""
+    ranks: dict[bytes, int] = {}
+    try:
+        for line in data.splitlines():
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except ValueError as exc:
+        raise ValueError(f"{where}: not a .tiktoken rank file ({exc})") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{where}: ranks must be 0..{len(ranks) - 1} without gaps")
+    return ranks
+
+
+def _read_gpt2_ranks(path: Path | str | None) -> dict[bytes, int]:
+    """The rank table from ``path`` (a .tiktoken file, a vocab.bpe with encoder.json beside it, or a
+    directory holding either) or, with None, from tiktoken's cache. ValueError names what is missing."""
+    if path is None:
+        cache = tiktoken_cache_dir()
+        blobs = {}
+        for name, sha in GPT2_FILES.items():
+            f = cache / hashlib.sha1((GPT2_BASE_URL + name).encode()).hexdigest()
+            if not f.is_file():
+                raise ValueError(_missing_gpt2_message(f"tiktoken cache {cache} has no {name}"))
+            blobs[name] = f.read_bytes()
+            if hashlib.sha256(blobs[name]).hexdigest() != sha:
+                raise ValueError(
+                    f"{f}: the cached GPT-2 {name} is corrupt (sha256 mismatch); delete it and fetch it again"
+                )
+        return _data_gym_ranks(blobs["vocab.bpe"], blobs["encoder.json"], f"tiktoken cache {cache}")
+    p = Path(path)
+    if p.is_dir():
+        if (p / GPT2_FILE).is_file():
+            p = p / GPT2_FILE
+        elif (p / "vocab.bpe").is_file():
+            p = p / "vocab.bpe"
+        else:
+            raise ValueError(_missing_gpt2_message(f"{p} holds neither {GPT2_FILE} nor vocab.bpe"))
+    if not p.is_file():
+        raise ValueError(_missing_gpt2_message(f"{p} does not exist"))
+    if p.name == "vocab.bpe":
+        enc = p.with_name("encoder.json")
+        if not enc.is_file():
+            raise ValueError(_missing_gpt2_message(f"{enc} is missing beside {p.name}"))
+        return _data_gym_ranks(p.read_bytes(), enc.read_bytes(), str(p.parent))
+    return _tiktoken_file_ranks(p.read_bytes(), str(p))
+
+
+def gpt2_encoding(path: Path | str | None = None):
+    """A ``tiktoken.Encoding`` of GPT-2's BPE (``path``: see ``_read_gpt2_ranks``; None: the cache).
+
+    The end-of-text token follows the merges (50,256 for GPT-2). Never touches the network.
+    """
+    tiktoken = _import_tiktoken()
+    ranks = _read_gpt2_ranks(path)
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks, special_tokens={EOT_TEXT: len(ranks)})
+
+
+def load_gpt2_tokenizer(path: Path | str | None = None) -> "GPT2Tokenizer":
+    """GPT-2's tokenizer from ``path`` or tiktoken's cache (for prepare, HF export, evaluation)."""
+    return GPT2Tokenizer(gpt2_encoding(path))
+
+
+class GPT2Tokenizer(Tokenizer):
+    """A ``tiktoken.Encoding`` with an ``<|endoftext|>`` special token, as geotrain's ``gpt2``.
+
+    ``encoding.n_vocab`` ids (50,257 for GPT-2); ``eot_id`` is the special token's id. The spec holds
+    the sha256 of the rank table in ``.tiktoken`` form (``ranks_text``), which identifies the BPE.
+    """
+
+    name = "gpt2"
+
+    def __init__(self, encoding: Any):
+        tiktoken = _import_tiktoken()
+        if not isinstance(encoding, tiktoken.Encoding):
+            raise ValueError(f"GPT2Tokenizer needs a tiktoken.Encoding, got {type(encoding).__name__}")
+        if EOT_TEXT not in encoding.special_tokens_set:
+            raise ValueError(f"tiktoken encoding {encoding.name!r} has no {EOT_TEXT} special token")
+        self.encoding = encoding
+        self.eot_id = int(encoding.eot_token)
+        self.vocab_size = int(encoding.n_vocab)
+        self._sha256: str | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        # allowed_special empty and no disallowed check: "<|endoftext|>" in text is ordinary text
+        return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).astype(np.int64)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the gpt2 vocabulary (0..{self.vocab_size - 1})")
+        return self.encoding.decode(ids, errors="replace")
+
+    def ranks_text(self) -> bytes:
+        """The mergeable ranks as a ``.tiktoken`` file: "base64(token) rank" lines in rank order."""
+        enc = self.encoding
+        pairs = sorted((enc.encode_single_token(b), b) for b in enc.token_byte_values())
+        return b"".join(base64.b64encode(b) + b" " + str(r).encode() + b"\n" for r, b in pairs)
+
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = hashlib.sha256(self.ranks_text()).hexdigest()
+        return self._sha256
+
+    def save(self, data_dir: Path | str) -> Path:
+        """Write ``data_dir/gpt2.tiktoken`` atomically (what ``load_tokenizer`` reads back)."""
+        path = Path(data_dir) / GPT2_FILE
+        tmp = path.with_name(f".{GPT2_FILE}.tmp-{os.getpid()}")
+        tmp.write_bytes(self.ranks_text())
+        tmp.replace(path)
+        return path
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": "gpt2", "vocab_size": self.vocab_size, "eot_id": self.eot_id, "file": GPT2_FILE,
+                "sha256": self.sha256()}
+
+
+def _load_gpt2(spec: dict, data_dir: Path | str | None, tokenizer_file: Path | str | None) -> GPT2Tokenizer:
+    """The spec's gpt2 tokenizer: from ``tokenizer_file``, else the data dir's gpt2.tiktoken, else
+    tiktoken's cache; ValueError when its ranks differ from the spec's (another vocabulary)."""
+    source = tokenizer_file
+    if source is None and data_dir is not None and (Path(data_dir) / spec.get("file", GPT2_FILE)).is_file():
+        source = Path(data_dir) / spec.get("file", GPT2_FILE)
+    tok = load_gpt2_tokenizer(source)
+    where = source if source is not None else f"tiktoken cache {tiktoken_cache_dir()}"
+    want_vocab, want_sha = spec.get("vocab_size"), spec.get("sha256")
+    if (want_vocab is not None and want_vocab != tok.vocab_size) or (want_sha and want_sha != tok.sha256()):
+        raise ValueError(
+            f"the gpt2 tokenizer from {where} (vocab {tok.vocab_size}, ranks sha256 {tok.sha256()[:12]}) "
+            f"is not the one this data/checkpoint was tokenized with (vocab {want_vocab}, ranks sha256 "
+            f"{str(want_sha)[:12]})"
+        )
+    return tok
+
+
+def load_tokenizer(
+    spec: dict, data_dir: Path | str | None = None, tokenizer_file: Path | str | None = None
+) -> Tokenizer:
+    """Rebuild a tokenizer from its ``spec()``; ``bpe`` needs ``data_dir`` (where tokenizer.json is).
+
+    ``gpt2`` reads ``tokenizer_file`` if given, else ``data_dir/gpt2.tiktoken``, else tiktoken's cache.
+    """
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError(f"tokenizer spec must be a dict with a 'name', got {spec!r}")
     name = spec["name"]
@@ -255,6 +493,8 @@ def load_tokenizer(spec: dict, data_dir: Path | str | None = None) -> Tokenizer:
         return tok
     if name == "char":
         return CharTokenizer(spec["itos"])
+    if name == "gpt2":
+        return _load_gpt2(spec, data_dir, tokenizer_file)
     if name == "external":
         return ExternalTokenizer(spec["vocab_size"], spec.get("note", ""))
-    raise ValueError(f"unknown tokenizer {name!r}; known: byte, bpe, char, external")
+    raise ValueError(f"unknown tokenizer {name!r}; known: byte, bpe, gpt2, char, external")

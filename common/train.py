@@ -36,7 +36,8 @@ from geotrain.common.checkpoint import (
     save_checkpoint,
 )
 from geotrain.common.config import ModelConfig, OptimConfig, RunConfig
-from geotrain.common.data import TokenData, resolve_data_dir
+from geotrain.common.corpus import resolve_data_dir
+from geotrain.common.reader import TokenData
 from geotrain.common.model import GPT, autocast_context, configure_optimizer, resolve_device
 
 log = logging.getLogger("geotrain.train")

@@ -76,7 +76,8 @@ def main(config, **params) -> None:
         for path in (opts.tls_cert, opts.tls_key):
             if path and not Path(path).is_file():
                 raise ValueError(f"no such file: {path}")
-        from geotrain.common.data import TokenData, resolve_data_dir
+        from geotrain.common.corpus import resolve_data_dir
+        from geotrain.common.reader import TokenData
         from geotrain.coordinator.server import CoordinatorServer
 
         data = TokenData(resolve_data_dir(run.data.dir or None))

@@ -2,7 +2,7 @@
 
 The training split is cut into *units*: a contiguous range of *positions* of one shard, a multiple
 of the block size. Position p trains the sequence slot `sequence_order(...)[p // block_size]`
-(common/data.py): a seeded per-epoch shuffle of the shard's sequences, so a unit's batches mix
+(common/order.py): a seeded per-epoch shuffle of the shard's sequences, so a unit's batches mix
 sequences from the whole shard while the ledger keeps simple prefixes. Each epoch visits every unit once, in a seeded random order. A worker leases a range
 of a unit, trains it in order, and reports the trained sub-ranges with its delta; the ranges are
 *committed* only when that delta is merged. So:

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from geotrain.common.config import RunConfig
-from geotrain.common.data import TokenData
+from geotrain.common.reader import TokenData
 from geotrain.protos.rpc import TokenAuthInterceptor, server_options
 from geotrain.common.status import render_status
 from geotrain.coordinator.metrics import CoordinatorMetrics

@@ -47,7 +47,7 @@ from geotrain.common.compression import ErrorFeedback, decode_tensors, encode_te
 from geotrain.common.config import (
     REPLAYED_DOWNLINKS, SEMI_SYNC_TIMEOUT_FACTOR, SEMI_SYNC_TIMEOUT_MIN_S, ModelConfig, RunConfig,
 )
-from geotrain.common.data import TokenData
+from geotrain.common.reader import TokenData
 from geotrain.common.model import GPT
 from geotrain.protos.rpc import PROTOCOL_VERSION
 from geotrain.common.tensors import clone_tensors, global_norm, model_tensors, params_sha256, tensor_spec
@@ -466,11 +466,13 @@ class CoordinatorState:
     def shard_sequences(self, worker_id: str, session_id: str, shard: str, epoch: int, first_slot: int,
                         sequences: int) -> tuple[bytes, str]:
         """`sequences` entries of the shard's visiting order in `epoch` from `first_slot` on, as
-        rows of block_size + 1 tokens in the shard's dtype (common/data.py order_rows), and their
+        rows of block_size + 1 tokens in the shard's dtype (common/order.py order_rows), and their
         sha256. NotFound for a shard outside the manifest; InvalidArgument for a bad range."""
         import hashlib
 
-        from geotrain.common.data import order_rows, read_shard, sequence_order
+        from geotrain.common.order import order_rows, sequence_order
+
+        from geotrain.common.shards import read_shard
 
         path, _ = self.shard_path(worker_id, session_id, shard)
         T = self.model_config.block_size

@@ -15,7 +15,7 @@ import click
 
 from geotrain.common import __version__
 from geotrain.common.config import DemoConfig, EvalCheckpointConfig, RunConfig, SampleConfig, StatusConfig
-from geotrain.common.data import DEFAULT_SHARD_TOKENS
+from geotrain.common.shards import DEFAULT_SHARD_TOKENS
 from geotrain.common.options import config_from_params, config_options
 
 
@@ -111,12 +111,16 @@ def eval_(**params) -> None:
 @cli.command()
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output data directory.")
-@click.option("--tokenizer", type=click.Choice(["byte", "bpe"]), default="byte", show_default=True,
-              help="byte: UTF-8 bytes + end-of-text (vocab 257). bpe: byte-level BPE trained here "
-                   "(needs 'tokenizers'), saved as OUT/tokenizer.json.")
+@click.option("--tokenizer", type=click.Choice(["byte", "bpe", "gpt2"]), default=None,
+              help="byte (default): UTF-8 bytes + end-of-text (vocab 257). bpe: byte-level BPE trained here "
+                   "(needs 'tokenizers'), saved as OUT/tokenizer.json. gpt2: GPT-2's BPE through tiktoken "
+                   "(vocab 50,257), saved as OUT/gpt2.tiktoken; with --from-nanogpt it records the bins' tokenizer.")
+@click.option("--tokenizer-file", type=click.Path(path_type=Path), default=None,
+              help="gpt2: GPT-2's vocab.bpe (encoder.json beside it), a .tiktoken rank file, or a directory "
+                   "holding them. Default: tiktoken's cache (TIKTOKEN_CACHE_DIR); nothing is downloaded.")
 @click.option("--vocab-size", type=int, default=None,
               help="bpe: target vocabulary (>= 257, default 4096). byte: optional padded vocabulary "
-                   "(>= 257). Above 65,536 ids tokens are stored as uint32.")
+                   "(>= 257). gpt2: fixed (50,257). Above 65,536 ids tokens are stored as uint32.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Validation share in [0, 0.5]: the last fraction of a single document, else whole documents.")
 @click.option("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, show_default=True,
@@ -128,7 +132,7 @@ def eval_(**params) -> None:
 @click.option("--hf-dataset", default=None, metavar="NAME[:SPLIT]",
               help="Also encode the 'text' column of a Hugging Face dataset (needs 'datasets').")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar and summary.")
-def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens, workers, from_nanogpt,
+def prepare(inputs, out, tokenizer, tokenizer_file, vocab_size, val_fraction, shard_tokens, workers, from_nanogpt,
             hf_dataset, progress) -> None:
     """Tokenize INPUT files into token shards + manifest.json in --out.
 
@@ -139,19 +143,27 @@ def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens, work
     Undecodable bytes are replaced with U+FFFD and a warning naming the file is printed (once per
     file); files that look binary are skipped with a warning.
     """
-    from geotrain.common import data as data_mod
+    from geotrain.common.nanogpt import import_nanogpt
+    from geotrain.common.prepare import prepare as run_prepare
+    from geotrain.common.tokenizer import load_gpt2_tokenizer
 
+    if tokenizer_file is not None and tokenizer != "gpt2":
+        fail("--tokenizer-file applies to --tokenizer gpt2 only")
     try:
         if from_nanogpt is not None:
             if inputs or hf_dataset:
                 fail("--from-nanogpt converts existing bins; give no INPUT or --hf-dataset with it")
+            if tokenizer not in (None, "gpt2"):
+                fail(f"--from-nanogpt keeps the bins' token ids: --tokenizer {tokenizer} cannot apply (gpt2 can)")
             if not 0 < shard_tokens:
                 fail(f"--shard-tokens must be positive, got {shard_tokens}")
-            manifest = data_mod.import_nanogpt(from_nanogpt, out, vocab_size, shard_tokens=shard_tokens)
+            tok = load_gpt2_tokenizer(tokenizer_file) if tokenizer == "gpt2" else None
+            manifest = import_nanogpt(from_nanogpt, out, vocab_size, shard_tokens=shard_tokens, tokenizer=tok)
         else:
-            manifest = data_mod.prepare(
-                list(inputs), out, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
+            manifest = run_prepare(
+                list(inputs), out, tokenizer=tokenizer or "byte", vocab_size=vocab_size, val_fraction=val_fraction,
                 shard_tokens=shard_tokens, workers=workers, progress=progress, hf_dataset=hf_dataset,
+                tokenizer_file=tokenizer_file,
             )
     except (ValueError, OSError) as exc:
         fail(str(exc))

@@ -87,7 +87,8 @@ def sample_from_run(run_dir: Path, max_new_tokens: int = 200, seed: int = 0) -> 
 def run_demo(opts: DemoConfig) -> dict:
     """Run the demo to its budget; returns the summary dict (also in RUN_DIR/summary.json)."""
     from geotrain.common.config import model_config
-    from geotrain.common.data import TokenData, resolve_data_dir
+    from geotrain.common.corpus import resolve_data_dir
+    from geotrain.common.reader import TokenData
 
     if opts.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {opts.workers}")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from geotrain.common.data import TokenData, prepare
+from geotrain.common.prepare import prepare
+from geotrain.common.reader import TokenData
 
 
 @pytest.fixture(scope="module")

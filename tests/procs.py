@@ -65,7 +65,7 @@ def english_like_text(n_bytes: int, seed: int = 0) -> str:
 
 def prepare_corpus(root: Path, n_bytes: int = 200_000, seed: int = 0) -> Path:
     """A byte-tokenized prepared data directory under root/tokens."""
-    from geotrain.common.data import prepare
+    from geotrain.common.prepare import prepare
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "corpus.txt").write_text(english_like_text(n_bytes, seed))
@@ -75,7 +75,7 @@ def prepare_corpus(root: Path, n_bytes: int = 200_000, seed: int = 0) -> Path:
 
 def unigram_entropy(data_dir: Path, split: str = "train") -> float:
     """Entropy (nats) of the token distribution of a split: the loss of the best context-free model."""
-    from geotrain.common.data import TokenData
+    from geotrain.common.reader import TokenData
 
     data = TokenData(data_dir)
     counts = np.zeros(data.vocab_size, dtype=np.int64)
@@ -87,7 +87,7 @@ def unigram_entropy(data_dir: Path, split: str = "train") -> float:
 
 
 def train_tokens(data_dir: Path) -> int:
-    from geotrain.common.data import TokenData
+    from geotrain.common.reader import TokenData
 
     return sum(s.tokens for s in TokenData(data_dir).manifest.shards if s.split == "train")
 

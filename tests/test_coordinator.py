@@ -11,6 +11,8 @@ import torch
 
 from geotrain.common.compression import encode_tensors
 from geotrain.common.config import OuterConfig, RunConfig
+from geotrain.common.prepare import prepare
+from geotrain.common.reader import TokenData
 from geotrain.protos.rpc import PROTOCOL_VERSION, iter_chunks, make_channel
 from geotrain.common.tensors import clone_tensors, params_sha256
 from geotrain.coordinator.ledger import TrainedRange

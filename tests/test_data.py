@@ -17,21 +17,19 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from geotrain.common import data
+from geotrain.common import corpus
 from geotrain.cli import cli
-from geotrain.common.data import (
+from geotrain.common.corpus import default_corpus_files, default_data_dir, resolve_data_dir
+from geotrain.common.nanogpt import import_nanogpt
+from geotrain.common.prepare import prepare
+from geotrain.common.reader import TokenData
+from geotrain.common.shards import (
     HEADER_BYTES,
     SHARD_MAGIC,
     SHARD_VERSION,
     Manifest,
     ShardInfo,
-    TokenData,
-    default_corpus_files,
-    default_data_dir,
-    import_nanogpt,
-    prepare,
     read_shard,
-    resolve_data_dir,
     shard_sha256,
     write_shard,
 )
@@ -317,7 +315,7 @@ def test_get_batch_deterministic_across_instances(prepared):
 def test_get_batch_same_in_another_process(prepared):
     x, y = TokenData(prepared).get_batch("train", 4, 16, seed=123, step=99)
     code = (
-        "import sys; from geotrain.common.data import TokenData;"
+        "import sys; from geotrain.common.reader import TokenData;"
         "x, y = TokenData(sys.argv[1]).get_batch('train', 4, 16, seed=123, step=99);"
         "print(x.tolist(), y.tolist())"
     )
@@ -447,12 +445,12 @@ def test_default_corpus_files_small_cap():
     banned = {"site-packages", "test", "tests", "idlelib", "lib2to3"}
     assert not any(banned & set(r.split("/")[:-1]) for r in rels)
     full = default_corpus_files()
-    assert 4 << 20 < sum(p.stat().st_size for p in full) <= data.DEFAULT_CORPUS_BYTES == 8 << 20
+    assert 4 << 20 < sum(p.stat().st_size for p in full) <= corpus.DEFAULT_CORPUS_BYTES == 8 << 20
 
 
 def test_default_data_dir_cached_and_concurrent(tmp_path, monkeypatch):
     monkeypatch.setenv("GEOTRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "DEFAULT_CORPUS_BYTES", 150_000)
+    monkeypatch.setattr(corpus, "DEFAULT_CORPUS_BYTES", 150_000)
     with ThreadPoolExecutor(2) as ex:
         dirs = list(ex.map(lambda _: default_data_dir(), range(2)))
     assert dirs[0] == dirs[1] and dirs[0].parent == tmp_path / "cache"
@@ -516,8 +514,8 @@ def test_cli_prepare_bad_val_fraction_and_help(tmp_path):
 def test_default_data_dir_two_processes(tmp_path):
     env = dict(os.environ, GEOTRAIN_CACHE=str(tmp_path / "cache"))
     code = (
-        "from geotrain.common import data; data.DEFAULT_CORPUS_BYTES = 100_000;"
-        "print(data.default_data_dir())"
+        "from geotrain.common import corpus; corpus.DEFAULT_CORPUS_BYTES = 100_000;"
+        "print(corpus.default_data_dir())"
     )
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -543,7 +541,7 @@ def test_output_inside_input_dir_is_not_read_back(tmp_path):
 
 
 def test_sequence_order_is_a_deterministic_permutation_per_epoch():
-    from geotrain.common.data import gather_sequences, sequence_order
+    from geotrain.common.order import gather_sequences, sequence_order
 
     a = sequence_order("train_000000.bin", 6401, 64, seed=3, epoch=0)
     assert sorted(a.tolist()) == list(range(100))

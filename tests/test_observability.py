@@ -20,7 +20,7 @@ from geotrain.common import __version__
 from geotrain.common import metric_names as mn
 from geotrain.cli import cli
 from geotrain.common.config import RunConfig
-from geotrain.common.data import TokenData
+from geotrain.common.reader import TokenData
 from geotrain.common.plot import CHART_NAMES, PlotError, plot_run
 from geotrain.protos.rpc import PROTOCOL_VERSION
 from geotrain.common.status import WORKER_COLUMNS, format_duration, render_status

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    from geotrain.common.data import prepare
+    from geotrain.common.prepare import prepare
 
     root = tmp_path_factory.mktemp("corpus")
     (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 3000)

@@ -13,7 +13,8 @@ import torch
 
 from geotrain.common.compression import encode_tensors
 from geotrain.common.config import RunConfig
-from geotrain.common.data import TokenData, prepare
+from geotrain.common.prepare import prepare
+from geotrain.common.reader import TokenData
 from geotrain.protos.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, auth_metadata, make_channel
 from geotrain.coordinator.server import CoordinatorServer
 from geotrain.protos import geotrain_pb2 as pb
@@ -213,7 +214,9 @@ def test_lease_sequences_match_the_shard_and_bad_ranges_are_refused(server, data
     gather from the whole shard; a range past the shard's end is INVALID_ARGUMENT."""
     import numpy as np
 
-    from geotrain.common.data import gather_sequences, read_shard, sequence_order
+    from geotrain.common.order import gather_sequences, sequence_order
+
+    from geotrain.common.shards import read_shard
     from geotrain.worker.client import CoordinatorClient
 
     srv, target = server

@@ -111,7 +111,8 @@ def test_coordinator_assigns_groups_refuses_rank1_pushes_and_reforms_on_drop(tmp
     from geotrain.protos.rpc import PROTOCOL_VERSION
     from geotrain.coordinator.state import CoordinatorState, FailedPrecondition
     from states import delta_like, push, small_run
-    from geotrain.common.data import TokenData, prepare
+    from geotrain.common.prepare import prepare
+    from geotrain.common.reader import TokenData
 
     root = tmp_path / "data"
     root.mkdir()

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from geotrain.common.checkpoint import load_latest_checkpoint
 from geotrain.cli import cli
 from geotrain.common.config import OptimConfig, RunConfig, apply_overrides
-from geotrain.common.data import TokenData, prepare
+from geotrain.common.prepare import prepare
+from geotrain.common.reader import TokenData
 from geotrain.common.sampling import evaluate, load_model_from_checkpoint, sample, sample_tokens
 from geotrain.common.train import check_model_config, lr_at, train
 

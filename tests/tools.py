@@ -204,7 +204,7 @@ def free_port() -> int:
 
 def tiny_data_dir(root: Path) -> Path:
     """A small prepared data directory (byte tokenizer) under `root`."""
-    from geotrain.common.data import prepare
+    from geotrain.common.prepare import prepare
 
     text = root / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 3000)

@@ -56,7 +56,7 @@ from geotrain.common.config import (
     REPLAYED_DOWNLINKS, ModelConfig, RunConfig, WorkerConfig, WorkersConfig, run_config_from_dict,
 )
 from geotrain.common.counts import decode_counts
-from geotrain.common.data import gather_sequences, sequence_order
+from geotrain.common.order import gather_sequences, sequence_order
 from geotrain.common.tensors import (
     add_,
     all_finite,
@@ -382,7 +382,7 @@ class WorkerRunner:
         )
 
     def _setup(self) -> None:
-        from geotrain.common.data import Manifest
+        from geotrain.common.shards import Manifest
         from geotrain.common.model import GPT, configure_optimizer
 
         reply = self.client.join(self._join_request())
@@ -415,7 +415,7 @@ class WorkerRunner:
         self._push_blobs_lock = threading.Lock()
         cache = Path(self.config.cache_dir).expanduser() if self.config.cache_dir else None
         if cache is None:
-            from geotrain.common.data import cache_root
+            from geotrain.common.corpus import cache_root
 
             cache = cache_root() / "shards"
         self.shard_dir = cache / self.run_id
@@ -715,7 +715,7 @@ class WorkerRunner:
                 self._downloading.discard(name)
 
     def _ensure_shard(self, name: str) -> np.ndarray:
-        from geotrain.common.data import read_shard
+        from geotrain.common.shards import read_shard
 
         with self._shard_lock:
             if name in self._shards:
@@ -740,12 +740,12 @@ class WorkerRunner:
             return arr
 
     def _token_itemsize(self) -> int:
-        from geotrain.common.data import dtype_for_vocab
+        from geotrain.common.shards import dtype_for_vocab
 
         return 4 if self.manifest.dtype == "uint32" or dtype_for_vocab(self.manifest.vocab_size) == "uint32" else 2
 
     def _download_shard(self, name: str, info, path: Path) -> None:
-        from geotrain.common.data import HEADER_BYTES
+        from geotrain.common.shards import HEADER_BYTES
 
         expected = HEADER_BYTES + info.tokens * self._token_itemsize()
         tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
@@ -767,7 +767,7 @@ class WorkerRunner:
                 os.fsync(fh[0].fileno())
                 fh[0].close()
                 fh[0] = None
-                from geotrain.common.data import shard_sha256
+                from geotrain.common.shards import shard_sha256
 
                 if not info.sha256 or shard_sha256(tmp) == info.sha256:
                     os.replace(tmp, path)
@@ -791,7 +791,7 @@ class WorkerRunner:
     # ------------------------------------------------------------------ training
 
     def _sequence_order(self, shard: str, epoch: int) -> np.ndarray:
-        """The shard's visiting order in `epoch` (common/data.py::sequence_order), cached."""
+        """The shard's visiting order in `epoch` (common/order.py::sequence_order), cached."""
         key = (shard, epoch)
         if self._order_cache.get("key") != key:
             self._order_cache = {
