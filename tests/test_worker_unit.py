@@ -14,7 +14,7 @@ from geotrain.protos.rpc import PROTOCOL_VERSION, Backoff, server_options, sha25
 from geotrain.protos import geotrain_pb2 as pb
 from geotrain.protos import geotrain_pb2_grpc as pb_grpc
 from geotrain.worker.client import CoordinatorClient, FatalError, parse_target
-from geotrain.worker.runner import apply_update, full_contains_push, rebase_full
+from geotrain.worker.rebase import apply_update, full_contains_push, rebase_full
 
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:
@@ -279,45 +279,52 @@ def test_cli_exits_nonzero_with_server_message_on_refusal(fake):
     assert "protocol version mismatch: coordinator 1" in result.output
 
 
+def _round_state():
+    import torch
+
+    from geotrain.worker.metrics import StatsBook
+    from geotrain.worker.rebase import RoundState
+
+    w = {"w": torch.zeros(3)}
+    return RoundState(w, {"w": torch.zeros(3)}, 1, "run", StatsBook(), threading.Event())
+
+
 def test_next_round_counts_from_the_merge_not_the_push():
     """A merged push restarts the round counter (the workers of a semi-sync merge push together
     again) and records its merge lag in local steps; an unmerged one changes neither."""
-    from geotrain.worker.runner import WorkerConfig, WorkerRunner, _Push
+    from geotrain.worker.rebase import PendingRange, Push
 
-    runner = WorkerRunner(WorkerConfig(coordinator="127.0.0.1:1", serve=False))
-    runner.metrics = None
     for merged in (False, True):
-        push = _Push("p", 1, {}, n_ranges=1, steps=10, tokens=100, loss_sum=1.0, pushed_at_step=10)
-        runner._inflight, runner._pending, runner._sealed = push, [[0, "s", 0, 100, 0, 10, 1.0, 0]], 1
-        runner.local_step, runner.round_steps = 13, 3  # 3 steps trained since the push
-        runner._resolve(push, merged=merged)
-        assert runner._inflight is None and push.resolved
+        state = _round_state()
+        released = []
+        state.release_push = released.append
+        push = Push("p", 1, {}, n_ranges=1, steps=10, tokens=100, loss_sum=1.0, pushed_at_step=10)
+        state.inflight, state.pending, state.sealed = push, [PendingRange(0, "s", 0, 100, 0, 10, 1.0, 0)], 1
+        state.local_step, state.round_steps = 13, 3  # 3 steps trained since the push
+        state.resolve(push, merged=merged)
+        assert state.inflight is None and push.resolved
+        assert released == ["p"]  # its held payload is let go either way
+        s = state.stats.snapshot()
         if merged:
-            assert runner.round_steps == 0 and runner._pending == []
-            assert runner._stats.merged == 1 and runner._stats.merge_lag_steps == 3
+            assert state.round_steps == 0 and state.pending == []
+            assert s.merged == 1 and s.merge_lag_steps == 3
         else:
-            assert runner.round_steps == 3 and len(runner._pending) == 1
-            assert runner._stats.merged == 0 and runner._stats.merge_lag_steps == 0
+            assert state.round_steps == 3 and len(state.pending) == 1
+            assert s.merged == 0 and s.merge_lag_steps == 0
 
 
 def test_a_push_takes_the_session_its_oldest_range_was_leased_in():
     """A rejoin can land between a step and its handling: ranges of the old session must not be
     pushed under the new one, and a range of the old session never grows into the new one."""
-    from geotrain.worker.client import CoordinatorClient
-    from geotrain.worker.runner import WorkerConfig, WorkerRunner, _Lease
+    from geotrain.worker.shards import Lease
 
-    runner = WorkerRunner(WorkerConfig(coordinator="127.0.0.1:1", serve=False))
-    runner.client = CoordinatorClient("127.0.0.1:1", stop_event=threading.Event())
-    try:
-        runner.client.session_epoch = 1
-        old = _Lease(7, "s", 0, 1000, 0, session=1)
-        runner._record_range(old, 0, 100, 1.0)
-        runner.client.session_epoch = 2  # rejoined (the coordinator restarted), not handled yet
-        again = _Lease(7, "s", 0, 1000, 0, session=2)  # the same unit leased again, same place
-        runner._record_range(again, 100, 200, 1.0)
-        assert [p[7] for p in runner._pending] == [1, 2]  # not merged into one range
-        assert runner._push_session() == 1  # push_delta refuses it: SessionRenewed
-        runner._pending = runner._pending[1:]
-        assert runner._push_session() == 2
-    finally:
-        runner.client.close()
+    state = _round_state()
+    old = Lease(7, "s", 0, 1000, 0, session=1)
+    state.record_range(old, 0, 100, 1.0)
+    # rejoined (the coordinator restarted), not handled yet: the same unit leased again, same place
+    again = Lease(7, "s", 0, 1000, 0, session=2)
+    state.record_range(again, 100, 200, 1.0)
+    assert [p.session for p in state.pending] == [1, 2]  # not merged into one range
+    assert state.push_session(2) == 1  # push_delta refuses it: SessionRenewed
+    state.pending = state.pending[1:]
+    assert state.push_session(2) == 2

@@ -2,7 +2,8 @@
 
 Every option can also come from the environment: GEOTRAIN_<OPTION> (e.g. GEOTRAIN_COORDINATOR,
 GEOTRAIN_TOKEN); `worker --help` lists them. Exit status: 0 after a clean leave, 2 for a bad
-command line, 3 when the coordinator refuses the worker (bad token, protocol mismatch), 1 on an
+command line (a chosen --port or --metrics-port that is taken included; a default one that is taken
+is replaced by a free one), 3 when the coordinator refuses the worker (bad token, protocol mismatch), 1 on an
 unexpected error; a second SIGTERM/Ctrl+C exits at once with 128 + the signal number.
 """
 
@@ -98,9 +99,13 @@ def main(port, coordinator, name, device, batch_size, advertise_host, advertise_
     from geotrain.worker.runner import WorkerConfig, WorkerRunner
     from geotrain.worker.group_runner import GroupWorkerRunner
 
+    # A port left at its default falls back to a free one when taken (several workers on a host).
+    source = click.get_current_context().get_parameter_source
     config = WorkerConfig(
         coordinator=coordinator, port=port, name=name, device=device, batch_size=batch_size, threads=threads,
         cache_dir=cache_dir, token=token, tls_ca=ca, metrics_port=metrics_port,
+        port_fallback=source("port") == click.core.ParameterSource.DEFAULT,
+        metrics_port_fallback=source("metrics_port") == click.core.ParameterSource.DEFAULT,
         advertise_host=advertise_host, advertise_port=advertise_port, sync_group=sync_group,
     )
     try:
@@ -122,8 +127,13 @@ def main(port, coordinator, name, device, batch_size, advertise_host, advertise_
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    from geotrain.worker.ports import PortInUse
+
     try:
         code = runner.run()
+    except PortInUse as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
     except FatalError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_REFUSED)
