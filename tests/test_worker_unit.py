@@ -328,3 +328,66 @@ def test_a_push_takes_the_session_its_oldest_range_was_leased_in():
     assert state.push_session(2) == 1  # push_delta refuses it: SessionRenewed
     state.pending = state.pending[1:]
     assert state.push_session(2) == 2
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def _tiny_run():
+    from geotrain.common.config import ModelConfig, RunConfig
+
+    model = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64, dropout=0.1)
+    return RunConfig(), model
+
+
+def _initial_sha(run, model) -> str:
+    """The coordinator's version 1 checksum: GPT built right after torch.manual_seed(run seed)."""
+    from geotrain.common.model import GPT
+    from geotrain.common.tensors import model_tensors, params_sha256
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.train.seed)
+        return params_sha256(model_tensors(GPT(model)))
+
+
+def _generator_states() -> list[torch.Tensor]:
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available():
+        states += torch.cuda.get_rng_state_all()
+    return states
+
+
+def test_rebuilding_the_initial_weights_leaves_every_global_generator_as_it_was():
+    from geotrain.worker.trainer import initial_weights_from_seed
+
+    run, model = _tiny_run()
+    sha = _initial_sha(run, model)
+    torch.manual_seed(4242)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(4242)
+    before = _generator_states()
+    assert initial_weights_from_seed(run, model, sha) is not None
+    after = _generator_states()
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
+        assert torch.equal(a, b)
+
+
+def _dropout_mask(worker_id: str, device: str) -> torch.Tensor:
+    """The first dropout mask a worker draws after its setup (trainer built, initial weights
+    rebuilt from the run's seed, as WorkerRunner._setup does)."""
+    from geotrain.worker.trainer import LocalTrainer, initial_weights_from_seed
+
+    run, model = _tiny_run()
+    trainer = LocalTrainer(run, model, torch.device(device), worker_id)
+    assert initial_weights_from_seed(run, model, _initial_sha(run, model)) is not None
+    trainer.model.train()
+    return torch.nn.functional.dropout(torch.ones(4096, device=device), 0.5, training=True) == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_each_worker_draws_its_own_dropout_masks(device):
+    a, b = _dropout_mask("worker-a", device), _dropout_mask("worker-b", device)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, _dropout_mask("worker-a", device))  # a worker's own stream is reproducible
