@@ -8,7 +8,7 @@ the negative of the weighted mean delta, so a positive outer learning rate moves
 - `combine`: weighted mean of deltas; weight = tokens x (1 + staleness) ** -staleness_power.
 - `weighted_sum` + `OuterOptimizer.update(..., fraction=)`: the merge arithmetic, written so that
   a worker replaying it on the same decoded deltas, weights and fraction gets a bit-identical
-  update on any device (downlink "relay", worker/runner.py): fp32 throughout, one IEEE operation
+  update on any device (downlink "relay", `replay_version` below, called by worker/downlink.py): fp32 throughout, one IEEE operation
   per kernel (no fused multiply-add such as `add_(x, alpha=w)`, whose rounding differs between
   CPUs and GPUs), a fixed order of the deltas.
 - `counted_mean`: the merge of N 1-bit deltas that share per-tensor scales and a weight (downlink

@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from typing import Iterator
-
 import torch
 
 from geotrain.common.config import ModelConfig, RunConfig
@@ -106,6 +104,3 @@ class LocalTrainer:
     def clear_optimizer(self) -> None:
         """Drop AdamW's moments (the local weights were reset)."""
         self.optimizer.state.clear()
-
-    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        return self.model.named_parameters()
