@@ -8,7 +8,7 @@ step=s)) with AdamW at lr_at(step, optim, steps). Every H steps (synchronous rou
   merge    mean = coordinator.merge.combine(...); U = OuterOptimizer.update(mean)
   downlink blob, U_dec = encode_tensors(U, scheme, feedback=ErrorFeedback)  (as coordinator/state.py)
            global += U_dec
-  rebase   params_i += U_dec - dec_i; base = global      (worker/runner.py::apply_update)
+  rebase   params_i += U_dec - dec_i; base = global      (worker/rebase.py::apply_update)
 
 With --delay D the update lands D inner steps after the push (the real worker keeps training while
 its push is merged); D = 0 is the synchronous case. --warmup-rounds W sends the first W rounds with
@@ -133,7 +133,7 @@ def val_loss(model, batches: int, device) -> float:
 
 class UnitStream:
     """As the coordinator's ledger + worker: shuffled units of unit_tokens, read front to back in
-    batches of consecutive rows (worker/runner.py::_train_step); replica r takes units r, r+N, ..."""
+    batches of consecutive rows (worker/runner.py::WorkerRunner.train_step); replica r takes units r, r+N, ..."""
 
     def __init__(self, cfg: SimConfig, rank: int, n: int):
         import random

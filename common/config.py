@@ -597,6 +597,10 @@ class WorkerConfig:
     token_file: str | None = opt(None, path=True, help="File whose first line is the run token.")
     tls_ca_file: str | None = opt(None, flag="--tls-ca", path=True, help="PEM CA certificate: talk TLS to the coordinator.")
     metrics_port: int = opt(WORKER_METRICS_PORT, low=0, high=PORT_MAX, help="Prometheus metrics HTTP port; 0 = off.")
+    # A taken `port` / `metrics_port` is replaced by a free one (logged) when True (the CLI sets it
+    # for a port left at its default); False: a taken port is an error naming it (PortInUse).
+    port_fallback: bool = False
+    metrics_port_fallback: bool = False
     advertise_host: str = opt("", help="Host peers use to reach --port (behind NAT).")
     advertise_port: int = opt(0, low=0, high=PORT_MAX, help="Port peers use to reach --port (default: the bound port).")
     sync_group: str = opt("", help="Sync group name or 'auto' ('' = async worker).")

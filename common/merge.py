@@ -8,7 +8,7 @@ the negative of the weighted mean delta, so a positive outer learning rate moves
 - `combine`: weighted mean of deltas; weight = tokens x (1 + staleness) ** -staleness_power.
 - `weighted_sum` + `OuterOptimizer.update(..., fraction=)`: the merge arithmetic, written so that
   a worker replaying it on the same decoded deltas, weights and fraction gets a bit-identical
-  update on any device (downlink "relay", worker/runner.py): fp32 throughout, one IEEE operation
+  update on any device (downlink "relay", `replay_version` below, called by worker/downlink.py): fp32 throughout, one IEEE operation
   per kernel (no fused multiply-add such as `add_(x, alpha=w)`, whose rounding differs between
   CPUs and GPUs), a fixed order of the deltas.
 - `counted_mean`: the merge of N 1-bit deltas that share per-tensor scales and a weight (downlink
@@ -25,10 +25,11 @@ state lock) and a worker replays the same arithmetic on a relayed or counted ver
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -82,22 +83,38 @@ def merge_weights(
     ]
 
 
-def weighted_sum(
-    deltas: Sequence[Mapping[str, torch.Tensor]], factors: Sequence[float], weights: Sequence[float]
-) -> dict[str, torch.Tensor]:
-    """sum_i (delta_i * factor_i) * weight_i in fp32, in the given order; every factor and weight
-    is rounded to fp32 once. Deterministic across devices (see the module docstring); the
-    coordinator's merge and a relaying worker's replay both call it."""
-    if not deltas or not (len(deltas) == len(factors) == len(weights)):
-        raise ValueError(f"need as many factors and weights as deltas, got {len(deltas)}, {len(factors)}, {len(weights)}")
-    out = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in deltas[0].items()}
-    for delta, factor, weight in zip(deltas, factors, weights):
-        for n, acc in out.items():
+class WeightedSum:
+    """sum_i (delta_i * factor_i) * weight_i in fp32, accumulated one delta at a time (`add`), in
+    the order given; every factor and weight is rounded to fp32 once. Deterministic across devices
+    (see the module docstring). Holding one accumulator instead of every delta keeps a replaying
+    worker at one decoded delta at a time."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, torch.Tensor] | None = None
+        self.count = 0
+
+    def add(self, delta: Mapping[str, torch.Tensor], factor: float, weight: float) -> None:
+        if self.total is None:
+            self.total = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in delta.items()}
+        for n, acc in self.total.items():
             x = delta[n].to(acc.device, torch.float32)
             if factor != 1.0:
                 x = x * _f32(factor, x)
             acc.add_(x * _f32(weight, x))
-    return out
+        self.count += 1
+
+
+def weighted_sum(
+    deltas: Sequence[Mapping[str, torch.Tensor]], factors: Sequence[float], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """sum_i (delta_i * factor_i) * weight_i in fp32, in the given order (WeightedSum); the
+    coordinator's merge and a relaying worker's replay both compute it."""
+    if not deltas or not (len(deltas) == len(factors) == len(weights)):
+        raise ValueError(f"need as many factors and weights as deltas, got {len(deltas)}, {len(factors)}, {len(weights)}")
+    acc = WeightedSum()
+    for delta, factor, weight in zip(deltas, factors, weights):
+        acc.add(delta, factor, weight)
+    return acc.total
 
 
 def counted_mean(
@@ -271,3 +288,151 @@ class NormGate:
     def record(self, tensors: dict[str, torch.Tensor], factor: float = 1.0) -> None:
         """Remember an accepted delta's norm (after the clip `factor` check() returned)."""
         self.recent.append(global_norm(tensors) * factor)
+
+
+# --------------------------------------------------------------------------- replaying a version
+#
+# A worker under a replayed downlink ("relay", "combine", "count") rebuilds each version's update
+# U from the payloads the coordinator streamed and its replica of the outer momentum. The wire
+# messages (geotrain.proto UpdateInfo, RelayedDelta, CountedMerge) are converted to the plain
+# dataclasses below by the worker (worker/downlink.py); the arithmetic is the coordinator's own.
+
+
+@dataclass(frozen=True)
+class RelayedDelta:
+    """One pushed delta inside a relayed version: its payload is stream[offset : offset + size],
+    or, with size 0, the replaying worker's own held copy of push `push_id`."""
+
+    push_id: str
+    offset: int
+    size: int
+    weight: float  # merge weight (tokens share x staleness damping)
+    factor: float = 1.0  # the outlier gate's clip factor
+
+
+@dataclass(frozen=True)
+class CountedDeltas:
+    """A count merge of `deltas` 1-bit deltas of equal `weight` (downlink "count"): per value, a
+    count payload at stream[offset : offset + size] (common/counts.py), agree counts against the
+    held push `reference_push_id`, or plus counts when it is ""."""
+
+    push_ids: tuple[str, ...]
+    reference_push_id: str
+    deltas: int
+    weight: float
+    scales: tuple[float, ...]  # per tensor, in the model's tensor order
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class ReplayedVersion:
+    """What a worker needs to replay version `version`: relayed deltas or a count merge, and the
+    outer step's fraction."""
+
+    version: int
+    outer_fraction: float
+    relayed: tuple[RelayedDelta, ...] = ()
+    counted: CountedDeltas | None = None
+
+
+def replay_relayed(
+    v: ReplayedVersion,
+    stream: bytes,
+    held: Mapping[str, bytes],
+    decode: Callable[[bytes], dict[str, torch.Tensor]],
+    outer: OuterOptimizer,
+) -> dict[str, torch.Tensor]:
+    """The update U of a relayed version (downlinks "relay", "combine"): decode every merged delta
+    (from the stream, or our own copy in `held` when the coordinator omitted it), then replay the
+    coordinator's merge: U = outer.update(weighted_sum(deltas, factors, weights), fraction).
+    Bit-identical to the coordinator's U when `outer` holds its momentum at version - 1. Advances
+    outer's momentum; on ValueError (a missing or bad delta) nothing has changed."""
+    if not v.relayed:
+        raise ValueError(f"update {v.version} relays no deltas")
+    payloads = []
+    for d in v.relayed:  # every payload located before anything is decoded
+        if d.size == 0:
+            payload = held.get(d.push_id)
+            if payload is None:
+                raise ValueError(f"update {v.version} omits push {d.push_id}, which this worker does not hold")
+        elif d.offset + d.size > len(stream):
+            raise ValueError(f"update {v.version}: delta {d.push_id} lies outside the stream "
+                             f"({d.offset}+{d.size} > {len(stream)} bytes)")
+        else:
+            payload = memoryview(stream)[d.offset : d.offset + d.size]
+        payloads.append(payload)
+    acc = WeightedSum()  # one decoded delta at a time: the same sum, in the same order, as weighted_sum
+    for d, payload in zip(v.relayed, payloads):
+        acc.add(decode(bytes(payload)), d.factor, d.weight)
+    return outer.update(acc.total, fraction=v.outer_fraction)
+
+
+def replay_counted(
+    v: ReplayedVersion,
+    stream: bytes,
+    held: Mapping[str, bytes],
+    decode: Callable[[bytes], dict[str, torch.Tensor]],
+    outer: OuterOptimizer,
+    shapes: Mapping[str, Sequence[int]],
+) -> dict[str, torch.Tensor]:
+    """The update U of a count merge (downlink "count"): rebuild k, the sum of the N deltas' signs
+    per value, from the count payload (and our own delta's signs when the counts refer to it), then
+    U = outer.update(counted_mean(k, scales, weight), fraction). Bit-identical to the
+    coordinator's U when `outer` holds its momentum at version - 1. On ValueError (a bad payload,
+    a missing delta) nothing has changed."""
+    from geotrain.common.counts import decode_counts
+
+    c = v.counted
+    names = list(shapes)
+    if c is None:
+        raise ValueError(f"update {v.version} is not a count merge")
+    if c.deltas < 2 or len(c.push_ids) != c.deltas or len(c.scales) != len(names):
+        raise ValueError(f"update {v.version}: malformed count merge ({c.deltas} deltas, "
+                         f"{len(c.push_ids)} push ids, {len(c.scales)} scales for {len(names)} tensors)")
+    if c.offset + c.size > len(stream):
+        raise ValueError(f"update {v.version}: count payload outside the stream ({c.offset}+{c.size} > {len(stream)})")
+    payload = stream[c.offset : c.offset + c.size]
+    total = sum(math.prod(shape) for shape in shapes.values())
+    if c.reference_push_id:
+        if c.reference_push_id not in c.push_ids:
+            raise ValueError(f"update {v.version}: reference {c.reference_push_id} is not one of the merged deltas")
+        own = held.get(c.reference_push_id)
+        if own is None:
+            raise ValueError(f"update {v.version} counts against push {c.reference_push_id}, which this worker does not hold")
+        agree = torch.from_numpy(decode_counts(payload, total, c.deltas - 1))
+        k = sign_sum_from_agree(negative_signs(decode(own), names), agree, c.deltas, shapes)
+    else:
+        plus = torch.from_numpy(decode_counts(payload, total, c.deltas))
+        k = sign_sum_from_plus(plus, c.deltas, shapes)
+    mean = counted_mean(k, dict(zip(names, c.scales)), c.weight)
+    return outer.update(mean, fraction=v.outer_fraction)
+
+
+def replay_version(
+    v: ReplayedVersion,
+    stream: bytes,
+    held: Mapping[str, bytes],
+    decode: Callable[[bytes], dict[str, torch.Tensor]],
+    outer: OuterOptimizer,
+    shapes: Mapping[str, Sequence[int]],
+) -> dict[str, torch.Tensor]:
+    """replay_counted for a count merge, else replay_relayed."""
+    if v.counted is not None:
+        return replay_counted(v, stream, held, decode, outer, shapes)
+    return replay_relayed(v, stream, held, decode, outer)
+
+
+def counted_contribution(
+    own_decoded: Mapping[str, torch.Tensor], scales: Sequence[float], names: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Our delta as a count merge took it: per tensor, the merge's scale x the signs of what we
+    pushed (signbit, as the coordinator counts them)."""
+    if len(scales) != len(names):
+        raise ValueError(f"count merge carries {len(scales)} scales for {len(names)} tensors")
+    out = {}
+    for name, scale in zip(names, scales):
+        t = own_decoded[name]
+        s = torch.tensor(scale, dtype=torch.float32)
+        out[name] = torch.where(torch.signbit(t), -s, s)
+    return out

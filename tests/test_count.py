@@ -16,7 +16,17 @@ from geotrain.coordinator.service import _update_info
 from geotrain.coordinator.state import CoordinatorState
 from geotrain.protos import geotrain_pb2 as pb
 from states import join, small_run
-from geotrain.worker.runner import replay_counted, replay_relayed
+from geotrain.common import merge
+from geotrain.worker.downlink import replayed_version
+
+
+def replay_relayed(info, *args):
+    """common.merge.replay_relayed on the worker's plain form of the wire message."""
+    return merge.replay_relayed(replayed_version(info), *args)
+
+
+def replay_counted(info, *args):
+    return merge.replay_counted(replayed_version(info), *args)
 
 
 def count_run(**changes):
@@ -225,7 +235,8 @@ def test_a_counted_worker_subtracts_the_merge_scale_times_its_signs(data, tmp_pa
     """The worker's side of a count merge: U replays bit-identically, and rebasing with
     counted_contribution leaves params - base = its delta - merge scale x its signs (what its own
     scale differed by, plus its own 1-bit error, stays in its weights for the next delta)."""
-    from geotrain.worker.runner import apply_update, counted_contribution
+    from geotrain.common.merge import counted_contribution
+    from geotrain.worker.rebase import apply_update
 
     state = CoordinatorState(count_run(), data, tmp_path)
     initial = clone_tensors(state.global_params)

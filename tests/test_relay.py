@@ -14,7 +14,13 @@ from geotrain.coordinator.state import CoordinatorState
 from geotrain.protos import geotrain_pb2 as pb
 from states import join, small_run
 from geotrain.coordinator.ledger import TrainedRange
-from geotrain.worker.runner import replay_relayed
+from geotrain.common import merge
+from geotrain.worker.downlink import replayed_version
+
+
+def replay_relayed(info, *args):
+    """common.merge.replay_relayed on the worker's plain form of the wire message."""
+    return merge.replay_relayed(replayed_version(info), *args)
 
 
 def relay_run(**changes) -> RunConfig:

@@ -14,7 +14,7 @@ from geotrain.protos.rpc import CHUNK_BYTES, PROTOCOL_VERSION, Backoff, server_o
 from geotrain.protos import geotrain_pb2 as pb
 from geotrain.protos import geotrain_pb2_grpc as pb_grpc
 from geotrain.worker.client import CoordinatorClient, FatalError, parse_target
-from geotrain.worker.runner import apply_update, full_contains_push, rebase_full
+from geotrain.worker.rebase import apply_update, full_contains_push, rebase_full
 
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:
@@ -294,47 +294,115 @@ def test_cli_exits_nonzero_with_server_message_on_refusal(fake):
     assert "protocol version mismatch: coordinator 1" in result.output
 
 
+def _round_state():
+    import torch
+
+    from geotrain.worker.metrics import StatsBook
+    from geotrain.worker.rebase import RoundState
+
+    w = {"w": torch.zeros(3)}
+    return RoundState(w, {"w": torch.zeros(3)}, 1, "run", StatsBook(), threading.Event())
+
+
 def test_next_round_counts_from_the_merge_not_the_push():
     """A merged push restarts the round counter (the workers of a semi-sync merge push together
     again) and records its merge lag in local steps; an unmerged one changes neither."""
-    from geotrain.common.config import WorkerConfig
-    from geotrain.worker.runner import WorkerRunner, _Push
+    from geotrain.worker.rebase import PendingRange, Push
 
-    runner = WorkerRunner(WorkerConfig(coordinator="127.0.0.1:1", serve=False))
-    runner.metrics = None
     for merged in (False, True):
-        push = _Push("p", 1, {}, n_ranges=1, steps=10, tokens=100, loss_sum=1.0, pushed_at_step=10)
-        runner._inflight, runner._pending, runner._sealed = push, [[0, "s", 0, 100, 0, 10, 1.0, 0]], 1
-        runner.local_step, runner.round_steps = 13, 3  # 3 steps trained since the push
-        runner._resolve(push, merged=merged)
-        assert runner._inflight is None and push.resolved
+        state = _round_state()
+        released = []
+        state.release_push = released.append
+        push = Push("p", 1, {}, n_ranges=1, steps=10, tokens=100, loss_sum=1.0, pushed_at_step=10)
+        state.inflight, state.pending, state.sealed = push, [PendingRange(0, "s", 0, 100, 0, 10, 1.0, 0)], 1
+        state.local_step, state.round_steps = 13, 3  # 3 steps trained since the push
+        state.resolve(push, merged=merged)
+        assert state.inflight is None and push.resolved
+        assert released == ["p"]  # its held payload is let go either way
+        s = state.stats.snapshot()
         if merged:
-            assert runner.round_steps == 0 and runner._pending == []
-            assert runner._stats.merged == 1 and runner._stats.merge_lag_steps == 3
+            assert state.round_steps == 0 and state.pending == []
+            assert s.merged == 1 and s.merge_lag_steps == 3
         else:
-            assert runner.round_steps == 3 and len(runner._pending) == 1
-            assert runner._stats.merged == 0 and runner._stats.merge_lag_steps == 0
+            assert state.round_steps == 3 and len(state.pending) == 1
+            assert s.merged == 0 and s.merge_lag_steps == 0
 
 
 def test_a_push_takes_the_session_its_oldest_range_was_leased_in():
     """A rejoin can land between a step and its handling: ranges of the old session must not be
     pushed under the new one, and a range of the old session never grows into the new one."""
-    from geotrain.worker.client import CoordinatorClient
-    from geotrain.common.config import WorkerConfig
-    from geotrain.worker.runner import WorkerRunner, _Lease
+    from geotrain.worker.shards import Lease
 
-    runner = WorkerRunner(WorkerConfig(coordinator="127.0.0.1:1", serve=False))
-    runner.client = CoordinatorClient("127.0.0.1:1", stop_event=threading.Event())
-    try:
-        runner.client.session_epoch = 1
-        old = _Lease(7, "s", 0, 1000, 0, session=1)
-        runner._record_range(old, 0, 100, 1.0)
-        runner.client.session_epoch = 2  # rejoined (the coordinator restarted), not handled yet
-        again = _Lease(7, "s", 0, 1000, 0, session=2)  # the same unit leased again, same place
-        runner._record_range(again, 100, 200, 1.0)
-        assert [p[7] for p in runner._pending] == [1, 2]  # not merged into one range
-        assert runner._push_session() == 1  # push_delta refuses it: SessionRenewed
-        runner._pending = runner._pending[1:]
-        assert runner._push_session() == 2
-    finally:
-        runner.client.close()
+    state = _round_state()
+    old = Lease(7, "s", 0, 1000, 0, session=1)
+    state.record_range(old, 0, 100, 1.0)
+    # rejoined (the coordinator restarted), not handled yet: the same unit leased again, same place
+    again = Lease(7, "s", 0, 1000, 0, session=2)
+    state.record_range(again, 100, 200, 1.0)
+    assert [p.session for p in state.pending] == [1, 2]  # not merged into one range
+    assert state.push_session(2) == 1  # push_delta refuses it: SessionRenewed
+    state.pending = state.pending[1:]
+    assert state.push_session(2) == 2
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def _tiny_run():
+    from geotrain.common.config import ModelConfig, RunConfig
+
+    model = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64, dropout=0.1)
+    return RunConfig(), model
+
+
+def _initial_sha(run, model) -> str:
+    """The coordinator's version 1 checksum: GPT built right after torch.manual_seed(run seed)."""
+    from geotrain.common.model import GPT
+    from geotrain.common.tensors import model_tensors, params_sha256
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.train.seed)
+        return params_sha256(model_tensors(GPT(model)))
+
+
+def _generator_states() -> list[torch.Tensor]:
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available():
+        states += torch.cuda.get_rng_state_all()
+    return states
+
+
+def test_rebuilding_the_initial_weights_leaves_every_global_generator_as_it_was():
+    from geotrain.worker.trainer import initial_weights_from_seed
+
+    run, model = _tiny_run()
+    sha = _initial_sha(run, model)
+    torch.manual_seed(4242)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(4242)
+    before = _generator_states()
+    assert initial_weights_from_seed(run, model, sha) is not None
+    after = _generator_states()
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
+        assert torch.equal(a, b)
+
+
+def _dropout_mask(worker_id: str, device: str) -> torch.Tensor:
+    """The first dropout mask a worker draws after its setup (trainer built, initial weights
+    rebuilt from the run's seed, as WorkerRunner._setup does)."""
+    from geotrain.worker.trainer import LocalTrainer, initial_weights_from_seed
+
+    run, model = _tiny_run()
+    trainer = LocalTrainer(run, model, torch.device(device), worker_id)
+    assert initial_weights_from_seed(run, model, _initial_sha(run, model)) is not None
+    trainer.model.train()
+    return torch.nn.functional.dropout(torch.ones(4096, device=device), 0.5, training=True) == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_each_worker_draws_its_own_dropout_masks(device):
+    a, b = _dropout_mask("worker-a", device), _dropout_mask("worker-b", device)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, _dropout_mask("worker-a", device))  # a worker's own stream is reproducible

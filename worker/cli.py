@@ -2,7 +2,8 @@
 
 Every option is a field of common/config.py's WorkerConfig and can also come from the environment:
 GEOTRAIN_<OPTION> (e.g. GEOTRAIN_COORDINATOR, GEOTRAIN_TOKEN); `worker --help` lists them. Exit status: 0 after a clean leave, 2 for a bad
-command line, 3 when the coordinator refuses the worker (bad token, protocol mismatch), 1 on an
+command line (a chosen --port or --metrics-port that is taken included; a default one that is taken
+is replaced by a free one), 3 when the coordinator refuses the worker (bad token, protocol mismatch), 1 on an
 unexpected error; a second SIGTERM/Ctrl+C exits at once with 128 + the signal number.
 """
 
@@ -64,6 +65,14 @@ def main(**params) -> None:
     from geotrain.worker.runner import WorkerRunner
     from geotrain.worker.group_runner import GroupWorkerRunner
 
+    # A port left at its default (no flag, no environment variable) falls back to a free one when
+    # taken (several workers on a host); a chosen one that is taken is an error naming it.
+    source = click.get_current_context().get_parameter_source
+    config = dataclasses.replace(
+        config,
+        port_fallback=source("port") == click.core.ParameterSource.DEFAULT,
+        metrics_port_fallback=source("metrics_port") == click.core.ParameterSource.DEFAULT,
+    )
     try:
         runner = GroupWorkerRunner(config, config.sync_compression) if config.sync_group else WorkerRunner(config)
     except ValueError as exc:
@@ -83,8 +92,13 @@ def main(**params) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    from geotrain.worker.ports import PortInUse
+
     try:
         code = runner.run()
+    except PortInUse as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
     except FatalError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_REFUSED)

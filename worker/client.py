@@ -234,9 +234,16 @@ class CoordinatorClient:
             self.on_rejoin(reply)
         return reply
 
-    def heartbeat(self, stats: pb.WorkerStats, patience: float | None = None) -> pb.HeartbeatReply:
+    def heartbeat(self, stats: pb.WorkerStats, patience: float | None = None, active_group_id: str = "",
+                  group_failure: pb.GroupFailure | None = None) -> pb.HeartbeatReply:
+        """One Heartbeat. active_group_id: the sync group this worker trains in ("" = async);
+        group_failure: a sync group's failure to report (worker/group_runner.py)."""
+
         def call() -> pb.HeartbeatReply:
-            req = pb.HeartbeatRequest(worker_id=self.worker_id, session_id=self.session_id, stats=stats)
+            req = pb.HeartbeatRequest(worker_id=self.worker_id, session_id=self.session_id, stats=stats,
+                                      active_group_id=active_group_id)
+            if group_failure is not None:
+                req.group_failure.CopyFrom(group_failure)
             self._count(sent=req.ByteSize())
             reply = self._stub.Heartbeat(req, timeout=HEARTBEAT_DEADLINE_S, metadata=self._metadata)
             self._count(received=reply.ByteSize())

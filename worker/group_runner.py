@@ -1,6 +1,7 @@
 """A worker that trains in a synchronous sync group when the coordinator forms one (`--sync-group`).
 
-`GroupWorkerRunner` is the async `WorkerRunner` (worker/runner.py) plus the sync-group mode:
+`GroupWorkerRunner` is an async `WorkerRunner` (worker/runner.py) that it drives through the
+runner's `RunnerHooks` (it is the hooks object), plus the sync-group mode:
 
 - Assignment: the heartbeat thread keeps the newest `HeartbeatReply.group`. At its next step
   boundary the training loop switches when (group_id, epoch) is new and world_size >= 2: it builds a
@@ -68,9 +69,9 @@ import numpy as np
 import torch
 
 from geotrain.protos import geotrain_pb2 as pb
-from geotrain.worker.client import HEARTBEAT_DEADLINE_S
 from geotrain.common.config import RunConfig, WorkerConfig
-from geotrain.worker.runner import WorkerRunner, _Lease
+from geotrain.worker.runner import RunnerHooks, WorkerRunner
+from geotrain.worker.shards import Lease
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,10 @@ SYNC_COMPRESSIONS = ("none", "sign")
 FLUSH_BEFORE_MEMBER_S = 5.0  # a rank > 0: how long to try pushing its async progress before switching
 DEFAULT_CHECK_EVERY = 10
 MIN_DEADLINE_S = 5.0  # all-reduce deadline floor (it grows to 5 x p99 of the exchanges)
-PEER_WAIT_EXTRA_S = 10.0
+PEER_WAIT_EXTRA_S = 10.0  # entry barrier: one all-reduce deadline plus this
 PEER_WAIT_MAX_S = 300.0  # a rank > 0: how long it waits for the other members to serve the group
-PEER_POLL_S = 0.5
-REBASE_EVERY_CHECKS = 2  # rank 0 rebases before every 2nd checksum round; the others must find no difference  # rank 0: how often it asks whether every member serves a new group  # entry barrier: one all-reduce deadline plus this
+PEER_POLL_S = 0.5  # rank 0: how often it asks whether every member serves a new group
+REBASE_EVERY_CHECKS = 2  # rank 0 rebases before every 2nd checksum round; the others must find no difference
 
 
 @dataclass
@@ -132,11 +133,12 @@ def sync_trainer_settings(run: RunConfig) -> dict:
     )
 
 
-class GroupWorkerRunner(WorkerRunner):
-    """WorkerRunner that joins the sync group the coordinator assigns (see the module docstring)."""
+class GroupWorkerRunner(RunnerHooks):
+    """A WorkerRunner that joins the sync group the coordinator assigns (see the module docstring).
+    It owns the runner (`self.runner`) and is its RunnerHooks; `run()` and `stop()` are the
+    runner's."""
 
     def __init__(self, config: WorkerConfig, sync_compression: str = ""):
-        super().__init__(config)
         sync_compression = sync_compression or os.environ.get("GEOTRAIN_SYNC_COMPRESSION", "")
         if sync_compression and sync_compression not in SYNC_COMPRESSIONS:
             raise ValueError(f"sync compression must be one of {SYNC_COMPRESSIONS}, got {sync_compression!r}")
@@ -144,47 +146,49 @@ class GroupWorkerRunner(WorkerRunner):
         self._group_lock = threading.Lock()
         self._assigned: pb.GroupAssignment | None = None  # newest assignment (heartbeat thread)
         self._active_group_id = ""                        # sent with every heartbeat
-        self._failure: pb.GroupFailure | None = None      # sent once with the next heartbeat
+        self._failure: pb.GroupFailure | None = None      # sent with the heartbeats until one is answered
+        self._sent_failure: pb.GroupFailure | None = None
         self._failed: set[tuple[str, int]] = set()        # groups dropped after a failure
         self._group: _Group | None = None                 # training thread only
-        self._last_hb_stats = pb.WorkerStats()
         self._idle = False
         self.group_checks = 0
         self.group_repairs = 0
+        self.runner = WorkerRunner(config, hooks=self)
 
-    # ------------------------------------------------------------------ heartbeat thread
+    def run(self) -> int:
+        return self.runner.run()
 
-    def _send_heartbeat(self, stats: pb.WorkerStats, patience: float | None = None) -> pb.HeartbeatReply:
-        client = self.client
-        self._last_hb_stats = stats
+    def stop(self) -> None:
+        self.runner.stop()
+
+    # ------------------------------------------------------------------ hooks: serving, heartbeats
+
+    def before_serve(self, server) -> None:
+        from geotrain.worker.allreduce import router_for
+
+        router_for(server)  # the Peer service must be registered before start()
+
+    def heartbeat_extras(self) -> dict:
+        """Heartbeat thread (and _leave_group): the active group, and a failure to report once."""
         with self._group_lock:
             failure, active = self._failure, self._active_group_id
+            self._sent_failure = failure  # cleared by the reply (on_heartbeat_reply): sent until answered
+        return {"active_group_id": active, "group_failure": failure}
 
-        def call() -> pb.HeartbeatReply:
-            req = pb.HeartbeatRequest(worker_id=client.worker_id, session_id=client.session_id, stats=stats,
-                                      active_group_id=active)
-            if failure is not None:
-                req.group_failure.CopyFrom(failure)
-            client._count(sent=req.ByteSize())
-            reply = client._stub.Heartbeat(req, timeout=HEARTBEAT_DEADLINE_S, metadata=client._metadata)
-            client._count(received=reply.ByteSize())
-            return reply
+    def _send_heartbeat(self, patience: float | None = None) -> pb.HeartbeatReply:
+        hb = self.runner.heartbeats
+        return hb.send(hb.last_stats, patience=patience)
 
-        reply = client._session_call("Heartbeat", call, patience)
-        if failure is not None:
-            with self._group_lock:
-                if self._failure is failure:
-                    self._failure = None
-        return reply
-
-    def _on_heartbeat_reply(self, reply: pb.HeartbeatReply) -> None:
+    def on_heartbeat_reply(self, reply: pb.HeartbeatReply) -> None:
         group = reply.group if reply.HasField("group") and reply.group.world_size >= 2 else None
         with self._group_lock:
             self._assigned = group
+            if self._failure is not None and self._failure is self._sent_failure:
+                self._failure = None  # reported
 
-    # ------------------------------------------------------------------ switching (training thread)
+    # ------------------------------------------------------------------ hooks: the loop
 
-    def _group_turn(self, lease: _Lease | None) -> bool:
+    def step_boundary(self, lease: Lease | None) -> bool:
         self._maybe_switch(holding_lease=lease is not None)
         self._idle = lease is None  # rank 0 waiting for a lease: rebase now (the run may be finishing)
         g = self._group
@@ -195,20 +199,37 @@ class GroupWorkerRunner(WorkerRunner):
         self._member_step(g)
         return True
 
-    def _member_assigned(self) -> bool:
+    def may_lease(self) -> bool:
         """A rank > 0 assignment is pending or active: lease nothing new."""
         g = self._group
         if g is not None:
-            return g.rank > 0
+            return g.rank == 0
         with self._group_lock:
             want = self._assigned
-            return want is not None and want.rank > 0 and (want.group_id, int(want.epoch)) not in self._failed
+            return not (want is not None and want.rank > 0 and (want.group_id, int(want.epoch)) not in self._failed)
 
-    def _lease_and_fetch(self) -> _Lease | None:
-        while self._member_assigned():
-            if self._stop.wait(0.2) or self._finish.is_set() or self._abort.is_set():
-                return None
-        return super()._lease_and_fetch()
+    def may_apply_updates(self) -> bool:
+        g = self._group
+        if g is not None and g.trainer is not None and not self._idle:
+            t = g.trainer
+            # Rebase only before a step that ends with a checksum round (or starts with one), and
+            # only at every REBASE_EVERY_CHECKS-th one: the others verify the synchronous steps.
+            period = t.check_every * REBASE_EVERY_CHECKS
+            if not (t._needs_check or (period and (t._group_calls + 1) % period == 0)):
+                return False
+        return True
+
+    def before_finish(self) -> None:
+        if self._group is not None:  # close it so the peers' next exchange fails at once
+            self._leave_group()
+
+    def on_new_run(self) -> None:
+        self._leave_group()
+        with self._group_lock:
+            self._assigned, self._failure = None, None
+            self._failed.clear()
+
+    # ------------------------------------------------------------------ switching (training thread)
 
     def _maybe_switch(self, holding_lease: bool) -> None:
         with self._group_lock:
@@ -220,7 +241,7 @@ class GroupWorkerRunner(WorkerRunner):
         if key is not None and key in self._failed:
             key = None
         if key is not None and g is None and want.rank > 0 and holding_lease:
-            return  # a rank > 0 first trains out the leases it holds (no new ones: _lease_and_fetch)
+            return  # a rank > 0 first trains out the leases it holds (no new ones: may_lease)
         if g is not None:
             log.info("sync group %s: the coordinator %s; leaving it", g.group_id,
                      "assigned another group" if key else "dissolved it")
@@ -231,21 +252,22 @@ class GroupWorkerRunner(WorkerRunner):
     def _enter_group(self, a: pb.GroupAssignment) -> None:
         from geotrain.worker.allreduce import CompressedAllReduce
 
-        scheme = self.sync_compression or ("sign" if self.run_cfg.compression.scheme == "sign" else "none")
+        r = self.runner
+        scheme = self.sync_compression or ("sign" if r.run_cfg.compression.scheme == "sign" else "none")
         if a.rank > 0:
             self._flush_before_member()
         ar = CompressedAllReduce(
             int(a.rank), int(a.world_size), list(a.peers), a.group_id, epoch=int(a.epoch), compression=scheme,
-            algorithm=self.run_cfg.compression.sync_schedule, token=self.config.token, min_deadline_s=max(MIN_DEADLINE_S, 3.0 * self.heartbeat_seconds),
-            chunk=self.run_cfg.compression.chunk,
+            algorithm=r.run_cfg.compression.sync_schedule, token=r.config.token,
+            min_deadline_s=max(MIN_DEADLINE_S, 3.0 * r.heartbeat_seconds), chunk=r.run_cfg.compression.chunk,
         )
-        ar.add_to_server(self.server.server)
+        ar.add_to_server(r.server.server)
         g = self._group = _Group(a.group_id, int(a.epoch), int(a.rank), int(a.world_size), ar)
         with self._group_lock:
             self._active_group_id = a.group_id
-        if self.metrics is not None:
-            self.metrics.enable_sync()
-            self.metrics.sync_group_size.set(a.world_size)
+        if r.metrics is not None:
+            r.metrics.enable_sync()
+            r.metrics.sync_group_size.set(a.world_size)
         log.info("sync group %s (epoch %d): rank %d of %d, peers %s, compression %s, schedule %s", a.group_id,
                  a.epoch, a.rank, a.world_size, ",".join(a.peers), scheme, ar.algorithm)
         if g.rank > 0:
@@ -257,16 +279,17 @@ class GroupWorkerRunner(WorkerRunner):
         """Every member serves the group: build the SyncGroupTrainer around the worker's model."""
         from geotrain.worker.sync import SyncGroupTrainer
 
-        settings = sync_trainer_settings(self.run_cfg)
+        r = self.runner
+        settings = sync_trainer_settings(r.run_cfg)
         check_every = settings["check_every"]
-        trainer = SyncGroupTrainer(self.model, g.ar, device=self.device, **settings)
-        if self.optimizer.state:
+        trainer = SyncGroupTrainer(r.trainer.model, g.ar, device=r.device, **settings)
+        if r.trainer.optimizer.state:
             try:
-                trainer.optimizer.load_state_dict(self.optimizer.state_dict())
+                trainer.optimizer.load_state_dict(r.trainer.optimizer.state_dict())
             except (ValueError, KeyError) as exc:
                 log.warning("sync group %s: could not carry the AdamW state over (%s)", g.group_id, exc)
         _ensure_adam_state(trainer.optimizer)
-        trainer.step_count = self.step_offset + self.local_step
+        trainer.step_count = r.step_offset + r.rounds.local_step
         g.trainer = trainer
         log.info("sync group %s: all %d members serve it: training synchronously (rank %d, checksum round every %d steps)",
                  g.group_id, g.world_size, g.rank, check_every)
@@ -277,14 +300,14 @@ class GroupWorkerRunner(WorkerRunner):
 
         request = peer_pb2.PeerStatusRequest(group_id=g.group_id, sender=g.rank)
         waiting = set()
-        for r in sorted(ranks):
+        for rank in sorted(ranks):
             try:
-                reply = g.ar._stub(r).Status(request, timeout=2.0, metadata=g.ar._metadata)
+                reply = g.ar._stub(rank).Status(request, timeout=2.0, metadata=g.ar._metadata)
             except Exception:  # noqa: BLE001 - not there yet
-                waiting.add(r)
+                waiting.add(rank)
                 continue
             if reply.epoch != g.epoch:
-                waiting.add(r)
+                waiting.add(rank)
         return waiting
 
     def _poll_peers(self, g: _Group) -> None:
@@ -318,8 +341,7 @@ class GroupWorkerRunner(WorkerRunner):
                 rank0_deadline = float("inf")
             with self._group_lock:
                 want = self._assigned
-            if want is None or (want.group_id, int(want.epoch)) != (g.group_id, g.epoch) or self._stop.is_set() \
-                    or self._finish.is_set():
+            if want is None or (want.group_id, int(want.epoch)) != (g.group_id, g.epoch) or self.runner.finishing():
                 log.info("sync group %s: assignment changed while waiting for the peers", g.group_id)
                 self._leave_group()
                 return
@@ -331,25 +353,28 @@ class GroupWorkerRunner(WorkerRunner):
 
     def _flush_before_member(self) -> None:
         """A rank > 0 may no longer push once it confirmed the group: send what it trained async."""
+        r = self.runner
+        rounds = r.rounds
         give_up = time.monotonic() + FLUSH_BEFORE_MEMBER_S
-        while time.monotonic() < give_up and not self._stop.is_set():
-            if self._inflight is None:
-                if len(self._pending) <= self._sealed:
+        while time.monotonic() < give_up and not r.stop_event.is_set():
+            if rounds.inflight is None:
+                if len(rounds.pending) <= rounds.sealed:
                     return
-                self._start_push()
+                r.start_push()
             try:
-                msg = self._inbox.get(timeout=0.1)
+                msg = r.inbox.get(timeout=0.1)
             except queue.Empty:
                 continue
-            self._handle(msg)
-        if self._pending:
+            rounds.handle(msg)
+        if rounds.pending:
             log.warning("joining the sync group with %d unpushed range(s): they go out when this worker is async again",
-                        len(self._pending))
+                        len(rounds.pending))
 
     def _leave_group(self) -> None:
         g, self._group = self._group, None
         if g is None:
             return
+        r = self.runner
         with self._group_lock:
             self._active_group_id = ""
         try:
@@ -359,32 +384,30 @@ class GroupWorkerRunner(WorkerRunner):
             g.ar.close()
         if g.trainer is not None:
             try:
-                self.optimizer.load_state_dict(g.trainer.optimizer.state_dict())
+                r.trainer.optimizer.load_state_dict(g.trainer.optimizer.state_dict())
             except (ValueError, KeyError) as exc:
                 log.warning("could not carry the sync group's AdamW state back (%s)", exc)
-        if g.rank > 0 and not (self._finish.is_set() or self._stop.is_set() or self._abort.is_set()):
+        if g.rank > 0 and not (r.finishing() or r.abort.is_set()):
             try:  # tell the coordinator now, before async pushes that it would refuse from a rank > 0
-                reply = self._send_heartbeat(self._last_hb_stats, patience=3.0)
-                self._on_heartbeat_reply(reply)
+                self.on_heartbeat_reply(self._send_heartbeat(patience=3.0))
             except Exception as exc:  # noqa: BLE001 - the heartbeat thread tells it soon anyway
                 log.warning("heartbeat after leaving the group failed: %s", exc)
         if g.rank > 0 and g.trainer is not None:
             # The weights were rank 0's: their progress is rank 0's to push. Back to the basepoint,
             # then the newest full model.
-            self.local_step = max(self.local_step, g.trainer.step_count - self.step_offset)
-            if self._inflight is not None:
-                self._resolve(self._inflight, merged=False)
-            with torch.no_grad():
-                for n, t in self.params.items():
-                    t.copy_(self.base[n].to(t.device, t.dtype))
-            self._need_full.set()
-        if self.metrics is not None and getattr(self.metrics, "sync_group_size", None) is not None:
-            self.metrics.sync_group_size.set(0)
+            rounds = r.rounds
+            rounds.local_step = max(rounds.local_step, g.trainer.step_count - r.step_offset)
+            if rounds.inflight is not None:
+                rounds.resolve(rounds.inflight, merged=False)
+            rounds.reset_to_base()
+            r.need_full.set()
+        if r.metrics is not None and getattr(r.metrics, "sync_group_size", None) is not None:
+            r.metrics.sync_group_size.set(0)
         log.info("sync group %s: left after %d steps (%d on the leased tokens rank 0 planned, %d on unaccounted "
                  "random windows); training async", g.group_id, g.steps, g.steps - g.unplanned_steps, g.unplanned_steps)
 
     def _group_failed(self, g: _Group, exc) -> None:
-        survivors = [int(r) for r in (getattr(exc, "survivors", None) or [])]
+        survivors = [int(s) for s in (getattr(exc, "survivors", None) or [])]
         log.warning("sync group %s (epoch %d) rank %d: peer failure: %s; survivors %s; reporting it and training async",
                     g.group_id, g.epoch, g.rank, exc, survivors)
         with self._group_lock:
@@ -393,36 +416,15 @@ class GroupWorkerRunner(WorkerRunner):
             self._failed.add((g.group_id, g.epoch))
         self._leave_group()
 
-    def _reset_for_new_run(self) -> None:
-        self._leave_group()
-        with self._group_lock:
-            self._assigned, self._failure = None, None
-            self._failed.clear()
-        super()._reset_for_new_run()
-
-    def _finish_up(self, reason: str, patience: float) -> None:
-        if self._group is not None:  # close it so the peers' next exchange fails at once
-            self._leave_group()
-        super()._finish_up(reason, patience)
-
     # ------------------------------------------------------------------ stepping
 
-    def _drain_inbox(self) -> None:
-        g = self._group
-        if g is not None and g.trainer is not None and not self._idle:
-            t = g.trainer
-            # Rebase only before a step that ends with a checksum round (or starts with one), and
-            # only at every REBASE_EVERY_CHECKS-th one: the others verify the synchronous steps.
-            period = t.check_every * REBASE_EVERY_CHECKS
-            if not (t._needs_check or (period and (t._group_calls + 1) % period == 0)):
-                return
-        super()._drain_inbox()
-
-    def _train_step(self, lease: _Lease) -> None:
+    def train_step(self, lease: Lease) -> bool:
+        """Rank 0 of a training group: the group's step on the plan's share of the lease."""
         g = self._group
         if g is None or g.rank != 0 or g.trainer is None:
-            return super()._train_step(lease)
-        T = self.model_cfg.block_size
+            return False
+        r = self.runner
+        T = r.model_cfg.block_size
         plan = g.next_batch
         if plan is not None and g.planned_from != (lease.unit_id, lease.epoch, lease.pos):
             log.warning("sync group %s: the lease changed under the announced batch; the members' tokens of "
@@ -430,60 +432,64 @@ class GroupWorkerRunner(WorkerRunner):
             plan = None
         if plan is not None:
             lo, hi = plan_slots(plan, 0, g.world_size)
-            x, y = self._slots_batch(lease.shard, lease.epoch, lo, hi)
+            x, y = r.shards.slots_batch(lease.shard, lease.epoch, lo, hi)
             n = int(plan.sequences)
         else:
-            x, y, n = self._lease_batch(lease)  # alone: the members train on random windows
+            x, y, n = r.shards.lease_batch(lease, r.batch_size)  # alone: the members train on random windows
         end = lease.pos + n * T
         nxt = self._plan_after(g, lease, end)
         loss = self._sync_step(g, x, y, nxt)
         if loss is None:
-            return  # no step taken: the tokens stay in the lease, trained again async
+            return True  # no step taken: the tokens stay in the lease, trained again async
         g.unplanned_steps += plan is None
         start, lease.pos = lease.pos, end
-        self.local_step += 1
-        self.round_steps += 1
-        self._record_range(lease, start, end, loss)
+        r.rounds.local_step += 1
+        r.rounds.round_steps += 1
+        r.rounds.record_range(lease, start, end, loss)
+        return True
 
-    def _plan_after(self, g: _Group, lease: _Lease, position: int):
+    def _plan_after(self, g: _Group, lease: Lease, position: int):
         """Rank 0: the BatchPlan of the step after the one that ends at `position` of `lease`:
         from that lease, or from the prefetched next lease once it is used up; None if neither has
         a sequence for every member. Remembers where the plan starts, to check it next step."""
-        T = self.model_cfg.block_size
-        remaining = (self._usable_end(lease) - position) // T
+        r = self.runner
+        T = r.model_cfg.block_size
+        remaining = (r.shards.usable_end(lease) - position) // T
         source = lease
         if remaining == 0:  # the main loop takes the prefetched lease next (worker/runner.py)
-            nxt = self._next_lease
+            nxt = r.next_lease
             if nxt is None or not nxt.done() or nxt.cancelled() or nxt.exception() is not None:
                 return None
             source = nxt.result()
-            if source is None or source.session != self.client.session_epoch:
+            if source is None or source.session != r.client.session_epoch:
                 return None
             position = source.pos
-            remaining = (self._usable_end(source) - position) // T
-        plan = plan_for(source.shard, source.epoch, position // T, remaining, g.world_size, self.batch_size)
+            remaining = (r.shards.usable_end(source) - position) // T
+        plan = plan_for(source.shard, source.epoch, position // T, remaining, g.world_size, r.batch_size)
         g.planned_from = (source.unit_id, source.epoch, position) if plan is not None else None
         return plan
 
     def _member_step(self, g: _Group) -> None:
+        r = self.runner
         plan = g.next_batch
         if plan is not None:
             lo, hi = plan_slots(plan, g.rank, g.world_size)
-            self._ensure_shard(plan.shard)
-            x, y = self._slots_batch(plan.shard, int(plan.epoch), lo, hi)
+            r.shards.ensure_shard(plan.shard)
+            x, y = r.shards.slots_batch(plan.shard, int(plan.epoch), lo, hi)
         else:
             x, y = self._random_windows(g)
         if self._sync_step(g, x, y) is not None:
-            self.local_step += 1
+            r.rounds.local_step += 1
             g.unplanned_steps += plan is None
 
     def _random_windows(self, g: _Group) -> tuple[torch.Tensor, torch.Tensor]:
         """B random windows of one train shard: a member's batch for a step without a plan."""
-        shards = [s for s in self.manifest.shards if getattr(s, "split", "train") == "train"] or list(self.manifest.shards)
+        r = self.runner
+        shards = [s for s in r.manifest.shards if getattr(s, "split", "train") == "train"] or list(r.manifest.shards)
         shards.sort(key=lambda s: s.name)
         info = shards[(zlib.crc32(g.group_id.encode()) + g.rank) % len(shards)]
-        arr = self._ensure_shard(info.name)
-        T, B = self.model_cfg.block_size, self.batch_size
+        arr = r.shards.ensure_shard(info.name)
+        T, B = r.model_cfg.block_size, r.batch_size
         high = max(1, len(arr) - T - 1)
         rng = np.random.default_rng([zlib.crc32(g.group_id.encode()), g.epoch, g.rank, g.steps])
         starts = rng.integers(0, high, size=B)
@@ -495,8 +501,9 @@ class GroupWorkerRunner(WorkerRunner):
         (the group is dropped)."""
         from geotrain.worker.allreduce import PeerFailure
 
-        if self.device.type != "cpu":
-            x, y = x.to(self.device), y.to(self.device)
+        r = self.runner
+        if r.device.type != "cpu":
+            x, y = x.to(r.device), y.to(r.device)
         try:
             m = g.trainer.step(x, y, next_batch=next_batch)
         except PeerFailure as exc:
@@ -504,14 +511,10 @@ class GroupWorkerRunner(WorkerRunner):
             return None
         g.steps += 1
         g.next_batch = m.next_batch
-        with self._stats_lock:
-            self._stats.steps += 1
-            self._stats.tokens += x.numel()
-            self._stats.loss_sum += m.loss
-            self._stats.step_seconds += m.step_seconds
-        if self.metrics is not None:
-            self.metrics.step_seconds.observe(m.step_seconds)
-            self.metrics.observe_sync(m)
+        r.stats.add(steps=1, tokens=x.numel(), loss_sum=m.loss, step_seconds=m.step_seconds)
+        if r.metrics is not None:
+            r.metrics.step_seconds.observe(m.step_seconds)
+            r.metrics.observe_sync(m)
         if m.checked:
             self.group_checks += 1
             if m.repaired:

@@ -6,6 +6,9 @@ heartbeat (WorkerStats), which exports them per worker.
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
+
 from geotrain.common import metric_names as mn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
@@ -65,12 +68,52 @@ class WorkerMetrics:
             self.wait_seconds.inc(wait_seconds - self._last_wait)
             self._last_wait = wait_seconds
 
-    def serve(self, port: int, addr: str = "0.0.0.0"):
-        """Start the HTTP exporter on `port` (0 = off). Returns the server or None."""
-        if not port:
+    def serve(self, port: int, addr: str = "0.0.0.0", any_port: bool = False):
+        """Start the HTTP exporter on `port` (0 = off, or any free port with any_port; the bound
+        port is the server's `server_port`). Returns the server or None. OSError when taken."""
+        if not port and not any_port:
             return None
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         return server
 
     def scrape(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass
+class Stats:
+    """The worker's cumulative counters (since it started training this run)."""
+
+    steps: int = 0
+    tokens: int = 0
+    loss_sum: float = 0.0
+    step_seconds: float = 0.0
+    wait_seconds: float = 0.0  # the training loop blocked on the network (first model, data, lag bound)
+    pushes: int = 0
+    merged: int = 0
+    stale: int = 0
+    resyncs: int = 0
+    residual_norm: float = 0.0  # ||delta - decoded|| of the last push
+    merge_lag_steps: int = 0  # summed over merged pushes: local steps between a push and its merge
+
+
+class StatsBook:
+    """`Stats` shared by the worker's threads: `add` under the lock, `snapshot` a copy."""
+
+    def __init__(self) -> None:
+        self._stats = Stats()
+        self._lock = threading.Lock()
+
+    def add(self, **increments) -> None:
+        with self._lock:
+            for name, value in increments.items():
+                setattr(self._stats, name, getattr(self._stats, name) + value)
+
+    def set(self, **values) -> None:
+        with self._lock:
+            for name, value in values.items():
+                setattr(self._stats, name, value)
+
+    def snapshot(self) -> Stats:
+        with self._lock:
+            return Stats(**vars(self._stats))
