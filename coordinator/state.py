@@ -46,6 +46,7 @@ from geotrain.common.checkpoint import load_latest_checkpoint, save_checkpoint
 from geotrain.common.compression import ErrorFeedback, decode_tensors, encode_tensors, get_codec
 from geotrain.common.config import REPLAYED_DOWNLINKS, ModelConfig, RunConfig
 from geotrain.common.data import TokenData
+from geotrain.common.hf import initial_model
 from geotrain.common.model import GPT
 from geotrain.protos.rpc import PROTOCOL_VERSION
 from geotrain.common.tensors import clone_tensors, global_norm, model_tensors, params_sha256, tensor_spec
@@ -218,9 +219,12 @@ class CoordinatorState:
         self.lock = threading.RLock()
         self.version_changed = threading.Condition(self.lock)
 
-        self.model_config: ModelConfig = run.model.build(vocab_size=data.vocab_size)
+        # model.init_from: Hugging Face GPT-2 weights instead of the seed's (common/hf.py)
+        self.model_config, initial = initial_model(run.model, data.vocab_size, data.manifest.tokenizer.get("name", ""))
         torch.manual_seed(run.train.seed)
         self.eval_model = GPT(self.model_config)
+        if initial is not None:
+            self.eval_model.load_state_dict(initial)
         self.global_params = clone_tensors(model_tensors(self.eval_model))
         self.spec = tensor_spec(self.global_params)
         self.num_params = sum(t.numel() for t in self.global_params.values())
@@ -242,7 +246,8 @@ class CoordinatorState:
         self.params_sha = params_sha256(self.global_params)
         # Version 1 is built from the seed: a worker that rebuilds it bit-identically (same seed,
         # same torch init) skips the first full download (run_spec "initial_sha256").
-        self.initial_sha = self.params_sha
+        # Imported weights cannot be rebuilt from the seed: "" makes every worker download them.
+        self.initial_sha = self.params_sha if initial is None else ""
         self.history: deque[UpdateRecord] = deque()  # trimmed in _merge: see _history_limit
         self.full_blob_cache: tuple[int, bytes, int] | None = None  # (version, blob, momentum bytes)
         self.workers: dict[str, WorkerRecord] = {}

@@ -14,7 +14,7 @@ import click
 
 from geotrain.common import __version__
 from geotrain.common.data import DEFAULT_SHARD_TOKENS
-from geotrain.common.config import DELTA_SCHEMES
+from geotrain.common.config import DELTA_SCHEMES, RECIPES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +40,7 @@ _TRAIN_FLAGS = {  # CLI option -> dotted RunConfig key
     "log_interval": "train.log_interval", "checkpoint_interval": "train.checkpoint_interval",
     "lr": "optim.lr", "min_lr": "optim.min_lr", "warmup_iters": "optim.warmup_iters",
     "lr_decay_iters": "optim.lr_decay_iters", "weight_decay": "optim.weight_decay",
-    "beta2": "optim.beta2", "grad_clip": "optim.grad_clip",
+    "beta2": "optim.beta2", "grad_clip": "optim.grad_clip", "init_from": "model.init_from",
 }
 
 
@@ -50,6 +50,11 @@ _TRAIN_FLAGS = {  # CLI option -> dotted RunConfig key
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Run config TOML; the flags below override it.")
 @click.option("--resume", is_flag=True, help="Continue from the latest valid checkpoint in --out.")
+@click.option("--recipe", type=click.Choice(sorted(RECIPES)),
+              help="Defaults for a purpose (below --config and flags). finetune: nanoGPT's finetune_shakespeare "
+                   "(constant lr 3e-5, 20 iters of 32 sequences), for --init-from.")
+@click.option("--init-from", help="Start from GPT-2 weights in Hugging Face format: gpt2, gpt2-medium, gpt2-large, "
+                                  "gpt2-xl (downloaded when online) or a directory with config.json + model.safetensors.")
 @click.option("--data", help="Prepared data directory (default: the embedded corpus).")
 @click.option("--model", help="Model preset: nano, gpt2, gpt2-medium, gpt2-large, gpt2-xl.")
 @click.option("--n-layer", type=int)
@@ -76,13 +81,13 @@ _TRAIN_FLAGS = {  # CLI option -> dotted RunConfig key
 @click.option("--compile/--no-compile", default=None, help="torch.compile the model.")
 @click.option("--threads", type=int, help="torch intra-op threads (0: torch's default).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm bar on a terminal.")
-def train(out, config_file, resume, progress, **flags) -> None:
+def train(out, config_file, resume, recipe, progress, **flags) -> None:
     """Train a GPT in one process (nanoGPT-style reference trainer)."""
     from geotrain.common.config import apply_overrides, load_run_config
     from geotrain.common.train import train as run_train
 
     try:
-        run = load_run_config(config_file)
+        run = load_run_config(config_file, recipe)
         apply_overrides(run, {_TRAIN_FLAGS[k]: v for k, v in flags.items()})
         run.validate()
         run_train(run, out, resume=resume, progress=progress)
