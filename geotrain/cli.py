@@ -1,4 +1,4 @@
-"""`geotrain`: the umbrella command (prepare, train, sample, eval, demo, status).
+"""`geotrain`: the umbrella command (prepare, train, sample, eval, export, demo, status).
 
 Each subcommand maps flags (and `--config FILE.toml` where it applies) onto the typed dataclasses
 of common/config.py and calls a plain function; ValueError from those becomes a clear message and
@@ -129,12 +129,31 @@ def sample(checkpoint, prompt, max_new_tokens, temperature, top_k, num_samples, 
 @click.option("--seed", type=int, help="Batch seed (default: the trainer's fixed evaluation seed).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(checkpoint, data, iters, batch_size, seed, device, as_json) -> None:
-    """Validation loss and perplexity of a checkpoint."""
+@click.option("--hellaswag", "hellaswag", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
+              help="Score HellaSwag instead (acc, acc_norm): FILE is jsonl in the dataset's format; alone, the "
+                   "public validation split is downloaded once. --batch-size counts examples, --iters is ignored.")
+@click.option("--limit", type=click.IntRange(1), help="HellaSwag: only the first N examples.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="HellaSwag: tqdm bar on a terminal.")
+def eval_(checkpoint, data, iters, batch_size, seed, device, as_json, hellaswag, limit, progress) -> None:
+    """Validation loss and perplexity of a checkpoint, or its HellaSwag accuracy."""
     import json as _json
 
     from geotrain.common.sampling import evaluate_checkpoint
 
+    if hellaswag is not None:
+        from geotrain.common.hellaswag import evaluate_checkpoint_hellaswag
+
+        try:
+            result = evaluate_checkpoint_hellaswag(checkpoint, None if hellaswag == "-" else hellaswag, limit,
+                                                   batch_size, device, progress and not as_json)
+        except ValueError as exc:
+            fail(str(exc))
+        if as_json:
+            click.echo(_json.dumps(result, indent=2))
+        else:
+            click.echo(f"{result['checkpoint']} (step {result['step']}): HellaSwag acc {result['acc']:.4f}, "
+                       f"acc_norm {result['acc_norm']:.4f} over {result['examples']} examples")
+        return
     try:
         result = evaluate_checkpoint(checkpoint, data, iters, batch_size, seed, device)
     except ValueError as exc:
@@ -144,6 +163,28 @@ def eval_(checkpoint, data, iters, batch_size, seed, device, as_json) -> None:
     else:
         click.echo(f"{result['checkpoint']} (step {result['step']}): val loss {result['val_loss']:.4f}, "
                    f"perplexity {result['perplexity']:.2f} over {result['tokens']:,} tokens")
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="Trainer out dir, coordinator run dir or checkpoint root, or one ckpt-* directory.")
+@click.option("--hf", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory of the Hugging Face GPT2LMHeadModel.")
+@click.option("--tokenizer", type=click.Choice(["gpt2", "byte"]),
+              help="The tokenizer of a checkpoint trained on imported token ids (default: the checkpoint's).")
+def export(checkpoint, out, tokenizer) -> None:
+    """Write a checkpoint as a Hugging Face GPT2LMHeadModel (config.json, model.safetensors and
+    tokenizer files where the tokenizer allows: see README)."""
+    from geotrain.common.hf import export_checkpoint
+
+    try:
+        result = export_checkpoint(checkpoint, out, tokenizer)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    click.echo(f"{result['out']}: {', '.join(result['files'])} from {result['checkpoint']} "
+               f"(vocab {result['vocab_size']}, tokenizer {result['tokenizer']})")
+    if result["note"]:
+        click.echo(f"note: {result['note']}")
 
 
 @cli.command()
