@@ -350,6 +350,11 @@ class EvalConfig:
     every_versions: int = 5
     iters: int = 20
     batch_size: int = 12
+    # With each evaluation, also HellaSwag acc_norm on the first `hellaswag_examples` examples of
+    # this jsonl file (common/hellaswag.py; 0 = all), exported as geotrain_hellaswag_acc_norm.
+    # "" = off. On a CPU coordinator, 124M scores ~10 examples/s: keep it a sample.
+    hellaswag_file: str = ""
+    hellaswag_examples: int = 200
 
 
 @dataclass

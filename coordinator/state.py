@@ -46,6 +46,7 @@ from geotrain.common.checkpoint import load_latest_checkpoint, save_checkpoint
 from geotrain.common.compression import ErrorFeedback, decode_tensors, encode_tensors, get_codec
 from geotrain.common.config import REPLAYED_DOWNLINKS, ModelConfig, RunConfig
 from geotrain.common.data import TokenData
+from geotrain.common.hellaswag import evaluate_hellaswag, read_examples
 from geotrain.common.hf import initial_model
 from geotrain.common.model import GPT
 from geotrain.protos.rpc import PROTOCOL_VERSION
@@ -221,6 +222,8 @@ class CoordinatorState:
 
         # model.init_from: Hugging Face GPT-2 weights instead of the seed's (common/hf.py)
         self.model_config, initial = initial_model(run.model, data.vocab_size, data.manifest.tokenizer.get("name", ""))
+        self.hellaswag = (read_examples(run.eval.hellaswag_file, run.eval.hellaswag_examples or None)
+                          if run.eval.hellaswag_file else None)  # eval.hellaswag_file, checked at start
         torch.manual_seed(run.train.seed)
         self.eval_model = GPT(self.model_config)
         if initial is not None:
@@ -814,12 +817,18 @@ class CoordinatorState:
                 x, y = self.data.get_batch("val", self.run.eval.batch_size, self.model_config.block_size, EVAL_SEED, i)
                 losses.append(float(model(x, y)[1]))
         val = sum(losses) / len(losses)
+        row = {"version": version, "tokens": tokens, "val_loss": val}
+        if self.hellaswag is not None:
+            hs = evaluate_hellaswag(model, self.data.tokenizer(), self.hellaswag, progress=False)
+            row["hellaswag_acc_norm"] = hs["acc_norm"]
         with self.lock:
             self.val_loss = val
             self.last_eval_version = max(self.last_eval_version, version)
             if self.metrics is not None:
                 self.metrics.val_loss.set(val)
-            self._append_history({"version": version, "tokens": tokens, "val_loss": val})
+                if "hellaswag_acc_norm" in row:
+                    self.metrics.hellaswag_acc_norm.set(row["hellaswag_acc_norm"])
+            self._append_history(row)
         log.info("version %d: validation loss %.4f", version, val)
         return val
 

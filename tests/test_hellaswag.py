@@ -141,3 +141,32 @@ def test_no_file_reads_the_cached_validation_split(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["file"] == str(cache / "hellaswag" / "hellaswag_val.jsonl") and report["correct_norm"] == 2
+
+
+def test_coordinator_exports_hellaswag_acc_norm(tmp_path):
+    from geotrain.common.data import TokenData, prepare
+    from geotrain.common.hellaswag import evaluate_hellaswag
+    from geotrain.common.config import RunConfig
+    from geotrain.coordinator.metrics import CoordinatorMetrics
+    from geotrain.coordinator.state import CoordinatorState
+
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 500)
+    prepare([tmp_path / "a.txt"], tmp_path / "tokens", progress=False)
+    data = TokenData(tmp_path / "tokens")
+    file = _jsonl(tmp_path / "hs.jsonl", HAND_CHECKED * 3)
+    run = RunConfig()
+    run.model.n_layer, run.model.n_embd, run.model.n_head, run.model.block_size = 1, 32, 2, 16
+    run.eval.iters, run.eval.hellaswag_file, run.eval.hellaswag_examples = 1, str(file), 4
+    state = CoordinatorState(run, data, tmp_path / "run", metrics=CoordinatorMetrics())
+    state.evaluate(1)
+    model = GPT(state.model_config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(state.global_params[name])
+    expected = evaluate_hellaswag(model, ByteTokenizer(), read_examples(file, 4), progress=False)["acc_norm"]
+    assert state.metrics.registry.get_sample_value("geotrain_hellaswag_acc_norm") == expected
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["hellaswag_acc_norm"] == expected
+    run.eval.hellaswag_file = str(_jsonl(tmp_path / "bad.jsonl", ["{"]))
+    with pytest.raises(ValueError, match="bad.jsonl, line 1: not valid JSON"):
+        CoordinatorState(run, data, tmp_path / "run2")
