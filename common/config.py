@@ -352,7 +352,7 @@ class EvalConfig:
     batch_size: int = 12
     # With each evaluation, also HellaSwag acc_norm on the first `hellaswag_examples` examples of
     # this jsonl file (common/hellaswag.py; 0 = all), exported as geotrain_hellaswag_acc_norm.
-    # "" = off. On a CPU coordinator, 124M scores ~10 examples/s: keep it a sample.
+    # "" = off. It runs on the coordinator's CPU in the evaluation thread: keep it a sample.
     hellaswag_file: str = ""
     hellaswag_examples: int = 200
 
