@@ -279,3 +279,24 @@ def test_finetune_in_a_two_worker_demo(tmp_path, hf_dir, corpus):
     moved = _max_diff(weights, {k: v for k, v in start.items() if k in weights})
     assert 0 < moved < 0.01  # fine-tuned from the imported weights, not from a fresh model
     assert state["model_config"] == {**state["model_config"], "n_embd": 32, "n_layer": 2, "bias": True}
+
+
+def test_export_with_gpt2_tokenizer_cuts_a_padded_vocabulary(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network in tests
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50304, bias=True)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    save_checkpoint(tmp_path / "owt" / "checkpoints", 5, model.state_dict(),
+                    {"step": 5, "model_config": cfg.to_dict(), "tokenizer": {"name": "external", "vocab_size": 50304, "eot_id": -1}})
+    out = tmp_path / "hf"
+    result = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "owt"), "--hf", str(out), "--tokenizer", "gpt2"])
+    assert result.exit_code == 0, result.output
+    assert "note: GPT-2 tokenizer files not written" in result.output
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    assert hf.config.vocab_size == 50257 and hf.config.eos_token_id == 50256
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf(x).logits
+    assert (theirs - _logits_geotrain(model, x)[..., :50257]).abs().max().item() < 1e-4
