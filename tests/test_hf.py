@@ -300,3 +300,22 @@ def test_export_with_gpt2_tokenizer_cuts_a_padded_vocabulary(tmp_path, monkeypat
     with torch.no_grad():
         theirs = hf(x).logits
     assert (theirs - _logits_geotrain(model, x)[..., :50257]).abs().max().item() < 1e-4
+
+
+def test_coordinator_refuses_a_config_that_is_not_gpt2_shaped(tmp_path, hf_dir, corpus):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
+    (bad / "config.json").write_text(json.dumps({**json.loads((hf_dir / "config.json").read_text()), "model_type": "gpt_neox"}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "geotrain.coordinator.cli", "--data", str(corpus), "--init-from", str(bad),
+         "--run-dir", str(tmp_path / "run"), "--port", "0", "--metrics-port", "0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {bad / 'config.json'}: model_type is 'gpt_neox', not 'gpt2': only GPT-2 shaped models import"
+    ]
