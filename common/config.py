@@ -190,11 +190,16 @@ class ModelSection:
     block_size: int | None = opt(None, low=1, help="Context length in tokens (default: the preset's).")
     dropout: float | None = opt(None, low=0.0, high=1.0, help="Dropout probability (default: the preset's).")
     bias: bool | None = opt(None, help="Biases in linear layers and layer norms (default: the preset's).")
+    # Start from GPT-2 weights in Hugging Face format: gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+    # (downloaded when online) or a local directory with config.json + model.safetensors. The
+    # shape then comes from its config.json (common/hf.py); "" = a fresh model of the preset.
+    init_from: str = opt("", help="Start from GPT-2 weights in Hugging Face format: gpt2, gpt2-medium, gpt2-large, "
+                                  "gpt2-xl (downloaded when online) or a directory with config.json + model.safetensors.")
 
     def build(self, vocab_size: int) -> ModelConfig:
         """The model for data of ``vocab_size`` ids (the manifest's): the embedding padded to a
         multiple of VOCAB_MULTIPLE, the padding masked (ModelConfig.token_vocab_size)."""
-        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
+        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("preset", "init_from")}
         return model_config(self.preset, vocab_size=padded_vocab_size(vocab_size), token_vocab_size=vocab_size,
                             **overrides)
 
@@ -445,6 +450,11 @@ class EvalConfig:
     every_versions: int = 5
     iters: int = 20
     batch_size: int = 12
+    # With each evaluation, also HellaSwag acc_norm on the first `hellaswag_examples` examples of
+    # this jsonl file (common/hellaswag.py; 0 = all), exported as geotrain_hellaswag_acc_norm.
+    # "" = off. It runs on the coordinator's CPU in the evaluation thread: keep it a sample.
+    hellaswag_file: str = ""
+    hellaswag_examples: int = 200
 
 
 @dataclass
@@ -717,17 +727,35 @@ def run_config_from_dict(values: Mapping[str, Any]) -> RunConfig:
     return _fill(RunConfig, values, "").validate()
 
 
-def load_run_config(path: str | Path | None) -> RunConfig:
-    """Read a run TOML file into a RunConfig (defaults when path is None)."""
-    if path is None:
-        return RunConfig().validate()
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file not found: {path}")
-    try:
-        values = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc
+# Named bundles of defaults (`--recipe NAME`), below a config file and flags in precedence.
+# finetune: nanoGPT's finetune_shakespeare (from GPT-2 weights, `--init-from`): a small constant
+# learning rate, no warmup or decay, few iterations of 32 accumulated sequences, frequent evaluation.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "finetune": {
+        "optim": {"lr": 3e-5, "min_lr": 3e-5, "warmup_iters": 0, "beta2": 0.95},
+        "train": {"batch_size": 1, "grad_accum": 32, "max_iters": 20, "eval_interval": 5, "eval_iters": 40},
+    },
+}
+
+
+def load_run_config(path: str | Path | None, recipe: str | None = None) -> RunConfig:
+    """Read a run TOML file into a RunConfig (defaults when path is None), on top of a recipe."""
+    if recipe and recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+    values: dict[str, Any] = {k: dict(v) for k, v in RECIPES[recipe].items()} if recipe else {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        try:
+            from_file = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc
+        for key, value in from_file.items():
+            if isinstance(value, Mapping) and isinstance(values.get(key), dict):
+                values[key].update(value)
+            else:
+                values[key] = value
     return run_config_from_dict(values)
 
 

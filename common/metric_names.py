@@ -60,6 +60,7 @@ DELTA_STALENESS = "geotrain_delta_staleness"
 RECEIVED_BYTES = "geotrain_received_bytes"  # -> geotrain_received_bytes_total
 SENT_BYTES = "geotrain_sent_bytes"  # -> geotrain_sent_bytes_total
 VAL_LOSS = "geotrain_val_loss"
+HELLASWAG_ACC_NORM = "geotrain_hellaswag_acc_norm"
 TRAIN_LOSS = "geotrain_train_loss"
 SHARDS = "geotrain_shards"
 ROUND_SECONDS = "geotrain_round_seconds"
@@ -87,6 +88,7 @@ COORDINATOR_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(RECEIVED_BYTES, COUNTER, (), "Wire bytes received from workers."),
     MetricSpec(SENT_BYTES, COUNTER, (), "Wire bytes sent to workers."),
     MetricSpec(VAL_LOSS, GAUGE, (), "Last validation loss of the global model."),
+    MetricSpec(HELLASWAG_ACC_NORM, GAUGE, (), "Last HellaSwag acc_norm of the global model (eval.hellaswag_file)."),
     MetricSpec(TRAIN_LOSS, GAUGE, (), "Recent training loss reported by workers."),
     MetricSpec(SHARDS, GAUGE, ("state",), "Data shards by state (pending|leased|done)."),
     MetricSpec(ROUND_SECONDS, HISTOGRAM, (), "Seconds between merges."),

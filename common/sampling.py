@@ -60,6 +60,12 @@ def load_model_from_checkpoint(path: Path | str, device: torch.device | str = "c
     return model, cfg, spec
 
 
+def load_checkpoint_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[GPT, ModelConfig, dict, Path]:
+    """(model in eval mode, its ModelConfig, the checkpoint's state dict, the resolved ckpt-* dir)."""
+    model, cfg, _, state, ckpt = _load(path, device)
+    return model, cfg, state, ckpt
+
+
 def load_model_and_tokenizer(path: Path | str, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer]:
     """The model (eval mode) and the tokenizer it was trained with, from any geotrain checkpoint."""
     model, _, _, state, _ = _load(path, device)

@@ -38,6 +38,7 @@ from geotrain.common.checkpoint import (
 from geotrain.common.config import ModelConfig, OptimConfig, RunConfig
 from geotrain.common.corpus import resolve_data_dir
 from geotrain.common.reader import TokenData
+from geotrain.common.hf import initial_model
 from geotrain.common.model import GPT, autocast_context, configure_optimizer, resolve_device
 
 log = logging.getLogger("geotrain.train")
@@ -147,7 +148,7 @@ def train(
     device = resolve_device(tc.device)
     data_dir = resolve_data_dir(run.data.dir or None)
     data = TokenData(data_dir)
-    cfg = run.model.build(vocab_size=data.vocab_size)
+    cfg, initial = initial_model(run.model, data.vocab_size, data.manifest.tokenizer.get("name", ""))
     for split in ("train", "val"):
         if data.num_tokens(split) <= cfg.block_size:
             raise ValueError(
@@ -157,7 +158,10 @@ def train(
 
     # ------------------------------------------------------------------ model, optimizer, resume
     torch.manual_seed(tc.seed)
-    model = GPT(cfg).to(device)
+    model = GPT(cfg)
+    if initial is not None:  # --init-from: Hugging Face GPT-2 weights (common/hf.py)
+        model.load_state_dict(initial)
+    model = model.to(device)
     optimizer = configure_optimizer(model, oc.weight_decay, oc.lr, (oc.beta1, oc.beta2), device)
     start_iter = 0
     resumed_from: str | None = None

@@ -29,7 +29,7 @@ RUN_OPTIONS = (
     "data.dir", "model.preset", "compression.scheme", "compression.downlink", "compression.last_scheme",
     "round.steps", "round.seconds", "round.max_lag_steps", "merge.policy", "outer.kind", "outer.lr",
     "outer.momentum", "plan.max_tokens", "train.batch_size", "train.max_iters", "train.seed",
-    "sync.compression_warmup", "sync.warmup_compression",
+    "sync.compression_warmup", "sync.warmup_compression", "model.init_from",
 )
 SERVER_OPTIONS = tuple(f.name for f in dataclasses.fields(CoordinatorConfig))
 

@@ -40,6 +40,7 @@ class CoordinatorMetrics:
         self.received_bytes = Counter("geotrain_received_bytes", "Payload bytes received from workers", registry=r)
         self.sent_bytes = Counter("geotrain_sent_bytes", "Payload bytes sent to workers", registry=r)
         self.val_loss = Gauge("geotrain_val_loss", "Validation loss of the global model", registry=r)
+        self.hellaswag_acc_norm = Gauge("geotrain_hellaswag_acc_norm", "HellaSwag acc_norm of the global model", registry=r)
         self.train_loss = Gauge("geotrain_train_loss", "Token-weighted training loss of the last merge", registry=r)
         self.shards = Gauge("geotrain_shards", "Data units by state", ["state"], registry=r)
         self.round_seconds = Histogram(

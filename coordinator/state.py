@@ -48,6 +48,8 @@ from geotrain.common.config import (
     REPLAYED_DOWNLINKS, SEMI_SYNC_TIMEOUT_FACTOR, SEMI_SYNC_TIMEOUT_MIN_S, ModelConfig, RunConfig,
 )
 from geotrain.common.reader import TokenData
+from geotrain.common.hellaswag import evaluate_hellaswag, read_examples
+from geotrain.common.hf import initial_model
 from geotrain.common.model import GPT
 from geotrain.protos.rpc import PROTOCOL_VERSION
 from geotrain.common.tensors import clone_tensors, global_norm, model_tensors, params_sha256, tensor_spec
@@ -220,9 +222,14 @@ class CoordinatorState:
         self.lock = threading.RLock()
         self.version_changed = threading.Condition(self.lock)
 
-        self.model_config: ModelConfig = run.model.build(vocab_size=data.vocab_size)
+        # model.init_from: Hugging Face GPT-2 weights instead of the seed's (common/hf.py)
+        self.model_config, initial = initial_model(run.model, data.vocab_size, data.manifest.tokenizer.get("name", ""))
+        self.hellaswag = (read_examples(run.eval.hellaswag_file, run.eval.hellaswag_examples or None)
+                          if run.eval.hellaswag_file else None)  # eval.hellaswag_file, checked at start
         torch.manual_seed(run.train.seed)
         self.eval_model = GPT(self.model_config)
+        if initial is not None:
+            self.eval_model.load_state_dict(initial)
         self.global_params = clone_tensors(model_tensors(self.eval_model))
         self.spec = tensor_spec(self.global_params)
         self.num_params = sum(t.numel() for t in self.global_params.values())
@@ -244,7 +251,8 @@ class CoordinatorState:
         self.params_sha = params_sha256(self.global_params)
         # Version 1 is built from the seed: a worker that rebuilds it bit-identically (same seed,
         # same torch init) skips the first full download (run_spec "initial_sha256").
-        self.initial_sha = self.params_sha
+        # Imported weights cannot be rebuilt from the seed: "" makes every worker download them.
+        self.initial_sha = self.params_sha if initial is None else ""
         self.history: deque[UpdateRecord] = deque()  # trimmed in _merge: see _history_limit
         self.full_blob_cache: tuple[int, bytes, int] | None = None  # (version, blob, momentum bytes)
         self.workers: dict[str, WorkerRecord] = {}
@@ -815,12 +823,18 @@ class CoordinatorState:
                 x, y = self.data.get_batch("val", self.run.eval.batch_size, self.model_config.block_size, EVAL_SEED, i)
                 losses.append(float(model(x, y)[1]))
         val = sum(losses) / len(losses)
+        row = {"version": version, "tokens": tokens, "val_loss": val}
+        if self.hellaswag is not None:
+            hs = evaluate_hellaswag(model, self.data.tokenizer(), self.hellaswag, progress=False)
+            row["hellaswag_acc_norm"] = hs["acc_norm"]
         with self.lock:
             self.val_loss = val
             self.last_eval_version = max(self.last_eval_version, version)
             if self.metrics is not None:
                 self.metrics.val_loss.set(val)
-            self._append_history({"version": version, "tokens": tokens, "val_loss": val})
+                if "hellaswag_acc_norm" in row:
+                    self.metrics.hellaswag_acc_norm.set(row["hellaswag_acc_norm"])
+            self._append_history(row)
         log.info("version %d: validation loss %.4f", version, val)
         return val
 

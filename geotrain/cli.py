@@ -1,4 +1,4 @@
-"""`geotrain`: the umbrella command (prepare, train, sample, eval, demo, status).
+"""`geotrain`: the umbrella command (prepare, train, sample, eval, export, demo, status).
 
 Each subcommand's options are derived from the typed dataclasses of common/config.py
 (common/options.py); flags, GEOTRAIN_* variables and `--config FILE.toml` where it applies fill one
@@ -17,6 +17,7 @@ from geotrain.common import __version__
 from geotrain.common.config import DemoConfig, EvalCheckpointConfig, RunConfig, SampleConfig, StatusConfig
 from geotrain.common.shards import DEFAULT_SHARD_TOKENS
 from geotrain.common.options import config_from_params, config_options
+from geotrain.common.config import RECIPES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,6 +41,7 @@ TRAIN_OPTIONS = (
     "optim.min_lr", "optim.warmup_iters", "optim.lr_decay_iters", "optim.weight_decay", "optim.beta1",
     "optim.beta2", "optim.grad_clip", "train.eval_interval", "train.eval_iters", "train.log_interval",
     "train.checkpoint_interval", "train.seed", "train.device", "train.compile", "train.threads",
+    "model.init_from",
 )
 
 
@@ -55,14 +57,17 @@ def _fields(cls) -> tuple[str, ...]:
               show_envvar=True, help="Run config TOML; flags and GEOTRAIN_* variables override it.")
 @click.option("--resume", is_flag=True, help="Continue from the latest valid checkpoint in --out.")
 @config_options(RunConfig, TRAIN_OPTIONS)
+@click.option("--recipe", type=click.Choice(sorted(RECIPES)),
+              help="Defaults for a purpose (below --config and flags). finetune: nanoGPT's finetune_shakespeare "
+                   "(constant lr 3e-5, 20 iters of 32 sequences), for --init-from.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm bar on a terminal.")
-def train(out, config_file, resume, progress, **params) -> None:
+def train(out, config_file, resume, recipe, progress, **params) -> None:
     """Train a GPT in one process (nanoGPT-style reference trainer)."""
     from geotrain.common.config import load_run_config
     from geotrain.common.train import train as run_train
 
     try:
-        run = config_from_params(RunConfig, params, base=load_run_config(config_file))
+        run = config_from_params(RunConfig, params, base=load_run_config(config_file, recipe))
         run.validate()
         run_train(run, out, resume=resume, progress=progress)
     except ValueError as exc:
@@ -89,14 +94,36 @@ def sample(**params) -> None:
 
 @cli.command(name="eval")
 @config_options(EvalCheckpointConfig, _fields(EvalCheckpointConfig))
-def eval_(**params) -> None:
-    """Validation loss and perplexity of a checkpoint."""
+@click.option("--hellaswag", "hellaswag", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
+              help="Score HellaSwag instead (acc, acc_norm): FILE is jsonl in the dataset's format; alone, the "
+                   "public validation split is downloaded once. --batch-size counts examples, --iters is ignored.")
+@click.option("--limit", type=click.IntRange(1), help="HellaSwag: only the first N examples.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="HellaSwag: tqdm bar on a terminal.")
+def eval_(hellaswag, limit, progress, **params) -> None:
+    """Validation loss and perplexity of a checkpoint, or its HellaSwag accuracy."""
     import json as _json
 
     from geotrain.common.sampling import evaluate_checkpoint
 
     try:
         c: EvalCheckpointConfig = config_from_params(EvalCheckpointConfig, params)
+    except ValueError as exc:
+        fail(str(exc))
+    if hellaswag is not None:
+        from geotrain.common.hellaswag import evaluate_checkpoint_hellaswag
+
+        try:
+            result = evaluate_checkpoint_hellaswag(Path(c.checkpoint), None if hellaswag == "-" else hellaswag, limit,
+                                                   c.batch_size, c.device, progress and not c.json)
+        except ValueError as exc:
+            fail(str(exc))
+        if c.json:
+            click.echo(_json.dumps(result, indent=2))
+        else:
+            click.echo(f"{result['checkpoint']} (step {result['step']}): HellaSwag acc {result['acc']:.4f}, "
+                       f"acc_norm {result['acc_norm']:.4f} over {result['examples']} examples")
+        return
+    try:
         result = evaluate_checkpoint(Path(c.checkpoint), Path(c.data) if c.data else None, c.iters, c.batch_size,
                                      c.seed, c.device)
     except ValueError as exc:
@@ -106,6 +133,28 @@ def eval_(**params) -> None:
     else:
         click.echo(f"{result['checkpoint']} (step {result['step']}): val loss {result['val_loss']:.4f}, "
                    f"perplexity {result['perplexity']:.2f} over {result['tokens']:,} tokens")
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="Trainer out dir, coordinator run dir or checkpoint root, or one ckpt-* directory.")
+@click.option("--hf", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory of the Hugging Face GPT2LMHeadModel.")
+@click.option("--tokenizer", type=click.Choice(["gpt2", "byte"]),
+              help="The tokenizer of a checkpoint trained on imported token ids (default: the checkpoint's).")
+def export(checkpoint, out, tokenizer) -> None:
+    """Write a checkpoint as a Hugging Face GPT2LMHeadModel (config.json, model.safetensors and
+    tokenizer files where the tokenizer allows: see README)."""
+    from geotrain.common.hf import export_checkpoint
+
+    try:
+        result = export_checkpoint(checkpoint, out, tokenizer)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    click.echo(f"{result['out']}: {', '.join(result['files'])} from {result['checkpoint']} "
+               f"(vocab {result['vocab_size']}, tokenizer {result['tokenizer']})")
+    if result["note"]:
+        click.echo(f"note: {result['note']}")
 
 
 @cli.command()

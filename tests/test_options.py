@@ -22,9 +22,12 @@ from geotrain.common.options import AutoInt, ConfigOption, config_from_params, c
 NOT_CONFIG = {
     ("coordinator", "config"), ("train", "out"), ("train", "config_file"), ("train", "resume"),
     ("train", "progress"), ("health", "service"), ("health", "timeout"), ("plot", "out"),
+    ("train", "recipe"),  # picks a set of defaults below the file and the flags; not a setting itself
+    # HellaSwag scoring: --hellaswag takes an optional value (a file, or none: the public split)
+    ("eval", "hellaswag"), ("eval", "limit"), ("eval", "progress"),
 }
 # commands whose options set no config at all (their inputs are files, not a run's settings)
-NOT_CONFIG_COMMANDS = {"prepare"}
+NOT_CONFIG_COMMANDS = {"prepare", "export"}
 
 
 def commands() -> dict[str, click.Command]:
