@@ -407,7 +407,8 @@ class WorkerRunner:
 
     def _setup(self) -> None:
         from geotrain.common.data import Manifest
-        from geotrain.common.model import GPT, configure_optimizer
+        from geotrain.common.model import GPT
+        from geotrain.common.step import TrainStep
 
         reply = self.client.join(self._join_request())
         self.join_reply = reply
@@ -422,8 +423,10 @@ class WorkerRunner:
         self.batch_size = self.config.batch_size or self.run_cfg.train.batch_size
         torch.manual_seed(self.run_cfg.train.seed + (zlib.crc32(reply.worker_id.encode()) % 10_000))
         self.model = GPT(self.model_cfg).to(self.device)
-        o = self.run_cfg.optim
-        self.optimizer = configure_optimizer(self.model, o.weight_decay, o.lr, (o.beta1, o.beta2), self.device)
+        self.train_step = TrainStep.for_run(self.model, self.model_cfg, self.run_cfg.optim, self.run_cfg.train,
+                                            self.device, self.batch_size)
+        self.optimizer = self.train_step.optimizer
+        log.info("%s", self.train_step.plan.table(f"memory plan on {self.device}:"))
         self.params = model_tensors(self.model)
         self.spec = tensor_spec(self.params)
         self.model_bytes = sum(t.numel() * 4 for t in self.params.values())
@@ -849,7 +852,6 @@ class WorkerRunner:
         return x, y, n
 
     def _train_step(self, lease: _Lease) -> None:
-        from geotrain.common.model import autocast_context
         from geotrain.common.train import lr_at
 
         T = self.model_cfg.block_size
@@ -860,16 +862,7 @@ class WorkerRunner:
             x, y = x.to(self.device), y.to(self.device)
         t0 = time.monotonic()
         lr = lr_at(self.step_offset + self.local_step, self.run_cfg.optim, self.run_cfg.train.max_iters)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        with autocast_context(self.device):
-            _, loss = self.model(x, y)
-        loss.backward()
-        if self.run_cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run_cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.train_step(x, y, lr=lr).loss  # common/step.py: micro-batches, clip, optimizer step
         loss_value = float(loss.item())
         dt = time.monotonic() - t0
         start = lease.pos
