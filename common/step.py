@@ -180,9 +180,11 @@ def device_memory(device: torch.device) -> int | None:
 
 
 def plan_for_device(model_cfg: ModelConfig, train: TrainConfig, device: torch.device, batch_size: int,
-                    nproc: int = 1) -> MemoryPlan:
-    """The memory plan of this process on `device` (what the trainer and the worker print at start)."""
-    return make_plan(model_cfg, device_memory(device), batch_size, nproc=nproc, micro_batch=train.micro_batch,
+                    nproc: int = 1, device_bytes: int | None = None) -> MemoryPlan:
+    """The memory plan of this process on `device` (what the trainer and the worker print at start);
+    device_bytes overrides the device's own memory (a smaller share of it, or a planned card)."""
+    limit = device_bytes if device_bytes is not None else device_memory(device)
+    return make_plan(model_cfg, limit, batch_size, nproc=nproc, micro_batch=train.micro_batch,
                      checkpointing=train.activation_checkpointing, optimizer_state=train.optimizer_state,
                      have_8bit=device.type == "cuda" and have_bitsandbytes())
 
@@ -273,12 +275,22 @@ class TrainStep:
 
     @classmethod
     def for_run(cls, model: nn.Module, model_cfg: ModelConfig, optim: OptimConfig, train: TrainConfig,
-                device: torch.device, batch_size: int, nproc: int = 1, probe: bool = True) -> "TrainStep":
+                device: torch.device, batch_size: int, nproc: int = 1, probe: bool = True,
+                device_bytes: int | None = None) -> "TrainStep":
         """The step the plan asks for on this device: optimizer state, checkpointing, micro-batch
-        (probed on CUDA when train.micro_batch is 0, cached). Its plan is in `.plan`."""
-        plan = plan_for_device(model_cfg, train, device, batch_size, nproc)
+        (probed on CUDA when train.micro_batch is 0, cached). Its plan is in `.plan`.
+
+        A plan that does not fit is a ValueError naming what it needs, unless the config fixes all
+        three choices (micro_batch > 0, checkpointing and optimizer state not auto): then the
+        step runs as asked (the plan's formula is an estimate) after a warning."""
+        plan = plan_for_device(model_cfg, train, device, batch_size, nproc, device_bytes)
         if not plan.fits:
-            raise ValueError(f"the model does not fit on {device}: {plan.reason}")
+            forced = train.micro_batch > 0 and "auto" not in (train.activation_checkpointing, train.optimizer_state)
+            if not forced:
+                raise ValueError(f"the model does not fit on {device}: {plan.reason}; set train.micro_batch, "
+                                 "train.activation_checkpointing and train.optimizer_state to try anyway")
+            log.warning("the memory plan says this does not fit (%s); running as configured", plan.reason)
+            plan.micro_batch = train.micro_batch
         optimizer = build_optimizer(model, optim, device, plan.optimizer_state)
         step = cls(model, optimizer, device, micro_batch=plan.micro_batch, grad_clip=optim.grad_clip,
                    checkpointing=plan.checkpointing, compile=train.compile)

@@ -3,6 +3,7 @@ micro-batch probing and its cache, the prefetcher, the step the plan builds."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -143,6 +144,15 @@ def test_offloaded_adamw_matches_adamw():
     sa, sp = opt_a.state_dict()["state"], plain.state_dict()["state"]
     assert sa.keys() == sp.keys()
     assert all(torch.allclose(sa[k]["exp_avg_sq"], sp[k]["exp_avg_sq"]) for k in sa)
+    # and back: an offloaded optimizer resumed from the on-device one's state steps the same
+    c = _model()
+    c.load_state_dict(a.state_dict())
+    opt_c = HostOffloadAdamW(c, 0.1, 1e-2, (0.9, 0.99))
+    opt_c.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as from a checkpoint: no shared tensors
+    x, y = _batch(8, seed=9)
+    step_a(x, y, lr=1e-2)
+    TrainStep(c, opt_c, CPU, micro_batch=4, grad_clip=1.0)(x, y, lr=1e-2)
+    assert torch.allclose(_params(a), _params(c), atol=1e-6, rtol=0)
 
 
 def test_build_optimizer_states():
@@ -165,6 +175,17 @@ def test_for_run_on_cpu_follows_the_config():
     default = TrainStep.for_run(_model(), CFG, OptimConfig(), TrainConfig(), CPU, batch_size=6)
     assert default.micro_batch == 6 and isinstance(default.optimizer, torch.optim.AdamW)
     assert "micro-batch" in default.plan.table()
+
+
+def test_for_run_refuses_a_plan_that_does_not_fit(caplog):
+    tiny_gpu = 64 << 20  # below the plan's fixed overhead alone
+    with pytest.raises(ValueError, match="does not fit on cpu: needs .* has 64 MiB"):
+        TrainStep.for_run(_model(), CFG, OptimConfig(), TrainConfig(), CPU, batch_size=6, device_bytes=tiny_gpu)
+    forced = TrainConfig(micro_batch=3, activation_checkpointing="on", optimizer_state="offload")
+    step = TrainStep.for_run(_model(), CFG, OptimConfig(), forced, CPU, batch_size=6, device_bytes=tiny_gpu)
+    assert step.micro_batch == 3 and not step.plan.fits and "running as configured" in caplog.text
+    roomy = TrainStep.for_run(_model(), CFG, OptimConfig(), TrainConfig(), CPU, batch_size=6, device_bytes=2 << 30)
+    assert roomy.plan.fits and roomy.micro_batch == 6 and roomy.plan.optimizer_state == "fp32"
 
 
 # --------------------------------------------------------------------------- micro-batch probing
