@@ -254,6 +254,9 @@ def test_eval_json(trained, corpus):
         (["--max-iters", "0"], "max_iters must be a positive integer"),
         (["--n-embd", "30", "--n-head", "4"], "divisible"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], "device"),
+        (["--device", "cpu", "--optimizer-state", "8bit"], "optimizer state '8bit' needs a CUDA device"),
+        (["--micro-batch", "-1"], "train.micro_batch and train.prefetch must be >= 0, got -1"),
+        (["--activation-checkpointing", "maybe"], "Invalid value for '--activation-checkpointing'"),
     ],
 )
 def test_cli_train_errors(corpus, tmp_path, args, message):
