@@ -142,7 +142,8 @@ class MemoryPlan:
         rows.append(("batch per device", f"{self.batch_size} x {self.seq_len} tokens"))
         rows.append(("micro-batch", f"{self.micro_batch} ({self.grad_accum} per step)" if self.micro_batch else "none fits"))
         rows.append(("activation checkpointing", "on" if self.checkpointing else "off"))
-        rows.append(("optimizer state", self.optimizer_state))
+        rows.append(("optimizer", {"fp32": "AdamW, fp32 state", "8bit": "AdamW, 8-bit state (bitsandbytes)",
+                                   "offload": "AdamW, state in host memory"}[self.optimizer_state]))
         if self.optimizer_state == "offload":
             rows.append(("host memory (node)", f"{fmt_bytes(self.host_bytes)} for {self.nproc} process(es)"))
         rows.append(("fits", "yes" if self.fits else f"no: {self.reason}"))

@@ -134,7 +134,7 @@ def test_cli_plan_fits():
     assert "micro-batch" in result.output and "fits                      yes" in result.output
     result = CliRunner().invoke(cli, ["plan", "--model", "gpt2", "--gpu-memory", "8GB", "--nproc-per-node", "2",
                                       "--batch-size", "16", "--block-size", "512"])
-    assert result.exit_code == 0 and "16 x 512 tokens" in result.output and "optimizer state           fp32" in result.output
+    assert result.exit_code == 0 and "16 x 512 tokens" in result.output and "AdamW, fp32 state" in result.output
 
 
 def test_cli_plan_does_not_fit():
