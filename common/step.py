@@ -313,6 +313,7 @@ class TrainStep:
         gen = torch.Generator(device="cpu").manual_seed(0)
 
         def try_fn(m: int) -> None:
+            torch.cuda.empty_cache()  # what a failed larger try left cached
             reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=self.device) if reserve_bytes else None
             try:
                 x = torch.randint(0, model_cfg.vocab_size, (m, T + 1), generator=gen).to(self.device)
