@@ -57,13 +57,9 @@ def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_b
     for xs, ys in zip(x.split(m), y.split(m)):  # (m, T) each; the last may be shorter
         with amp:
             _, loss = model(xs, ys)
-        if xs.size(0) == B:
-            loss.backward()
-        else:
-            w = xs.size(0) / B  # the micro-batch's share of the batch's sequences
-            (loss * w).backward()
-            loss = loss * w
-        total += loss.detach().float()
+        w = xs.size(0) / B  # the micro-batch's share of the batch's sequences
+        (loss * w).backward() if w != 1.0 else loss.backward()
+        total += loss.detach().float() * w
     return total
 
 
