@@ -3,6 +3,12 @@
     python benchmarks/bench_train.py --iters 200                       # nano, batch 12x64
     python benchmarks/bench_train.py --iters 2000 --eval-iters 20      # the nanoGPT acceptance recipe
     python benchmarks/bench_train.py --iters 100 --variants eager,compile --json out.json
+    python benchmarks/bench_train.py --iters 100 --variants eager,micro1,ckpt,offload,noprefetch
+
+Variants: eager (the defaults), compile (torch.compile), micro1 (micro-batches of one sequence),
+ckpt (activation checkpointing on), offload (AdamW state in host memory), noprefetch (batches made
+in the training loop instead of a background thread). All but compile train the same model
+(common/step.py), so their val loss must agree; they differ in speed and device memory.
 
 Each variant runs `common.train.train` in a fresh output directory (the real loop: data, AdamW,
 clipping, evaluation, checkpoints). tokens/s counts optimizer steps only (no eval, no checkpoint
@@ -25,6 +31,13 @@ from geotrain.common.config import RunConfig, apply_overrides  # noqa: E402
 from geotrain.common.train import train  # noqa: E402
 
 
+VARIANTS = {  # name -> RunConfig overrides on top of the common ones
+    "eager": {}, "compile": {}, "micro1": {"train.micro_batch": 1},
+    "ckpt": {"train.activation_checkpointing": "on"}, "offload": {"train.optimizer_state": "offload"},
+    "noprefetch": {"train.prefetch": 0},
+}
+
+
 def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict:
     run = apply_overrides(RunConfig(), {
         "model.preset": args.model, "data.dir": args.data, "train.max_iters": args.iters,
@@ -32,6 +45,7 @@ def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict:
         "train.eval_interval": args.eval_interval or args.iters, "train.log_interval": args.log_interval,
         "train.checkpoint_interval": args.iters, "train.threads": args.threads,
         "train.device": args.device, "train.compile": name == "compile", "train.seed": args.seed,
+        **VARIANTS[name],
     }).validate()
     load_before = os.getloadavg()[0]
     summary = train(run, out / name, progress=False, echo=(print if args.verbose else (lambda _m: None)))
@@ -53,7 +67,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--variants", default="eager", help="comma list of: eager, compile")
+    p.add_argument("--variants", default="eager", help=f"comma list of: {', '.join(VARIANTS)}")
     p.add_argument("--out", type=Path, default=None, help="keep run directories here (default: temp)")
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("--verbose", action="store_true", help="print the trainer's log lines")
@@ -61,7 +75,7 @@ def main() -> None:
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
-        if v not in ("eager", "compile"):
+        if v not in VARIANTS:
             p.error(f"unknown variant {v!r}")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
@@ -69,11 +83,11 @@ def main() -> None:
         for v in variants:
             results.append(run_variant(v, args, root))
 
-    header = f"{'variant':8s} {'iters':>6s} {'tokens/s':>9s} {'ms/iter':>8s} {'val loss':>9s} {'train loss':>10s} {'wall s':>7s} {'load':>9s}"
+    header = f"{'variant':10s} {'iters':>6s} {'tokens/s':>9s} {'ms/iter':>8s} {'val loss':>9s} {'train loss':>10s} {'wall s':>7s} {'load':>9s}"
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['variant']:8s} {r['iters']:6d} {r['tokens_per_second']:9,.0f} {r['ms_per_iter']:8.2f} "
+        print(f"{r['variant']:10s} {r['iters']:6d} {r['tokens_per_second']:9,.0f} {r['ms_per_iter']:8.2f} "
               f"{r['val_loss']:9.4f} {r['train_loss']:10.4f} {r['seconds']:7.1f} "
               f"{r['load_before']:4.1f}/{r['load_after']:<4.1f}")
     if args.json:

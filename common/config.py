@@ -268,11 +268,26 @@ class TrainConfig:
     # Honoured by `geotrain train` only (workers run eager: the coordinator refuses compile = true).
     compile: bool = opt(False, help="torch.compile the model (geotrain train only).")
     threads: int = opt(0, low=0, help="torch intra-op threads on CPU (0 = torch's default).")
+    # One training step (common/step.py, common/memplan.py). batch_size is the sequences per inner
+    # step on a device; the step runs them as micro-batches of `micro_batch` sequences (0 = auto:
+    # the largest that fits, probed on CUDA; the full batch on CPU).
+    micro_batch: int = opt(0, auto="auto", low=1, help="Sequences per forward/backward; auto = the memory plan's (probed on CUDA).")
+    activation_checkpointing: str = opt("auto", choices=("auto", "on", "off"),
+                                        help="Recompute each block's activations in backward; auto = when the plan needs it.")
+    optimizer_state: str = opt("auto", choices=("auto", "fp32", "8bit", "offload"),
+                               help="AdamW state: fp32, 8bit (bitsandbytes, CUDA) or offload (host memory); auto = by the plan.")
+    prefetch: int = 2  # batches prepared ahead by a background thread (pinned on CUDA); 0 = none
 
     def validate(self) -> "TrainConfig":
         for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.micro_batch < 0 or self.prefetch < 0:
+            raise ValueError(f"train.micro_batch and train.prefetch must be >= 0, got {self.micro_batch}, {self.prefetch}")
+        if self.activation_checkpointing not in ("auto", "on", "off"):
+            raise ValueError(f"train.activation_checkpointing must be auto, on or off, got {self.activation_checkpointing!r}")
+        if self.optimizer_state not in ("auto", "fp32", "8bit", "offload"):
+            raise ValueError(f"train.optimizer_state must be auto, fp32, 8bit or offload, got {self.optimizer_state!r}")
         return self
 
 

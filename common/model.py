@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from geotrain.common.config import ModelConfig
 
@@ -85,6 +86,9 @@ class GPT(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        # Activation checkpointing per block (common/step.py sets it from the memory plan): in
+        # training, each block keeps only its input and recomputes its activations for backward.
+        self.activation_checkpointing = False
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -127,8 +131,10 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = block(x)
+            # non-reentrant checkpoint replays the saved RNG state: the same dropout masks
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is None:
             return self._mask_padding(self.lm_head(x[:, [-1], :])), None  # (B, 1, V): only the last position

@@ -14,6 +14,7 @@ Outputs under OUT:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -39,7 +40,8 @@ from geotrain.common.config import ModelConfig, OptimConfig, RunConfig
 from geotrain.common.corpus import resolve_data_dir
 from geotrain.common.reader import TokenData
 from geotrain.common.hf import initial_model
-from geotrain.common.model import GPT, autocast_context, configure_optimizer, resolve_device
+from geotrain.common.model import GPT, autocast_context, resolve_device
+from geotrain.common.step import Prefetcher, TrainStep
 
 log = logging.getLogger("geotrain.train")
 
@@ -129,6 +131,11 @@ def _rewrite_history(path: Path, before_iter: int) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
+def _with_micro_batch(tc, micro_batch: int):
+    """tc with micro_batch set (CPU default: one get_batch call's windows per forward)."""
+    return dataclasses.replace(tc, micro_batch=micro_batch)
+
+
 def train(
     run: RunConfig,
     out_dir: Path,
@@ -162,7 +169,12 @@ def train(
     if initial is not None:  # --init-from: Hugging Face GPT-2 weights (common/hf.py)
         model.load_state_dict(initial)
     model = model.to(device)
-    optimizer = configure_optimizer(model, oc.weight_decay, oc.lr, (oc.beta1, oc.beta2), device)
+    # one step = batch_size * grad_accum sequences, run as micro-batches (the memory plan's, or
+    # train.micro_batch; default the batch_size windows of one get_batch call)
+    B, T, A = tc.batch_size, cfg.block_size, tc.grad_accum
+    step_train = tc if tc.micro_batch or device.type == "cuda" else _with_micro_batch(tc, B)
+    step = TrainStep.for_run(model, cfg, oc, step_train, device, B * A)
+    optimizer = step.optimizer
     start_iter = 0
     resumed_from: str | None = None
     if resume:
@@ -190,6 +202,7 @@ def train(
     n_params = model.num_params()
     echo(f"model: {n_params / 1e6:.2f}M parameters ({cfg.to_dict()}), device {device}, "
          f"{torch.get_num_threads()} threads, data {data_dir}")
+    echo(step.plan.table(f"memory plan on {device}:"))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_spec = data.tokenizer().spec()
@@ -201,16 +214,18 @@ def train(
     else:
         history_path.unlink(missing_ok=True)
 
-    train_model: torch.nn.Module = model
-    if tc.compile:
-        train_model = torch.compile(model)
+    train_model = step.forward_model
 
     # ------------------------------------------------------------------ loop
-    B, T, A = tc.batch_size, cfg.block_size, tc.grad_accum
     tokens_per_iter = B * T * A
     e_seed = eval_seed(tc.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    amp = autocast_context(device)
+
+    def make_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # the batch of iteration i: A windows sets of B, a pure function of (seed, i)
+        parts = [data.get_batch("train", B, T, seed=tc.seed, step=i * A + k) for k in range(A)]
+        if A == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # (A*B, T)
 
     def evaluate_now() -> dict[str, float]:
         return estimate_loss(train_model, data, tc.eval_iters, B, T, e_seed, device)
@@ -236,6 +251,8 @@ def train(
     bar = tqdm(total=tc.max_iters, initial=start_iter, disable=None if progress else True,
                desc="train", unit="it", dynamic_ncols=True)
     it = start_iter
+    batches = Prefetcher(make_batch, device, start=start_iter, depth=tc.prefetch) if tc.prefetch else None
+    loss = torch.zeros(())
     try:
         while True:
             lr = lr_at(it, oc, tc.max_iters)
@@ -252,17 +269,8 @@ def train(
                 break
 
             t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(A):
-                x, y = data.get_batch("train", B, T, seed=tc.seed, step=it * A + micro, device=device)
-                with amp:
-                    _, loss = train_model(x, y)
-                (loss / A).backward() if A > 1 else loss.backward()
-            if oc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, oc.grad_clip, foreach=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            x, y = next(batches) if batches is not None else make_batch(it)
+            loss = step(x, y, lr=lr).loss  # on the device: read at log intervals only
             it += 1
             window_iters += 1
             train_seconds += time.perf_counter() - t0
@@ -281,6 +289,8 @@ def train(
                 window_t, window_iters = time.perf_counter(), 0
     finally:
         bar.close()
+        if batches is not None:
+            batches.close()
 
     checkpoint(tc.max_iters)
     seconds = time.perf_counter() - t_start
@@ -303,6 +313,9 @@ def train(
         "threads": torch.get_num_threads(),
         "resumed_from": resumed_from,
         "data_dir": str(data_dir),
+        "micro_batch": step.micro_batch,
+        "activation_checkpointing": step.plan.checkpointing,
+        "optimizer_state": step.plan.optimizer_state,
     }
     _write_json(out_dir / "summary.json", summary)
     echo(f"done: val loss {summary['val_loss']:.4f}, train loss {summary['train_loss']:.4f}, "

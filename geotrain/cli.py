@@ -41,7 +41,7 @@ TRAIN_OPTIONS = (
     "optim.min_lr", "optim.warmup_iters", "optim.lr_decay_iters", "optim.weight_decay", "optim.beta1",
     "optim.beta2", "optim.grad_clip", "train.eval_interval", "train.eval_iters", "train.log_interval",
     "train.checkpoint_interval", "train.seed", "train.device", "train.compile", "train.threads",
-    "model.init_from",
+    "model.init_from", "train.micro_batch", "train.activation_checkpointing", "train.optimizer_state",
 )
 
 
@@ -299,6 +299,40 @@ def status(target, **params):
     except grpc.RpcError as exc:
         fail(f"{target}: {exc.code().name}: {exc.details()}")
     click.echo(_json.dumps(strict_json(snapshot), indent=2, allow_nan=False) if c.json else render_status(snapshot))
+
+
+@cli.command()
+@click.option("--model", "preset", default="gpt2", show_default=True,
+              help="Model preset: nano, gpt2, gpt2-medium, gpt2-large, gpt2-xl.")
+@click.option("--gpu-memory", required=True, help="Memory of one GPU: 24GiB, 24GB, 16000MiB ...")
+@click.option("--nproc-per-node", default=1, show_default=True, type=click.IntRange(1),
+              help="Processes (one GPU each) per node; scales the host memory of an offloaded optimizer.")
+@click.option("--batch-size", default=12, show_default=True, type=click.IntRange(1), help="Sequences per inner step per GPU.")
+@click.option("--block-size", type=click.IntRange(1), help="Sequence length (default: the preset's).")
+@click.option("--vocab-size", default=50257, show_default=True, type=click.IntRange(1))
+@click.option("--micro-batch", default=0, show_default=True, type=click.IntRange(0), help="0: the largest that fits.")
+@click.option("--activation-checkpointing", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]))
+@click.option("--optimizer-state", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "8bit", "offload"]),
+              help="auto: fp32, else 8bit with --8bit-available, else offload.")
+@click.option("--8bit-available/--no-8bit-available", "have_8bit", default=False, show_default=True,
+              help="Let auto choose 8-bit AdamW (bitsandbytes installed on the GPU host).")
+def plan(preset, gpu_memory, nproc_per_node, batch_size, block_size, vocab_size, micro_batch,
+         activation_checkpointing, optimizer_state, have_8bit):
+    """Print the memory plan of one GPU: weights, gradients, optimizer state, activations, and the
+    micro-batch, activation checkpointing and optimizer state that fit. Exits 1 when nothing fits."""
+    from geotrain.common.config import model_config
+    from geotrain.common.memplan import make_plan, parse_size
+
+    try:
+        cfg = model_config(preset, vocab_size=vocab_size, block_size=block_size)
+        result = make_plan(cfg, parse_size(gpu_memory), batch_size, nproc=nproc_per_node, micro_batch=micro_batch,
+                           checkpointing=activation_checkpointing, optimizer_state=optimizer_state, have_8bit=have_8bit)
+    except ValueError as exc:
+        fail(str(exc))
+    click.echo(result.table(f"memory plan: {preset}, {gpu_memory} per GPU"))
+    if not result.fits:
+        click.echo(f"error: {preset} does not fit in {gpu_memory}: {result.reason}", err=True)
+        sys.exit(1)
 
 
 @cli.command()

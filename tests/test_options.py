@@ -27,7 +27,7 @@ NOT_CONFIG = {
     ("eval", "hellaswag"), ("eval", "limit"), ("eval", "progress"),
 }
 # commands whose options set no config at all (their inputs are files, not a run's settings)
-NOT_CONFIG_COMMANDS = {"prepare", "export"}
+NOT_CONFIG_COMMANDS = {"prepare", "export", "plan"}  # plan: a calculator over hypothetical hosts
 
 
 def commands() -> dict[str, click.Command]:

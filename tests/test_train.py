@@ -92,10 +92,57 @@ def test_train_outputs_and_eval_agree(corpus, tmp_path):
     assert result["perplexity"] == pytest.approx(math.exp(result["val_loss"]))
 
 
+def _final_weights(out: Path) -> torch.Tensor:
+    tensors, _, _ = load_latest_checkpoint(out / "checkpoints")
+    return torch.cat([t.flatten() for _, t in sorted(tensors.items())])
+
+
+def _by_hand(corpus: Path, run: RunConfig, windows: int) -> torch.Tensor:
+    """The trainer's model after max_iters steps, computed here: each step one forward over the
+    first `windows` of its grad_accum x batch_size windows (get_batch(seed, it * A + k))."""
+    from geotrain.common.model import GPT, configure_optimizer
+
+    data, tc, oc = TokenData(corpus), run.train, run.optim
+    cfg = run.model.build(vocab_size=data.vocab_size)
+    torch.manual_seed(tc.seed)
+    model = GPT(cfg)
+    opt = configure_optimizer(model, oc.weight_decay, oc.lr, (oc.beta1, oc.beta2), torch.device("cpu"))
+    A, B = tc.grad_accum, tc.batch_size
+    for it in range(tc.max_iters):
+        parts = [data.get_batch("train", B, cfg.block_size, seed=tc.seed, step=it * A + k) for k in range(A)]
+        x, y = torch.cat([p[0] for p in parts])[:windows], torch.cat([p[1] for p in parts])[:windows]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it, oc, tc.max_iters)
+        model(x, y)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    return torch.cat([t.detach().flatten() for _, t in sorted(model.state_dict().items())])
+
+
 def test_grad_accum_and_resume_without_checkpoint(corpus, tmp_path):
-    summary = train(_run(corpus, **{"train.grad_accum": 2, "train.max_iters": 4}), tmp_path / "o",
-                    resume=True, progress=False)
+    # 2 x 4 windows per step, trained as 2 micro-batches of 4 (the default) and as one forward of 8
+    fixed = {"train.max_iters": 4, "optim.grad_clip": 0.0, "train.eval_iters": 1, "train.grad_accum": 2}
+    summary = train(_run(corpus, **fixed), tmp_path / "o", resume=True, progress=False)
     assert summary["tokens"] == 4 * 2 * 4 * 16 and summary["resumed_from"] is None
+    assert summary["micro_batch"] == 4
+    train(_run(corpus, **{"train.micro_batch": 8, **fixed}), tmp_path / "one", progress=False)
+    full = _by_hand(corpus, _run(corpus, **fixed), windows=8)
+    first = _by_hand(corpus, _run(corpus, **fixed), windows=4)  # a step without accumulation
+    accumulated, whole = _final_weights(tmp_path / "o"), _final_weights(tmp_path / "one")
+    gap = max((accumulated - full).abs().max(), (whole - full).abs().max())
+    assert gap < 1e-5
+    assert (first - full).abs().max() > 100 * gap + 1e-4
+
+
+def test_lean_step_options_train_the_same_model(corpus, tmp_path):
+    # offloaded AdamW, activation checkpointing and micro-batches of 1 change memory, not the update
+    fixed = {"train.max_iters": 4, "train.eval_iters": 1}
+    ref = train(_run(corpus, **fixed), tmp_path / "ref", progress=False)
+    lean = train(_run(corpus, **{"train.optimizer_state": "offload", "train.activation_checkpointing": "on",
+                                 "train.micro_batch": 1, "train.prefetch": 0, **fixed}), tmp_path / "lean", progress=False)
+    assert (lean["optimizer_state"], lean["activation_checkpointing"], lean["micro_batch"]) == ("offload", True, 1)
+    assert torch.allclose(_final_weights(tmp_path / "ref"), _final_weights(tmp_path / "lean"), atol=1e-5, rtol=0)
+    assert lean["val_loss"] == pytest.approx(ref["val_loss"], abs=1e-4)
 
 
 def test_fresh_run_into_used_dir_refused(corpus, tmp_path):
@@ -208,6 +255,9 @@ def test_eval_json(trained, corpus):
         (["--max-iters", "0"], "max_iters must be a positive integer"),
         (["--n-embd", "30", "--n-head", "4"], "divisible"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], "device"),
+        (["--device", "cpu", "--optimizer-state", "8bit"], "optimizer state '8bit' needs a CUDA device"),
+        (["--micro-batch", "-1"], "train.micro_batch and train.prefetch must be >= 0, got -1"),
+        (["--activation-checkpointing", "maybe"], "Invalid value for '--activation-checkpointing'"),
     ],
 )
 def test_cli_train_errors(corpus, tmp_path, args, message):

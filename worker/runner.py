@@ -239,7 +239,7 @@ class WorkerRunner:
         self.step_offset = int(spec.get("step_offset", 0))
         self.heartbeat_seconds = reply.heartbeat_seconds or WorkersConfig.heartbeat_seconds
         self.batch_size = self.config.batch_size or self.run_cfg.train.batch_size
-        self.trainer = LocalTrainer(self.run_cfg, self.model_cfg, self.device, reply.worker_id)
+        self.trainer = LocalTrainer(self.run_cfg, self.model_cfg, self.device, reply.worker_id, self.batch_size)
         spec_shapes = tensor_spec(self.trainer.params)
         self.model_bytes = sum(t.numel() * 4 for t in self.trainer.params.values())
         max_blob_bytes = 2 * self.model_bytes * (self.run_cfg.merge.max_staleness + 2) + (16 << 20)

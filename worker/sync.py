@@ -90,7 +90,8 @@ import torch.nn as nn
 import math
 
 from geotrain.common.config import OptimConfig, SyncConfig
-from geotrain.common.model import autocast_context, configure_optimizer
+from geotrain.common.model import configure_optimizer
+from geotrain.common.step import forward_backward
 from geotrain.common.tensors import params_sha256
 from geotrain.worker.allreduce import CompressedAllReduce, PeerFailure  # noqa: F401 - re-exported for callers
 
@@ -279,6 +280,7 @@ class SyncGroupTrainer:
         self.grad_clip, self.check_every = grad_clip, check_every
         self.lr_fn, self.on_metrics = lr_fn, on_metrics
         self.step_count = 0     # optimizer steps of this model (travels with a repair)
+        self.micro_batch = 0    # sequences per forward/backward of a step (0: the whole batch)
         self._next_batch = None  # rank 0's BatchPlan riding on the current step's all-reduce
         self.repairs = 0        # times this member's state was replaced by rank 0's
         self.checks = 0
@@ -336,10 +338,8 @@ class SyncGroupTrainer:
             self.check()
         t0 = time.perf_counter()
         self.model.train()
-        with autocast_context(self.device):
-            _, loss = self.model(x.to(self.device), y.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = forward_backward(self.model, x, y, self.micro_batch, self.device)  # common/step.py
         params = dict(self.model.named_parameters())  # tied weights once
         grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
         if self.compressed_phase():

@@ -1,7 +1,7 @@
 """The worker's local training: its model, inner AdamW and one training step.
 
-`LocalTrainer.step(x, y, step)` is the whole per-step computation (forward, backward, clip, AdamW,
-the lr schedule at the run-wide step); the runner calls it once per step boundary and does the
+`LocalTrainer.step(x, y, step)` is the whole per-step computation: the lr schedule at the run-wide
+step, then common/step.py's TrainStep (micro-batches of the memory plan, clip, the optimizer step); the runner calls it once per step boundary and does the
 bookkeeping (ranges, stats) itself, so the step can be replaced by another implementation with the
 same signature.
 
@@ -59,15 +59,20 @@ class LocalTrainer:
     `params` are the model's parameter tensors by name (views: writing them changes the model);
     the runner loads the global model into them and rebases them in place."""
 
-    def __init__(self, run_cfg: RunConfig, model_cfg: ModelConfig, device: torch.device, worker_id: str):
-        from geotrain.common.model import GPT, configure_optimizer
+    def __init__(self, run_cfg: RunConfig, model_cfg: ModelConfig, device: torch.device, worker_id: str,
+                 batch_size: int = 0):
+        from geotrain.common.model import GPT
+        from geotrain.common.step import TrainStep
 
         self.run_cfg = run_cfg
         self.device = device
         torch.manual_seed(worker_seed(run_cfg.train.seed, worker_id))
         self.model = GPT(model_cfg).to(device)
-        o = run_cfg.optim
-        self.optimizer = configure_optimizer(self.model, o.weight_decay, o.lr, (o.beta1, o.beta2), device)
+        # common/step.py: micro-batches of the memory plan, activation checkpointing, optimizer state
+        self.train_step = TrainStep.for_run(self.model, model_cfg, run_cfg.optim, run_cfg.train, device,
+                                            batch_size or run_cfg.train.batch_size)
+        self.optimizer = self.train_step.optimizer
+        log.info("%s", self.train_step.plan.table(f"memory plan on {device}:"))
         self.params = model_tensors(self.model)
 
     def load(self, weights: dict[str, torch.Tensor]) -> None:
@@ -79,7 +84,6 @@ class LocalTrainer:
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[float, float]:
         """One inner step on the batch x, y (CPU int64 (B, T)) at run-wide step `step` (the lr
         schedule's); returns (loss, seconds of compute)."""
-        from geotrain.common.model import autocast_context
         from geotrain.common.train import lr_at
 
         if self.device.type == "cuda":
@@ -88,16 +92,7 @@ class LocalTrainer:
             x, y = x.to(self.device), y.to(self.device)
         t0 = time.monotonic()
         lr = lr_at(step, self.run_cfg.optim, self.run_cfg.train.max_iters)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        with autocast_context(self.device):
-            _, loss = self.model(x, y)
-        loss.backward()
-        if self.run_cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run_cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.train_step(x, y, lr=lr).loss  # micro-batches, clip, optimizer step
         loss_value = float(loss.item())
         return loss_value, time.monotonic() - t0
 
