@@ -2,8 +2,9 @@
 
 Every option can also come from the environment: GEOTRAIN_<OPTION> (e.g. GEOTRAIN_COORDINATOR,
 GEOTRAIN_TOKEN); `worker --help` lists them. Exit status: 0 after a clean leave, 2 for a bad
-command line, 3 when the coordinator refuses the worker (bad token, protocol mismatch), 1 on an
-unexpected error; a second SIGTERM/Ctrl+C exits at once with 128 + the signal number.
+command line, 3 when the coordinator refuses the worker (bad token, protocol mismatch), 4 when one
+of its local ranks died (--nproc-per-node > 1: it left the run first), 1 on an unexpected error;
+a second SIGTERM/Ctrl+C exits at once with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -30,6 +31,18 @@ def _coordinator(ctx, param, value):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _nproc(ctx, param, value):
+    if value is None or str(value).lower() == "auto":
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected 'auto' or a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise click.BadParameter(f"expected 'auto' or a positive integer, got {value!r}")
+    return n
+
+
 def _batch_size(ctx, param, value):
     if value is None or str(value).lower() == "auto":
         return 0
@@ -51,7 +64,10 @@ def _batch_size(ctx, param, value):
 @click.option("--device", default="auto", show_default=True, show_envvar=True,
               help="auto | cuda | cuda:N | cpu.")
 @click.option("--batch-size", default="auto", callback=_batch_size, show_default=True, show_envvar=True,
-              help="Sequences per inner step; auto = the run's train.batch_size.")
+              help="Sequences per inner step and device; auto = the run's train.batch_size.")
+@click.option("--nproc-per-node", default="auto", callback=_nproc, show_default=True, show_envvar=True,
+              help="Processes, one per device, that train as this one participant (their batches add up); "
+                   "auto = every visible CUDA GPU, 1 on CPU.")
 @click.option("--advertise-host", default="", show_envvar=True, help="Host peers use to reach --port (behind NAT).")
 @click.option("--advertise-port", type=click.IntRange(0, 65535), default=0, show_envvar=True,
               help="Port peers use to reach --port (default: the bound port).")
@@ -72,7 +88,7 @@ def _batch_size(ctx, param, value):
               help="Sync-group all-reduce compression (default: sign when the run compresses with sign, else none).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               default="info", show_default=True, show_envvar=True)
-def main(port, coordinator, name, device, batch_size, advertise_host, advertise_port, metrics_port, cache_dir,
+def main(port, coordinator, name, device, batch_size, nproc_per_node, advertise_host, advertise_port, metrics_port, cache_dir,
          token, token_file, tls_ca, threads, sync_group, sync_compression, log_level) -> None:
     """Join the coordinator at HOST:PORT and train until the run ends or a signal arrives.
 
@@ -95,6 +111,20 @@ def main(port, coordinator, name, device, batch_size, advertise_host, advertise_
         click.echo(f"error: --name must match [A-Za-z0-9._-]{{1,64}}, got {name!r}", err=True)
         sys.exit(EXIT_USAGE)
 
+    from geotrain.worker.host_group import resolve_nproc
+
+    try:
+        nproc_per_node = resolve_nproc(nproc_per_node, device)
+    except (ValueError, RuntimeError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    if sync_group and nproc_per_node > 1:
+        # A sync group's all-reduce runs one model replica per member; a member spanning several
+        # devices is not supported yet: run one worker per GPU (--device cuda:N) in the group.
+        click.echo(f"error: --sync-group needs one device per worker (got --nproc-per-node {nproc_per_node}); "
+                   "start one worker per GPU with --device cuda:N --nproc-per-node 1", err=True)
+        sys.exit(EXIT_USAGE)
+
     from geotrain.worker.runner import WorkerConfig, WorkerRunner
     from geotrain.worker.group_runner import GroupWorkerRunner
 
@@ -102,6 +132,7 @@ def main(port, coordinator, name, device, batch_size, advertise_host, advertise_
         coordinator=coordinator, port=port, name=name, device=device, batch_size=batch_size, threads=threads,
         cache_dir=cache_dir, token=token, tls_ca=ca, metrics_port=metrics_port,
         advertise_host=advertise_host, advertise_port=advertise_port, sync_group=sync_group,
+        nproc_per_node=nproc_per_node,
     )
     try:
         runner = GroupWorkerRunner(config, sync_compression) if sync_group else WorkerRunner(config)

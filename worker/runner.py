@@ -248,6 +248,7 @@ class WorkerConfig:
     advertise_host: str = ""
     advertise_port: int = 0
     sync_group: str = ""
+    nproc_per_node: int = 1  # processes (one per device) training as this one participant (worker/host_group.py)
     long_poll_seconds: float = LONG_POLL_SECONDS
     shutdown_patience: float = SHUTDOWN_PATIENCE_S
     finish_patience: float = FINISH_PATIENCE_S
@@ -303,6 +304,10 @@ class _NewRun(Exception):
 class WorkerRunner:
     def __init__(self, config: WorkerConfig):
         self.config = config
+        # Multi-device hook (worker/host_group.py HostGroup), started by run() when
+        # config.nproc_per_node > 1: called at each step, after every change of the weights
+        # outside the optimizer (setup, rebase, resync, dropped progress) and at shutdown.
+        self.host = None
         self.name = config.name or f"{os.uname().nodename}-{os.getpid()}"
         self._stop = threading.Event()  # finish requested (signal)
         self._finish = threading.Event()  # finish requested (coordinator STOP)
@@ -338,6 +343,10 @@ class WorkerRunner:
         from geotrain.common.model import resolve_device
 
         self.device = resolve_device(self.config.device)
+        if self.config.nproc_per_node > 1 and self.host is None:
+            from geotrain.worker.host_group import start_for_runner
+
+            self.host = start_for_runner(self)  # spawns the followers; rank 0 is this process
         self.client = CoordinatorClient(
             self.config.coordinator, self.config.token, self.config.tls_ca, self._abort,
             on_rejoin=lambda reply: self._inbox.put(("rejoined", reply)),
@@ -376,6 +385,8 @@ class WorkerRunner:
         finally:
             self._abort.set()
             self.state = "stopped"
+            if self.host is not None:
+                self.host.close()
             if self.server is not None:
                 self.server.stop(1.0)
             self.client.close()
@@ -398,6 +409,8 @@ class WorkerRunner:
         from geotrain.common import __version__
 
         advertise_port = self.config.advertise_port or (self.server.port if self.server else 0)
+        if self.config.nproc_per_node > 1:  # one participant on several devices: "cuda:NVIDIA H100 x8"
+            device = f"{device} x{self.config.nproc_per_node}"
         return pb.JoinRequest(
             name=self.name, device=device, memory_bytes=memory, software_version=__version__,
             config_fingerprint=f"{device}|{torch.cuda.device_count() if self.device.type == 'cuda' else 1}|{__version__}",
@@ -419,7 +432,8 @@ class WorkerRunner:
         self.shard_info = {s.name: s for s in self.manifest.shards}
         self.step_offset = int(spec.get("step_offset", 0))
         self.heartbeat_seconds = reply.heartbeat_seconds or 10.0
-        self.batch_size = self.config.batch_size or self.run_cfg.train.batch_size
+        # Sequences per participant step: every local device trains batch_size of them.
+        self.batch_size = (self.config.batch_size or self.run_cfg.train.batch_size) * self.config.nproc_per_node
         torch.manual_seed(self.run_cfg.train.seed + (zlib.crc32(reply.worker_id.encode()) % 10_000))
         self.model = GPT(self.model_cfg).to(self.device)
         o = self.run_cfg.optim
@@ -460,6 +474,8 @@ class WorkerRunner:
         with torch.no_grad():
             for name, t in self.params.items():
                 t.copy_(full[name].to(t.device, t.dtype))
+        if self.host is not None:
+            self.host.attach(self.model, self.optimizer, self.model_cfg, self.run_cfg.optim)
         self.base_version = version
         self.comm_version = self.base_version
         self.local_step = 0
@@ -849,11 +865,35 @@ class WorkerRunner:
         return x, y, n
 
     def _train_step(self, lease: _Lease) -> None:
-        from geotrain.common.model import autocast_context
         from geotrain.common.train import lr_at
 
         T = self.model_cfg.block_size
         x, y, n = self._lease_batch(lease)
+        if self.host is not None:  # the host's devices train on shares of the batch
+            t0 = time.monotonic()
+            lr = lr_at(self.step_offset + self.local_step, self.run_cfg.optim, self.run_cfg.train.max_iters)
+            loss_value = self.host.train_step(x, y, lr)
+        else:
+            loss_value, t0 = self._device_step(x, y)
+        dt = time.monotonic() - t0
+        start = lease.pos
+        lease.pos += n * T
+        self.local_step += 1
+        self.round_steps += 1
+        self._record_range(lease, start, lease.pos, loss_value)
+        with self._stats_lock:
+            self._stats.steps += 1
+            self._stats.tokens += n * T
+            self._stats.loss_sum += loss_value
+            self._stats.step_seconds += dt
+        if self.metrics is not None:
+            self.metrics.step_seconds.observe(dt)
+
+    def _device_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """One AdamW step of the model on x, y (n, T) CPU tensors: (loss, monotonic start time)."""
+        from geotrain.common.model import autocast_context
+        from geotrain.common.train import lr_at
+
         if self.device.type == "cuda":
             x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         elif self.device.type != "cpu":
@@ -870,20 +910,7 @@ class WorkerRunner:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run_cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss.item())
-        dt = time.monotonic() - t0
-        start = lease.pos
-        lease.pos += n * T
-        self.local_step += 1
-        self.round_steps += 1
-        self._record_range(lease, start, lease.pos, loss_value)
-        with self._stats_lock:
-            self._stats.steps += 1
-            self._stats.tokens += n * T
-            self._stats.loss_sum += loss_value
-            self._stats.step_seconds += dt
-        if self.metrics is not None:
-            self.metrics.step_seconds.observe(dt)
+        return float(loss.item()), t0
 
     def _record_range(self, lease: _Lease, start: int, end: int, loss: float) -> None:
         last = self._pending[-1] if len(self._pending) > self._sealed else None
@@ -1159,6 +1186,8 @@ class WorkerRunner:
         with torch.no_grad():
             for n, t in self.params.items():
                 t.copy_(self.base[n].to(t.device, t.dtype))
+        if self.host is not None:
+            self.host.params_changed(self.optimizer)
 
     def _after_rebase(self) -> None:
         if not all_finite(self.params):
@@ -1167,6 +1196,8 @@ class WorkerRunner:
                 for n, t in self.params.items():
                     t.copy_(self.base[n].to(t.device, t.dtype))
             self.optimizer.state.clear()
+        if self.host is not None:
+            self.host.params_changed(self.optimizer)
         if self.metrics is not None:
             self.metrics.model_version.set(self.base_version)
 

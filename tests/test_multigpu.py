@@ -1,0 +1,160 @@
+"""Multi-device workers (worker/host_group.py): a host's devices train as one participant.
+
+On CPU the local ranks are gloo processes (one thread each); the core proof is that 2 ranks
+sharing a batch follow the loss curve of one process training on the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from geotrain.common.config import ModelConfig, OptimConfig
+from geotrain.common.model import GPT, configure_optimizer
+from geotrain.common.tensors import clone_tensors, model_tensors
+from geotrain.worker.host_group import HostGroup, LocalRankDied, resolve_nproc
+
+torch.set_num_threads(1)
+
+MODEL = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0)
+OPTIM = OptimConfig(lr=3e-3, weight_decay=0.1, grad_clip=1.0)
+STEPS = 6
+
+
+def _batches(n_rows: int, steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(steps):
+        seq = torch.randint(0, MODEL.vocab_size, (n_rows, MODEL.block_size + 1), generator=g)
+        out.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    return out
+
+
+def _fresh():
+    torch.manual_seed(0)
+    model = GPT(MODEL)
+    opt = configure_optimizer(model, OPTIM.weight_decay, OPTIM.lr, (OPTIM.beta1, OPTIM.beta2), torch.device("cpu"))
+    return model, opt
+
+
+def _single_process(batches) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The reference: one process, the whole batch per step (the runner's own step)."""
+    model, opt = _fresh()
+    losses = []
+    for x, y in batches:
+        for g in opt.param_groups:
+            g["lr"] = OPTIM.lr
+        model.train()
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.item()))
+    return losses, clone_tensors(model_tensors(model))
+
+
+@pytest.fixture
+def host():
+    group = HostGroup(2, "cpu", threads=1, timeout_s=60.0, check_every=2)
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+@pytest.mark.parametrize("rows", [8, 3])  # even shares, and 2 + 1 (rows weighted per rank)
+def test_two_ranks_match_one_process_with_the_whole_batch(host, rows):
+    batches = _batches(rows)
+    ref_losses, ref_weights = _single_process(batches)
+    model, opt = _fresh()
+    host.attach(model, opt, MODEL, OPTIM)
+    losses = [host.train_step(x, y, OPTIM.lr) for x, y in batches]
+    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+    for name, t in model_tensors(model).items():
+        torch.testing.assert_close(t, ref_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+    # The losses must move: a step that trained nothing would also "match" a constant curve.
+    assert abs(losses[-1] - losses[0]) > 1e-3
+    assert host.check_weights()  # the follower holds the same weights
+
+
+def test_one_rank_alone_does_not_match_the_whole_batch():
+    """The reference is sharp enough: rank 0's half alone gives another curve."""
+    batches = _batches(8)
+    ref_losses, _ = _single_process(batches)
+    half_losses, _ = _single_process([(x[:4], y[:4]) for x, y in batches])
+    assert half_losses != pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+
+
+def test_params_changed_outside_the_optimizer_reach_the_followers(host):
+    batches = _batches(4, steps=2)
+    model, opt = _fresh()
+    host.attach(model, opt, MODEL, OPTIM)
+    host.train_step(*batches[0], OPTIM.lr)
+    with torch.no_grad():  # what a rebase does to rank 0
+        for p in model.parameters():
+            p.add_(0.01)
+    assert not host.check_weights()  # the safety net sees the difference and repairs it
+    assert host.check_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    host.params_changed(opt)  # the runner's hook: broadcast, nothing left to repair
+    assert host.check_weights()
+    host.train_step(*batches[1], OPTIM.lr)
+    assert host.check_weights()
+
+
+def test_dead_follower_is_named_and_the_next_step_fails(host):
+    died: list[str] = []
+    host.on_rank_died = died.append
+    model, opt = _fresh()
+    host.attach(model, opt, MODEL, OPTIM)
+    batches = _batches(4, steps=1)
+    host.train_step(*batches[0], OPTIM.lr)
+    os.kill(host.procs[0].pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not died and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert died == ["local rank 1 died (killed by SIGKILL)"]
+    with pytest.raises(LocalRankDied, match="local rank 1 died"):
+        host.train_step(*batches[0], OPTIM.lr)
+
+
+def test_nproc_bad_values():
+    cores = os.cpu_count() or 1
+    assert resolve_nproc(0, "cpu") == 1
+    assert resolve_nproc(1, "cpu") == 1
+    with pytest.raises(ValueError, match=rf"--nproc-per-node {cores + 1} is more than the {cores} visible CPU cores"):
+        resolve_nproc(cores + 1, "cpu")
+    with pytest.raises(ValueError, match="single device 'cuda:1'"):
+        resolve_nproc(2, "cuda:1")
+    with pytest.raises(ValueError, match="-1"):
+        resolve_nproc(-1, "cpu")
+    with pytest.raises(ValueError, match="at least 2"):
+        HostGroup(1, "cpu")
+
+
+def _worker_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "geotrain.worker.cli", "--coordinator", "127.0.0.1:1", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_refuses_more_processes_than_devices():
+    cores = os.cpu_count() or 1
+    r = _worker_cli("--device", "cpu", "--nproc-per-node", str(cores + 1))
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: --nproc-per-node {cores + 1} is more than the {cores} visible CPU cores"
+
+
+def test_cli_refuses_a_multi_device_sync_member():
+    r = _worker_cli("--device", "cpu", "--nproc-per-node", "2", "--sync-group", "auto")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: --sync-group needs one device per worker (got --nproc-per-node 2)")
