@@ -158,3 +158,106 @@ def test_cli_refuses_a_multi_device_sync_member():
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error: --sync-group needs one device per worker (got --nproc-per-node 2)")
+
+
+def test_a_dead_follower_ends_the_others_with_its_name(capfd):
+    group = HostGroup(3, "cpu", threads=1, timeout_s=60.0)  # 3 gloo ranks on CPU: more than cores is fine here
+    try:
+        model, opt = _fresh()
+        group.attach(model, opt, MODEL, OPTIM)
+        group.train_step(*_batches(3, steps=1)[0], OPTIM.lr)
+        os.kill(group.procs[0].pid, signal.SIGKILL)
+        group.procs[1].join(30)
+        assert group.procs[1].exitcode == 1
+        assert "error: local rank 1 died (killed by SIGKILL): local rank 2 exits" in capfd.readouterr().err
+    finally:
+        group.close()
+
+
+# --------------------------------------------------------------------------- real processes
+
+sys.path.insert(0, os.path.dirname(__file__))
+from procs import Cluster, prepare_corpus, tiny_config  # noqa: E402
+
+BATCH = 4  # tiny_config's train.batch_size: sequences per device and step
+BLOCK = 32  # tiny_config's model.block_size
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_corpus(tmp_path_factory.mktemp("corpus"), n_bytes=120_000)
+
+
+def _gone(pid: int) -> bool:
+    """The process exited (a zombie that no one reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _follower_pid(log: str, rank: int = 1) -> int:
+    import re
+
+    return int(re.search(rf"local rank {rank}: pid (\d+)", log).group(1))
+
+
+def _row(status: dict | None, name: str) -> dict | None:
+    return next((w for w in (status or {}).get("worker_list", []) if w["name"] == name), None)
+
+
+@pytest.mark.slow
+def test_two_local_ranks_join_as_one_participant_train_and_push(data_dir, tmp_path):
+    budget = 10 * 2048
+    cfg = tiny_config(plan__max_tokens=budget, workers__lease_seconds=30.0)  # a loaded 2-core machine
+    with Cluster(tmp_path, data_dir, cfg) as c:
+        c.start_coordinator()
+        w = c.start_worker("w0", extra=["--nproc-per-node", "2"])
+        s = c.wait_status(lambda s: (r := _row(s, "w0")) is not None and r["stats"].get("steps", 0) > 0,
+                          120, "w0 training", fail_if_dead=[w])
+        assert len(s["worker_list"]) == 1  # one participant, not one per rank
+        assert _row(s, "w0")["device"] == "cpu x2"
+        stats = _row(s, "w0")["stats"]
+        assert stats["tokens"] == stats["steps"] * 2 * BATCH * BLOCK  # the participant's batch: both ranks'
+        assert c.wait_exit(w, 240) == 0  # the run ends: final push, leave, the follower stops
+        log = w.log()
+        assert "host group of 2 cpu processes ready" in log
+        assert "Traceback" not in log and "error" not in log
+        assert "left the run (" in log
+        assert _gone(_follower_pid(log))
+        assert c.summary()["tokens"] >= budget  # every token trained by the participant and merged
+        assert "worker w0 left: " in c.coordinator_log()
+
+
+@pytest.mark.slow
+def test_sigkilled_follower_ends_the_participant_and_returns_its_leases(data_dir, tmp_path):
+    cfg = tiny_config(plan__max_tokens=0, workers__lease_seconds=120.0)  # only a leave frees the leases soon
+    with Cluster(tmp_path, data_dir, cfg) as c:
+        c.start_coordinator()
+        w = c.start_worker("w0", extra=["--nproc-per-node", "2"])
+        c.wait_status(lambda s: (r := _row(s, "w0")) is not None and r["stats"].get("steps", 0) > 0
+                      and s["shards"]["leased"] > 0, 120, "w0 training", fail_if_dead=[w])
+        os.kill(_follower_pid(w.log()), signal.SIGKILL)
+        assert c.wait_exit(w, 30) == 4
+        log = w.log()
+        assert "error: local rank 1 died (killed by SIGKILL): left the run" in log
+        assert "Traceback" not in log
+        assert "worker w0 left: local rank 1 died (killed by SIGKILL)" in c.coordinator_log()
+        s = c.wait_status(lambda s: not s["worker_list"], 10, "w0 gone")
+        assert s["shards"]["leased"] == 0  # back in the pool at once, not after the 120 s lease expiry
+
+
+@pytest.mark.slow
+def test_sigkilled_rank0_ends_its_followers(data_dir, tmp_path):
+    with Cluster(tmp_path, data_dir, tiny_config(plan__max_tokens=0, workers__lease_seconds=30.0)) as c:
+        c.start_coordinator()
+        w = c.start_worker("w0", extra=["--nproc-per-node", "2"])
+        c.wait_status(lambda s: (r := _row(s, "w0")) is not None and r["stats"].get("steps", 0) > 0,
+                      120, "w0 training", fail_if_dead=[w])
+        follower = _follower_pid(w.log())
+        w.kill()
+        c.wait_for(lambda: _gone(follower), 30, "the follower's exit")
+        assert "error: local rank 0 is gone: local rank 1 exits" in w.log()  # the follower shares the log
+        # the coordinator's lease expiry returns what rank 0 held
+        c.wait_status(lambda s: not s["worker_list"] and s["shards"]["leased"] == 0, 60, "w0 dropped")
