@@ -18,7 +18,7 @@ import torch
 from geotrain.common.config import ModelConfig, OptimConfig
 from geotrain.common.model import GPT, configure_optimizer
 from geotrain.common.tensors import clone_tensors, model_tensors
-from geotrain.worker.host_group import HostGroup, LocalRankDied, resolve_nproc
+from geotrain.worker.host_group import HostGroup, LocalRankDied, check_replica_fits, replica_bytes, resolve_nproc
 
 torch.set_num_threads(1)
 
@@ -139,6 +139,14 @@ def test_nproc_bad_values():
         resolve_nproc(-1, "cpu")
     with pytest.raises(ValueError, match="at least 2"):
         HostGroup(1, "cpu")
+
+
+def test_a_replica_larger_than_the_device_is_refused():
+    gpt2_xl = 1_557_611_200
+    assert replica_bytes(gpt2_xl) > 24 * 2**30  # weights + gradients + buckets + AdamW moments: ~29 GiB
+    check_replica_fits(gpt2_xl, 80 * 2**30, "cuda:0")
+    with pytest.raises(ValueError, match=r"1558M-parameter model needs 29\.0 GiB .* cuda:0 has 24\.0 GiB"):
+        check_replica_fits(gpt2_xl, 24 * 2**30, "cuda:0")
 
 
 def _worker_cli(*args: str) -> subprocess.CompletedProcess:

@@ -26,6 +26,14 @@ Who calls what, and when (rank 0's runner calls the hooks; worker/runner.py mark
   rank 0 (`check_weights`).
 - `close()`: followers stop and exit 0; the process group is destroyed.
 
+Memory: DDP keeps a whole replica per device: fp32 weights, gradients, DDP's gradient buckets
+and AdamW's two moments, REPLICA_BYTES_PER_PARAM bytes per parameter (`replica_bytes`). `attach`
+refuses, with both sizes named, a model whose replica exceeds a CUDA device's memory. Such models
+need the weights sharded across the local ranks (FSDP2 `fully_shard` per transformer block in
+`_Replica`); that is not supported yet. The seams are where it would go: `_Replica` is the one
+place that wraps the model, rank 0 would gather full tensors for its push (`params - base`) and
+`params_changed` would scatter rank 0's full weights instead of broadcasting them.
+
 Failures (no hang): each follower's death is seen at once by rank 0's watchdog thread (it waits
 on the processes' sentinels). It tells the surviving followers, which exit 1 with a line naming
 the dead rank, and calls `on_rank_died(message)`; the worker's callback (`start_for_runner`)
@@ -62,6 +70,7 @@ EXIT_LOCAL_RANK = 4  # the worker's exit status when one of its local ranks died
 TIMEOUT_S = 300.0  # process-group timeout: the bound on any one collective (NCCL init included)
 CHECK_EVERY = 100  # steps between checksum compares of the ranks' weights
 FAILURE_GRACE_S = 10.0  # a failed collective waits this long for the watchdog to name the dead rank
+REPLICA_BYTES_PER_PARAM = 20  # fp32 weights 4 + gradients 4 + DDP buckets 4 + AdamW moments 8
 
 
 class LocalRankDied(RuntimeError):
@@ -97,6 +106,20 @@ def resolve_nproc(nproc: int, device: str) -> int:
         what = "CUDA devices" if device_type == "cuda" else "CPU cores"
         raise ValueError(f"--nproc-per-node {nproc} is more than the {visible} visible {what}")
     return nproc
+
+
+def replica_bytes(n_params: int) -> int:
+    """Bytes one DDP replica of an n_params model holds for training, activations not counted."""
+    return n_params * REPLICA_BYTES_PER_PARAM
+
+
+def check_replica_fits(n_params: int, device_bytes: int, device: str) -> None:
+    """ValueError naming both sizes when a whole replica does not fit the device's memory."""
+    need = replica_bytes(n_params)
+    if need > device_bytes:
+        raise ValueError(f"a replica of the {n_params / 1e6:.0f}M-parameter model needs {need / 2**30:.1f} GiB "
+                         f"(weights, gradients, AdamW state) but {device} has {device_bytes / 2**30:.1f} GiB; "
+                         "sharding a model across local ranks is not supported")
 
 
 def _rank_device(device_type: str, rank: int) -> torch.device:
@@ -350,6 +373,9 @@ class HostGroup:
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_cfg, optim_cfg) -> None:
         """After rank 0 built its model and optimizer and loaded the first weights: the followers
         build theirs and every rank starts from rank 0's weights."""
+        if self.device_type == "cuda":
+            check_replica_fits(sum(p.numel() for p in model.parameters()),
+                               torch.cuda.get_device_properties(self.device).total_memory, str(self.device))
         spec = {"model": dataclasses.asdict(model_cfg), "weight_decay": optim_cfg.weight_decay, "lr": optim_cfg.lr,
                 "betas": [optim_cfg.beta1, optim_cfg.beta2], "grad_clip": optim_cfg.grad_clip}
         self._send(lambda rank: ("attach", spec))
