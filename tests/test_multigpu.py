@@ -269,3 +269,13 @@ def test_sigkilled_rank0_ends_its_followers(data_dir, tmp_path):
         assert "error: local rank 0 is gone: local rank 1 exits" in w.log()  # the follower shares the log
         # the coordinator's lease expiry returns what rank 0 held
         c.wait_status(lambda s: not s["worker_list"] and s["shards"]["leased"] == 0, 60, "w0 dropped")
+
+
+def test_a_sync_group_runner_refuses_several_devices():
+    from geotrain.worker.group_runner import GroupWorkerRunner
+    from geotrain.worker.runner import WorkerConfig
+
+    runner = GroupWorkerRunner(WorkerConfig(coordinator="127.0.0.1:1", device="cpu", sync_group="auto",
+                                            nproc_per_node=2, serve=False), "")
+    with pytest.raises(ValueError, match="sync-group member trains on one device"):
+        runner.run()

@@ -470,5 +470,12 @@ def start_for_runner(runner) -> HostGroup:
         sys.stderr.flush()
         os._exit(EXIT_LOCAL_RANK)
 
-    return HostGroup(runner.config.nproc_per_node, runner.device.type, threads=runner.config.threads,
-                     on_rank_died=on_rank_died)
+    config = runner.config
+    if config.sync_group:
+        raise ValueError(f"a sync-group member trains on one device (nproc_per_node {config.nproc_per_node} "
+                         f"with sync_group {config.sync_group!r})")
+    threads = config.threads
+    if runner.device.type == "cpu" and not threads:  # N processes share the cores instead of each taking all
+        threads = max(1, (os.cpu_count() or 1) // config.nproc_per_node)
+        torch.set_num_threads(threads)
+    return HostGroup(config.nproc_per_node, runner.device.type, threads=threads, on_rank_died=on_rank_died)
