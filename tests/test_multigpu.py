@@ -60,9 +60,14 @@ def _single_process(batches) -> tuple[list[float], dict[str, torch.Tensor]]:
     return losses, clone_tensors(model_tensors(model))
 
 
+def _group(**kw) -> HostGroup:
+    return HostGroup(2, "cpu", threads=1, timeout_s=60.0, check_every=2, **kw)
+
+
 @pytest.fixture
 def host():
-    group = HostGroup(2, "cpu", threads=1, timeout_s=60.0, check_every=2)
+    """A 2-rank group (the default process group is per process: one group at a time)."""
+    group = _group()
     try:
         yield group
     finally:
@@ -111,9 +116,16 @@ def test_params_changed_outside_the_optimizer_reach_the_followers(host):
     assert host.check_weights()
 
 
-def test_dead_follower_is_named_and_the_next_step_fails(host):
+def test_dead_follower_is_named_and_the_next_step_fails():
     died: list[str] = []
-    host.on_rank_died = died.append
+    host = _group(on_rank_died=died.append)
+    try:
+        _kill_a_follower(host, died)
+    finally:
+        host.close()
+
+
+def _kill_a_follower(host: HostGroup, died: list[str]) -> None:
     model, opt = _fresh()
     host.attach(model, opt, MODEL, OPTIM)
     batches = _batches(4, steps=1)
