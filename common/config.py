@@ -615,7 +615,10 @@ class WorkerConfig:
                     help="Port of this worker's gRPC server (health, Ping, sync-group peers); 0 = any free port.")
     name: str = opt("", help="Worker name shown in status (default: hostname-pid).")
     device: str = opt("auto", help="auto | cuda | cuda:N | cpu.")
-    batch_size: int = opt(0, auto="auto", low=1, help="Sequences per inner step; auto = the run's train.batch_size.")
+    batch_size: int = opt(0, auto="auto", low=1, help="Sequences per inner step and device; auto = the run's train.batch_size.")
+    nproc_per_node: int = opt(0, auto="auto", low=1,
+                              help="Processes, one per device, that train as this one participant (their batches add up); "
+                                   "auto = every visible CUDA GPU, 1 on CPU.")
     threads: int = opt(0, low=0, help="torch intra-op threads (0 = torch's default).")
     cache_dir: str | None = opt(None, help="Shard cache; shards go to CACHE_DIR/<run_id>. Default ~/.cache/geotrain/shards.")
     token: str | None = opt(None, help="Run token (prefer the environment variable or --token-file over the command line).")

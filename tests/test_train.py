@@ -256,7 +256,7 @@ def test_eval_json(trained, corpus):
         (["--n-embd", "30", "--n-head", "4"], "divisible"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], "device"),
         (["--device", "cpu", "--optimizer-state", "8bit"], "optimizer state '8bit' needs a CUDA device"),
-        (["--micro-batch", "-1"], "train.micro_batch and train.prefetch must be >= 0, got -1"),
+        (["--micro-batch", "-1"], "expected 'auto' or an integer >= 1, got '-1'"),
         (["--activation-checkpointing", "maybe"], "Invalid value for '--activation-checkpointing'"),
     ],
 )

@@ -3,7 +3,8 @@
 Every option is a field of common/config.py's WorkerConfig and can also come from the environment:
 GEOTRAIN_<OPTION> (e.g. GEOTRAIN_COORDINATOR, GEOTRAIN_TOKEN); `worker --help` lists them. Exit status: 0 after a clean leave, 2 for a bad
 command line (a chosen --port or --metrics-port that is taken included; a default one that is taken
-is replaced by a free one), 3 when the coordinator refuses the worker (bad token, protocol mismatch), 1 on an
+is replaced by a free one), 3 when the coordinator refuses the worker (bad token, protocol mismatch),
+4 when one of its local ranks died (--nproc-per-node > 1: it left the run first), 1 on an
 unexpected error; a second SIGTERM/Ctrl+C exits at once with 128 + the signal number.
 """
 
@@ -62,14 +63,27 @@ def main(**params) -> None:
         sys.exit(EXIT_USAGE)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from geotrain.worker.host_group import resolve_nproc
     from geotrain.worker.runner import WorkerRunner
     from geotrain.worker.group_runner import GroupWorkerRunner
+
+    try:
+        nproc_per_node = resolve_nproc(config.nproc_per_node, config.device)
+    except (ValueError, RuntimeError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    if config.sync_group and nproc_per_node > 1:
+        # A sync group's all-reduce runs one model replica per member; a member spanning several
+        # devices is not supported yet: run one worker per GPU (--device cuda:N) in the group.
+        click.echo(f"error: --sync-group needs one device per worker (got --nproc-per-node {nproc_per_node}); "
+                   "start one worker per GPU with --device cuda:N --nproc-per-node 1", err=True)
+        sys.exit(EXIT_USAGE)
 
     # A port left at its default (no flag, no environment variable) falls back to a free one when
     # taken (several workers on a host); a chosen one that is taken is an error naming it.
     source = click.get_current_context().get_parameter_source
     config = dataclasses.replace(
-        config,
+        config, nproc_per_node=nproc_per_node,
         port_fallback=source("port") == click.core.ParameterSource.DEFAULT,
         metrics_port_fallback=source("metrics_port") == click.core.ParameterSource.DEFAULT,
     )

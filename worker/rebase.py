@@ -139,7 +139,8 @@ class RoundState:
 
     def __init__(self, params: dict[str, torch.Tensor], base: dict[str, torch.Tensor], base_version: int,
                  run_id: str, stats: StatsBook, need_full: threading.Event, metrics=None,
-                 release_push: Callable[[str], None] | None = None, on_reset: Callable[[], None] | None = None):
+                 release_push: Callable[[str], None] | None = None, on_reset: Callable[[], None] | None = None,
+                 on_params_changed: Callable[[], None] | None = None):
         self.params = params
         self.base = base
         self.base_version = base_version
@@ -148,6 +149,9 @@ class RoundState:
         self.metrics = metrics
         self.release_push = release_push or (lambda push_id: None)  # a resolved push's held payload
         self.on_reset = on_reset or (lambda: None)  # local weights reset to base: clear the optimizer
+        # the params changed outside the optimizer (rebase, reset): a multi-device worker's
+        # followers take them (worker/host_group.py HostGroup.params_changed)
+        self.on_params_changed = on_params_changed or (lambda: None)
         self.need_full = need_full  # set: the comm thread fetches the full model (shared with it)
         self.inflight: Push | None = None
         self.pending: list[PendingRange] = []
@@ -342,12 +346,14 @@ class RoundState:
             self.release_push(self.inflight.push_id)
         self.pending, self.sealed, self.inflight = [], 0, None
         self.reset_to_base()
+        self.on_params_changed()
 
     def after_rebase(self) -> None:
         if not all_finite(self.params):
             log.error("local weights are not finite: dropping local progress, restarting from the global model")
             self.reset_to_base()
             self.on_reset()
+        self.on_params_changed()
         if self.metrics is not None:
             self.metrics.model_version.set(self.base_version)
 

@@ -110,6 +110,10 @@ class WorkerRunner:
         self.stats = StatsBook()
         self.state = "starting"
         self.server = None
+        # Multi-device hook (worker/host_group.py HostGroup), started by run() when
+        # config.nproc_per_node > 1: called at each step, after every change of the weights
+        # outside the optimizer (setup, rebase, resync, dropped progress) and at shutdown.
+        self.host = None
         self.metrics = None
         self.metrics_port = 0  # the bound metrics port (0: none)
         self.client: CoordinatorClient | None = None
@@ -160,6 +164,10 @@ class WorkerRunner:
         from geotrain.common.model import resolve_device
 
         self.device = resolve_device(self.config.device)
+        if self.config.nproc_per_node > 1 and self.host is None:
+            from geotrain.worker.host_group import start_for_runner
+
+            self.host = start_for_runner(self)  # spawns the followers; rank 0 is this process
         self.client = CoordinatorClient(
             self.config.coordinator, self.config.token, self.config.tls_ca, self.abort,
             on_rejoin=lambda reply: self.inbox.put(("rejoined", reply)),
@@ -183,6 +191,8 @@ class WorkerRunner:
         finally:
             self.abort.set()
             self.state = "stopped"
+            if self.host is not None:
+                self.host.close()
             if self.server is not None:
                 self.server.stop(1.0)
             self.client.close()
@@ -205,6 +215,8 @@ class WorkerRunner:
         from geotrain.common import __version__
 
         advertise_port = self.config.advertise_port or (self.server.port if self.server else 0)
+        if self.config.nproc_per_node > 1:  # one participant on several devices: "cuda:NVIDIA H100 x8"
+            device = f"{device} x{self.config.nproc_per_node}"
         return pb.JoinRequest(
             name=self.name, device=device, memory_bytes=memory, software_version=__version__,
             config_fingerprint=f"{device}|{torch.cuda.device_count() if self.device.type == 'cuda' else 1}|{__version__}",
@@ -238,8 +250,10 @@ class WorkerRunner:
         self.manifest = Manifest.from_json(json.dumps(spec["manifest"]))
         self.step_offset = int(spec.get("step_offset", 0))
         self.heartbeat_seconds = reply.heartbeat_seconds or WorkersConfig.heartbeat_seconds
-        self.batch_size = self.config.batch_size or self.run_cfg.train.batch_size
-        self.trainer = LocalTrainer(self.run_cfg, self.model_cfg, self.device, reply.worker_id, self.batch_size)
+        # Sequences per device step; a participant step trains that many on each of its devices.
+        device_batch = self.config.batch_size or self.run_cfg.train.batch_size
+        self.batch_size = device_batch * max(1, self.config.nproc_per_node)
+        self.trainer = LocalTrainer(self.run_cfg, self.model_cfg, self.device, reply.worker_id, device_batch)
         spec_shapes = tensor_spec(self.trainer.params)
         self.model_bytes = sum(t.numel() * 4 for t in self.trainer.params.values())
         max_blob_bytes = 2 * self.model_bytes * (self.run_cfg.merge.max_staleness + 2) + (16 << 20)
@@ -262,9 +276,13 @@ class WorkerRunner:
         version, full = self._first_model(spec.get("initial_sha256", ""))
         self.stats.add(wait_seconds=time.monotonic() - t0)
         self.trainer.load(full)
+        host = self.host
+        if host is not None:  # the followers build their replicas and take these weights
+            host.attach(self.trainer.model, self.trainer.optimizer, self.model_cfg, self.run_cfg.optim)
         self.rounds = RoundState(
             self.trainer.params, full, version, self.run_id, self.stats, self.need_full, metrics=self.metrics,
             release_push=self.downlink.release, on_reset=self.trainer.clear_optimizer,
+            on_params_changed=(lambda: host.params_changed(self.trainer.optimizer)) if host is not None else None,
         )
         self.comm = CommThread(self.client, self.downlink, self.inbox, self.need_full, run_ended, version,
                                self.model_bytes, self.run_cfg.merge.max_staleness, self.config.long_poll_seconds)
@@ -402,7 +420,15 @@ class WorkerRunner:
         T = self.model_cfg.block_size
         x, y, n = self.shards.lease_batch(lease, self.batch_size)
         rounds = self.rounds
-        loss, seconds = self.trainer.step(x, y, self.step_offset + rounds.local_step)
+        if self.host is not None:  # the host's devices train on shares of the batch (worker/host_group.py)
+            from geotrain.common.train import lr_at
+
+            t0 = time.monotonic()
+            lr = lr_at(self.step_offset + rounds.local_step, self.run_cfg.optim, self.run_cfg.train.max_iters)
+            loss = self.host.train_step(x, y, lr)
+            seconds = time.monotonic() - t0
+        else:
+            loss, seconds = self.trainer.step(x, y, self.step_offset + rounds.local_step)
         start = lease.pos
         lease.pos += n * T
         self.count_step(lease, start, loss, seconds, n * T)
