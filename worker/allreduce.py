@@ -279,6 +279,19 @@ class PeerRouter(peer_pb2_grpc.PeerServicer):
         for chunk in rpc.iter_chunks(blob):
             yield peer_pb2.StatePart(chunk=chunk)
 
+    def FetchRebase(self, request, context):
+        group = self._group(request.group_id, request.epoch, context)
+        with group._lock:
+            served = group._rebase_served
+        if served is None or served[0] != request.step:
+            have = served[0] if served is not None else None
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"no rebase for step {request.step} here (serving {have})")
+        step, blob, sha = served
+        group._count_sent(len(blob))
+        yield peer_pb2.StatePart(header=peer_pb2.StateHeader(step=step, total_bytes=len(blob), sha256=sha))
+        for chunk in rpc.iter_chunks(blob):
+            yield peer_pb2.StatePart(chunk=chunk)
+
     def Status(self, request, context):
         return self._group(request.group_id, None, context)._status_reply()
 
@@ -445,6 +458,9 @@ class CompressedAllReduce:
         self.total = AllReduceStats()
         self._plan = None      # rank 0's BatchPlan of the running call, once this member knows it
         self.last_plan = None  # ... of the last completed call (None: rank 0 sent none)
+        self._rebase = ""      # sha256 of rank 0's rebase announced in the running call ("" none)
+        self.last_rebase = ""  # ... of the last completed call
+        self._rebase_served: tuple[int, bytes, str] | None = None  # rank 0: (step, blob, sha256)
 
     # ------------------------------------------------------------------ wiring
 
@@ -511,17 +527,19 @@ class CompressedAllReduce:
 
     # ------------------------------------------------------------------ the collective
 
-    def allreduce(self, tensors: Mapping[str, torch.Tensor], step: int, plan=None) -> dict[str, torch.Tensor]:
+    def allreduce(self, tensors: Mapping[str, torch.Tensor], step: int, plan=None, rebase: str = "") -> dict[str, torch.Tensor]:
         """The mean of `tensors` over all members, identical bit for bit on every member.
 
         Every member must call it with the same names and shapes and the same `step`, which must
         increase from call to call. Returns new tensors (same device and dtype as the inputs).
         plan: rank 0 only, a peer_pb2.BatchPlan that rides along in the message headers; after the
         call every member holds it in `last_plan` (None when rank 0 sent none).
+        rebase: rank 0 only, the sha256 of a rebase blob it serves for `step` (serve_rebase); after
+        the call every member holds it in `last_rebase` ("" when rank 0 announced none).
         Raises PeerFailure when a member fails or misses a deadline; ValueError on caller mistakes.
         """
-        if plan is not None and self.rank != 0:
-            raise ValueError(f"only rank 0 sends a batch plan (this member is rank {self.rank})")
+        if (plan is not None or rebase) and self.rank != 0:
+            raise ValueError(f"only rank 0 sends a batch plan or a rebase (this member is rank {self.rank})")
         if step <= self._last_step:
             raise ValueError(f"step must increase from call to call: got {step} after {self._last_step}")
         if not tensors:
@@ -532,6 +550,7 @@ class CompressedAllReduce:
             self._layout = _Layout.build(tensors, self.world_size, self.chunk)
         self._last_step = step
         self._plan, self.last_plan = plan, None
+        self._rebase, self.last_rebase = rebase, ""
         self._inbox.advance(step)
         stats = AllReduceStats(calls=1)
         start = time.perf_counter()
@@ -556,6 +575,7 @@ class CompressedAllReduce:
             raise
         self._set_state(peer_pb2.PeerStatusReply.IDLE, step)
         self.last_plan = self._plan
+        self.last_rebase = self._rebase
         stats.seconds = time.perf_counter() - start
         self.last = stats
         self.total.add(stats)
@@ -787,6 +807,7 @@ class CompressedAllReduce:
         )
         if self._plan is not None:
             header.next_batch.CopyFrom(self._plan)
+        header.rebase_sha256 = self._rebase
         sending = self._sender.submit(self._send, partner, header, payload, t0 + deadline)
         got = None
         while got is None:  # wait for the partner's message; a failed send ends the wait early
@@ -804,6 +825,8 @@ class CompressedAllReduce:
         self._durations.append(time.monotonic() - t0)
         if self._plan is None and got[0].HasField("next_batch"):
             self._plan = got[0].next_batch  # rank 0's, forwarded
+        if not self._rebase and got[0].rebase_sha256:
+            self._rebase = got[0].rebase_sha256  # rank 0's, forwarded
         stats.bytes_sent += len(payload) + header.ByteSize()
         stats.bytes_received += len(got[1]) + got[0].ByteSize()
         return got
@@ -926,6 +949,32 @@ class CompressedAllReduce:
             raise self._failure(0, f"state fetch at step {step}: {exc!r}") from None
         self.total.bytes_received += len(blob)
         return blob, h.params_sha256
+
+    def serve_rebase(self, step: int, blob: bytes) -> str:
+        """Rank 0: serve `blob` (the rebase applied before group step `step`) to FetchRebase until
+        the next one replaces it; returns its sha256, to announce with `allreduce(..., rebase=)`."""
+        sha = rpc.sha256_hex(blob)
+        with self._lock:
+            self._rebase_served = (step, blob, sha)
+        return sha
+
+    def fetch_rebase(self, step: int, sha256: str, max_bytes: int = 64 << 30) -> bytes:
+        """Rank 0's rebase blob for `step`, checked against the announced sha256. Raises PeerFailure
+        when rank 0 cannot provide it in time."""
+        request = peer_pb2.StateRequest(group_id=self.group_id, epoch=self.epoch, step=step, sender=self.rank)
+        try:
+            parts = self._stub(0).FetchRebase(request, timeout=max(60.0, self.deadline_s), metadata=self._metadata,
+                                              wait_for_ready=True)
+            first = next(parts)
+            if first.WhichOneof("part") != "header" or first.header.sha256 != sha256:
+                raise ValueError(f"rebase stream must start with the header of blob {sha256[:12]}")
+            blob = rpc.collect_blob((p.chunk for p in parts), first.header.total_bytes, sha256, max_bytes)
+        except grpc.RpcError as exc:
+            raise self._failure(0, f"rebase fetch at step {step}: {exc.code().name} {exc.details()}") from None
+        except (ValueError, StopIteration) as exc:
+            raise self._failure(0, f"rebase fetch at step {step}: {exc!r}") from None
+        self.total.bytes_received += len(blob)
+        return blob
 
     def _failure(self, rank: int, reason: str) -> PeerFailure:
         self._set_state(peer_pb2.PeerStatusReply.FAILED, self._status_step, reason=reason)

@@ -36,15 +36,13 @@
   (a rank > 0 may still be training out its leases) and asks every PEER_POLL_S; a rank > 0 waits
   idle, bounded (rank 0 must answer within one all-reduce deadline + 10 s, the others within
   PEER_WAIT_MAX_S; else a PeerFailure), and stops waiting when its assignment changes.
-- Rebases: a merged update changes rank 0's parameters outside the optimizer, so the group
-  diverges. Rank 0 applies what the comm thread received only right before a step that ends with
-  the group's checksum round (`check_every` = round.steps, or 10 for time-based rounds), at every
-  REBASE_EVERY_CHECKS-th one (and before the first step of a group): that step's checksum round
-  repairs every member from rank 0 (a full state transfer: model + AdamW moments, about once per
-  two rounds), and the rounds in between check that the synchronous steps kept every member
-  bit-identical (logged: "parameters identical to rank 0"). Rebases thus lag up to two rounds. While rank 0 waits for a
-  lease (no step to take; e.g. the run is finishing) it applies them at once; the next checksum
-  round repairs the members.
+- Rebases: a merged update changes rank 0's parameters outside the optimizer. Rank 0 applies what
+  the comm thread received right before a step that ends with the group's checksum round
+  (`check_every` = round.steps, or 10 for time-based rounds; at once while it waits for a lease,
+  and before the group's entry check), through `SyncGroupTrainer.rebase`: every member replays the
+  same parameter change before that step's optimizer update (4 bytes per parameter fetched from
+  rank 0), so every checksum round finds the members bit-identical (logged: "parameters identical
+  to rank 0"; a mismatch is repaired from rank 0 and counted in geotrain_sync_repairs_total).
 - Failure: a `PeerFailure` (all-reduce, checksum or state fetch; every wait has a deadline) is
   sent with the next heartbeat as `group_failure` (group_id, epoch, survivors, reason); the group
   is dropped (never re-entered under the same group_id/epoch) and the worker trains async until a
@@ -80,7 +78,7 @@ MIN_DEADLINE_S = 5.0  # all-reduce deadline floor (it grows to 5 x p99 of the ex
 PEER_WAIT_EXTRA_S = 10.0
 PEER_WAIT_MAX_S = 300.0  # a rank > 0: how long it waits for the other members to serve the group
 PEER_POLL_S = 0.5
-REBASE_EVERY_CHECKS = 2  # rank 0 rebases before every 2nd checksum round; the others must find no difference  # rank 0: how often it asks whether every member serves a new group  # entry barrier: one all-reduce deadline plus this
+REBASE_EVERY_CHECKS = 1  # rank 0 rebases before every checksum round (the members replay it)
 
 
 @dataclass
@@ -370,8 +368,11 @@ class GroupWorkerRunner(WorkerRunner):
             self._need_full.set()
         if self.metrics is not None and getattr(self.metrics, "sync_group_size", None) is not None:
             self.metrics.sync_group_size.set(0)
+        t = g.trainer
         log.info("sync group %s: left after %d steps (%d on the leased tokens rank 0 planned, %d on unaccounted "
-                 "random windows); training async", g.group_id, g.steps, g.steps - g.unplanned_steps, g.unplanned_steps)
+                 "random windows; %d rebases, %d checksum rounds, %d repairs); training async", g.group_id, g.steps,
+                 g.steps - g.unplanned_steps, g.unplanned_steps, t.rebases if t else 0, t.checks if t else 0,
+                 t.repairs if t else 0)
 
     def _group_failed(self, g: _Group, exc) -> None:
         survivors = [int(r) for r in (getattr(exc, "survivors", None) or [])]
@@ -399,14 +400,16 @@ class GroupWorkerRunner(WorkerRunner):
 
     def _drain_inbox(self) -> None:
         g = self._group
-        if g is not None and g.trainer is not None and not self._idle:
-            t = g.trainer
-            # Rebase only before a step that ends with a checksum round (or starts with one), and
-            # only at every REBASE_EVERY_CHECKS-th one: the others verify the synchronous steps.
-            period = t.check_every * REBASE_EVERY_CHECKS
-            if not (t._needs_check or (period and (t._group_calls + 1) % period == 0)):
-                return
-        super()._drain_inbox()
+        if g is None or g.trainer is None or g.rank != 0 or g.trainer._needs_check:
+            return super()._drain_inbox()  # async, or the entry check gives the members this state
+        t = g.trainer
+        # Rebase once per checksum period, before the step that ends with the checksum round (or
+        # at once while waiting for a lease); the members replay it (SyncGroupTrainer.rebase).
+        period = t.check_every * REBASE_EVERY_CHECKS
+        if not self._idle and period and (t._group_calls + 1) % period:
+            return
+        if not self._inbox.empty():
+            t.rebase(super()._drain_inbox)
 
     def _train_step(self, lease: _Lease) -> None:
         g = self._group
