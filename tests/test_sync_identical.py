@@ -5,7 +5,10 @@ to rank 0: no "parameters differed" line, no repair, and the members did replay 
 (without the replay, every rebase makes the next checksum round repair every member).
 
 Config: procs.TINY_CONFIG (round.steps 5, so a checksum round and a rebase every 5 steps), the
-async merge policy (only rank 0 pushes), a budget that leaves the group a few hundred steps.
+async merge policy (only rank 0 pushes) and the default Nesterov outer optimizer, as the demo: its
+update differs from rank 0's own delta, so every merge moves rank 0's parameters (plain averaging
+of one participant's delta would give rank 0 nothing to rebase); a budget that leaves the group a
+few hundred steps.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def _ranks(workers) -> dict[str, int]:
 
 def _run_group(data_dir, tmp_path, members: int, budget: int, extra: list[str]) -> list[tuple[int, str]]:
     """`members` workers in one sync group train to the budget; returns (rank, log) per worker."""
-    cfg = tiny_config(plan__max_tokens=budget, train__max_iters=1600, merge__policy="async")
+    cfg = tiny_config(plan__max_tokens=budget, train__max_iters=1600, merge__policy="async",
+                      outer__kind="nesterov", outer__lr=0.8, outer__momentum=0.8)
     with Cluster(tmp_path, data_dir, cfg) as c:
         coord = c.start_coordinator()
         workers = [c.start_worker(f"m{i}", extra=["--sync-group", "g", "--advertise-host", "127.0.0.1", *extra])

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hmac
 import logging
 import threading
 import time
@@ -237,10 +238,16 @@ class PeerRouter(peer_pb2_grpc.PeerServicer):
                 del self._groups[group.group_id]
 
     def _group(self, group_id: str, epoch: int | None, context) -> "CompressedAllReduce":
+        """The group a call names, once the caller proved it holds the group's secret (bearer
+        metadata; the run token is not accepted here)."""
         with self._lock:
             group = self._groups.get(group_id)
         if group is None or (epoch is not None and epoch != group.epoch):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no group {group_id!r} epoch {epoch} here")
+        if group._expected_auth is not None:
+            given = str(dict(context.invocation_metadata() or ()).get("authorization", "")).encode()
+            if not hmac.compare_digest(given, group._expected_auth):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong secret of group {group_id!r}")
         return group
 
     def Exchange(self, request_iterator, context):
@@ -375,8 +382,10 @@ class CompressedAllReduce:
     member's own entry is not dialled). group_id / epoch: identify this incarnation of the group on
     the wire. compression: "sign" (1 bit + fp32 scale per `chunk` values, error feedback), "int8"
     (8 bits + scale per chunk, error feedback) or "none" (fp32); sign_scale: "rms" (default) or
-    "mean_abs", the scale of a chunk under "sign". token: the run token, sent as bearer metadata
-    when set. tls_ca: PEM of the CA for TLS.
+    "mean_abs", the scale of a chunk under "sign". token: the group's secret (issued by the
+    coordinator at formation, never the run token): sent as bearer metadata with every call, and
+    required of every Peer call this member serves for the group; None: no authentication.
+    tls_ca: PEM of the CA that signed the members' certificates: dial the peers over TLS.
     """
 
     def __init__(
@@ -426,7 +435,9 @@ class CompressedAllReduce:
         self.algorithm = algorithm
         self.levels = world_size.bit_length() - 1
         self._fixed_deadline, self.min_deadline_s = deadline_s, min_deadline_s
+        self._token = token
         self._metadata = rpc.auth_metadata(token)
+        self._expected_auth = f"Bearer {token}".encode() if token else None
         self._tls_ca = tls_ca
         self._codec = _codec(compression, chunk, sign_scale)
         self._feedback = _feedback(self._codec) if compression != "none" else None

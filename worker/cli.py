@@ -64,16 +64,20 @@ def _batch_size(ctx, param, value):
 @click.option("--token-file", default=None, type=click.Path(dir_okay=False), show_envvar=True,
               help="File whose first line is the run token.")
 @click.option("--tls-ca", default=None, type=click.Path(dir_okay=False), show_envvar=True,
-              help="PEM CA certificate: talk TLS to the coordinator.")
+              help="PEM CA certificate: talk TLS to the coordinator (and, with --tls-cert, to sync-group peers).")
+@click.option("--tls-cert", default=None, type=click.Path(dir_okay=False), show_envvar=True,
+              help="PEM certificate of this worker: serve --port over TLS (sync-group peers need --tls-ca).")
+@click.option("--tls-key", default=None, type=click.Path(dir_okay=False), show_envvar=True,
+              help="PEM private key of --tls-cert.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_envvar=True,
               help="torch intra-op threads (0 = torch's default).")
 @click.option("--sync-group", default="", show_envvar=True, help="Sync group name or 'auto' ('' = async worker).")
 @click.option("--sync-compression", type=click.Choice(["", "none", "sign"]), default="", show_envvar=True,
-              help="Sync-group all-reduce compression (default: sign when the run compresses with sign, else none).")
+              help="Sync-group all-reduce compression ('' = sign: 1 bit + error feedback after an int8 warmup; none = fp32).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               default="info", show_default=True, show_envvar=True)
 def main(port, coordinator, name, device, batch_size, advertise_host, advertise_port, metrics_port, cache_dir,
-         token, token_file, tls_ca, threads, sync_group, sync_compression, log_level) -> None:
+         token, token_file, tls_ca, tls_cert, tls_key, threads, sync_group, sync_compression, log_level) -> None:
     """Join the coordinator at HOST:PORT and train until the run ends or a signal arrives.
 
     The first SIGTERM or Ctrl+C finishes the current step, pushes the pending delta if the
@@ -84,10 +88,19 @@ def main(port, coordinator, name, device, batch_size, advertise_host, advertise_
 
     try:
         token = read_token(token_file, token)
-        ca = None
+        ca = cert = key = None
         if tls_ca:
             with open(tls_ca, "rb") as fh:
                 ca = fh.read()
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if tls_cert:
+            if not tls_ca:
+                raise ValueError("--tls-cert needs --tls-ca (the CA that signed the sync-group peers' certificates)")
+            with open(tls_cert, "rb") as fh:
+                cert = fh.read()
+            with open(tls_key, "rb") as fh:
+                key = fh.read()
     except (ValueError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
@@ -100,7 +113,7 @@ def main(port, coordinator, name, device, batch_size, advertise_host, advertise_
 
     config = WorkerConfig(
         coordinator=coordinator, port=port, name=name, device=device, batch_size=batch_size, threads=threads,
-        cache_dir=cache_dir, token=token, tls_ca=ca, metrics_port=metrics_port,
+        cache_dir=cache_dir, token=token, tls_ca=ca, tls_cert=cert, tls_key=key, metrics_port=metrics_port,
         advertise_host=advertise_host, advertise_port=advertise_port, sync_group=sync_group,
     )
     try:

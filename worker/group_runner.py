@@ -7,8 +7,8 @@
   `CompressedAllReduce` on the worker's own gRPC server (the PeerRouter is registered before the
   server starts) and a `SyncGroupTrainer` around the worker's model, and from then on every
   heartbeat carries `active_group_id` (the coordinator then refuses pushes from ranks > 0).
-  All-reduce compression: `sign` when the run's compression.scheme is sign, else `none`;
-  `--sync-compression` / GEOTRAIN_SYNC_COMPRESSION overrides it. The trainer's step counter is the
+  All-reduce compression: `sign` (1 bit + error feedback, after an int8 warmup; worker/sync.py)
+  by default; `--sync-compression none` / GEOTRAIN_SYNC_COMPRESSION=none moves fp32. The trainer's step counter is the
   worker's absolute step (step_offset + local steps; lr schedule and 1-bit warmup follow it) and it
   starts from the worker's AdamW state; the first checksum round gives every member rank 0's
   parameters, optimizer state and step.
@@ -72,6 +72,7 @@ from geotrain.worker.runner import WorkerConfig, WorkerRunner, _Lease
 log = logging.getLogger(__name__)
 
 SYNC_COMPRESSIONS = ("none", "sign")
+DEFAULT_SYNC_COMPRESSION = "sign"
 FLUSH_BEFORE_MEMBER_S = 5.0  # a rank > 0: how long to try pushing its async progress before switching
 DEFAULT_CHECK_EVERY = 10
 MIN_DEADLINE_S = 5.0  # all-reduce deadline floor (it grows to 5 x p99 of the exchanges)
@@ -213,12 +214,14 @@ class GroupWorkerRunner(WorkerRunner):
     def _enter_group(self, a: pb.GroupAssignment) -> None:
         from geotrain.worker.allreduce import CompressedAllReduce
 
-        scheme = self.sync_compression or ("sign" if self.run_cfg.compression.scheme == "sign" else "none")
+        scheme = self.sync_compression or DEFAULT_SYNC_COMPRESSION
         if a.rank > 0:
             self._flush_before_member()
         ar = CompressedAllReduce(
             int(a.rank), int(a.world_size), list(a.peers), a.group_id, epoch=int(a.epoch), compression=scheme,
-            algorithm=self.run_cfg.compression.sync_schedule, token=self.config.token, min_deadline_s=max(MIN_DEADLINE_S, 3.0 * self.heartbeat_seconds),
+            algorithm=self.run_cfg.compression.sync_schedule, token=a.peer_secret or None,
+            tls_ca=self.config.tls_ca if self.config.tls_cert else None,  # peers serve TLS as this member does
+            min_deadline_s=max(MIN_DEADLINE_S, 3.0 * self.heartbeat_seconds),
         )
         ar.add_to_server(self.server.server)
         g = self._group = _Group(a.group_id, int(a.epoch), int(a.rank), int(a.world_size), ar)

@@ -244,6 +244,8 @@ class WorkerConfig:
     cache_dir: str | None = None  # shards go to CACHE_DIR/<run_id>; default ~/.cache/geotrain/shards
     token: str | None = None
     tls_ca: bytes | None = None
+    tls_cert: bytes | None = None  # PEM: serve --port (and sync-group peers) over TLS
+    tls_key: bytes | None = None
     metrics_port: int = 0
     advertise_host: str = ""
     advertise_port: int = 0
@@ -347,9 +349,15 @@ class WorkerRunner:
 
             from geotrain.protos.rpc import TokenAuthInterceptor
 
-            # Peer traffic of sync groups needs the same run token as the coordinator's RPCs.
-            auth = [TokenAuthInterceptor(self.config.token)] if self.config.token else []
-            self.server = WorkerServer(self.config.port, self._describe, interceptors=auth)
+            import grpc
+
+            # The run token guards this endpoint; the Peer service of sync groups checks each
+            # group's own secret instead (worker/allreduce.py).
+            auth = [TokenAuthInterceptor(self.config.token, exempt=("/geotrain.v1.Peer/",))] if self.config.token else []
+            creds = None
+            if self.config.tls_cert:
+                creds = grpc.ssl_server_credentials([(self.config.tls_key, self.config.tls_cert)])
+            self.server = WorkerServer(self.config.port, self._describe, interceptors=auth, credentials=creds)
             if self.config.sync_group:  # the Peer service must be registered before start()
                 from geotrain.worker.allreduce import router_for
 

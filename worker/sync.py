@@ -601,9 +601,8 @@ def _warmup_sibling(ar: CompressedAllReduce, scheme: str) -> CompressedAllReduce
     sibling = CompressedAllReduce(
         ar.rank, ar.world_size, ar.peers, f"{ar.group_id}/warmup", epoch=ar.epoch, compression=scheme,
         chunk=ar.chunk, sign_scale=ar.sign_scale, algorithm="auto" if ar.algorithm == "count" else ar.algorithm,
-        deadline_s=ar._fixed_deadline, min_deadline_s=ar.min_deadline_s, tls_ca=ar._tls_ca,
+        deadline_s=ar._fixed_deadline, min_deadline_s=ar.min_deadline_s, token=ar._token, tls_ca=ar._tls_ca,
     )
-    sibling._metadata = ar._metadata
     if ar._router is not None:
         sibling._router = ar._router
         ar._router.attach(sibling)
