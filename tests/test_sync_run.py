@@ -110,8 +110,12 @@ def test_sync_step_metrics_feed_the_worker_metrics():
                            allreduce_bytes_received=1000, group_size=2, residual_norm=0.5, checked=False, repaired=False)
     m.observe_sync(step)
     m.observe_sync(step)
+    import dataclasses
+
+    m.observe_sync(dataclasses.replace(step, checked=True, repaired=True, allreduce_bytes_sent=0))
     text = m.scrape().decode()
-    assert "geotrain_sync_allreduce_seconds_count 2.0" in text
+    assert "geotrain_sync_repairs_total 1.0" in text  # only a repaired checksum round counts
+    assert "geotrain_sync_allreduce_seconds_count 3.0" in text
     assert "geotrain_sync_allreduce_bytes_total 2000.0" in text
     assert "geotrain_sync_group_size 2.0" in text
     assert "geotrain_sync_residual_norm 0.5" in text
