@@ -149,6 +149,31 @@ def test_rank0_rebase_is_replayed_by_every_member(n, compression):
         stop_group(members, servers)
 
 
+def test_a_repair_after_rank0_rebased_does_not_replay_that_rebase_twice():
+    """Rank 0 rebases right after a checksum round while a member repairs from it: the state the
+    member loads already holds the rebase, which the next step still announces; the member skips it."""
+    torch.set_num_threads(1)
+    members, servers = start_group(2, compression="none")
+    try:
+        trainers = make_trainers(members, init_seeds=[3, 3], check_every=2)
+        train(trainers, steps=2)  # ends with a checksum round at group step 2
+        with torch.no_grad():
+            next(trainers[1].model.parameters()).view(-1)[0] += 1.0  # rank 1 diverged
+
+        def merged_update():
+            with torch.no_grad():
+                for p in trainers[0].model.parameters():
+                    p.add_(1e-3)
+
+        assert trainers[0].rebase(merged_update)  # staged for step 3, already in rank 0's weights
+        assert trainers[1].check()  # repaired from rank 0's state at step 2, rebase included
+        train(trainers, steps=2, data_seed=1)  # step 3 announces the rebase; the check after step 4
+        assert [t.repairs for t in trainers] == [0, 1]
+        assert trainers[0].params_sha256() == trainers[1].params_sha256()
+    finally:
+        stop_group(members, servers)
+
+
 def _run(n: int, compression: str, steps: int, chunk: int = 256, algorithm: str = "auto",
          seed: int = 0, schedule: bool = False, sign_scale: str = "rms", **kwargs) -> tuple[float, float]:
     """(val loss, mean of the last 10 train losses) of n members training `steps` steps from the

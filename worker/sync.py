@@ -294,6 +294,7 @@ class SyncGroupTrainer:
         self.rebases = 0        # rebases this member replayed (rank 0: applied)
         self._rebases: list[dict[str, torch.Tensor]] = []  # rank 0: applied since the last step (CPU)
         self._rebase_sha = ""   # rank 0: announced with the running step's all-reduce
+        self._skip_rebases = 0  # a member: leading rebases of the next step already in a loaded state
         self.checks = 0
         self._state_lock = threading.Lock()  # held while the state changes; FetchState reads under it
         self.ar: CompressedAllReduce | None = None
@@ -431,11 +432,11 @@ class SyncGroupTrainer:
     def _fetch_rebase(self, ar: CompressedAllReduce) -> list[dict[str, torch.Tensor]]:
         """A member > 0, after the step's all-reduce: rank 0's announced rebases (empty if none).
         Raises PeerFailure like the all-reduce."""
-        sha = ar.last_rebase
+        sha, skip, self._skip_rebases = ar.last_rebase, self._skip_rebases, 0
         if not sha or self.ar.rank == 0:
             return []
         blob = self.ar.fetch_rebase(self._group_calls + 1, sha)
-        return torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)
+        return torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)[skip:]
 
     def _replay_rebase(self, rebases: list[dict[str, torch.Tensor]]) -> None:
         """Add rank 0's corrections in its order (under the state lock, before the optimizer update)."""
@@ -580,8 +581,11 @@ class SyncGroupTrainer:
         """(group step key, torch.save blob of model + optimizer + step, params checksum)."""
         with self._state_lock:
             buffer = io.BytesIO()
+            # rebased_ahead: rebases already in these parameters that the next step still announces
+            # (rank 0 rebased after this step's checksum); a member that loads the state skips them.
             torch.save(
-                {"step": self.step_count, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
+                {"step": self.step_count, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "rebased_ahead": len(self._rebases)},
                 buffer,
             )
             return self._group_calls, buffer.getvalue(), self.params_sha256()
@@ -592,6 +596,7 @@ class SyncGroupTrainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step_count = int(state["step"])
+            self._skip_rebases = int(state.get("rebased_ahead", 0))
 
 
 def _warmup_sibling(ar: CompressedAllReduce, scheme: str) -> CompressedAllReduce:
