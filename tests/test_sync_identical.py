@@ -64,9 +64,10 @@ def _assert_identical(results: list[tuple[int, str]], min_checks: int) -> None:
     assert all(c[1] >= min_checks // 2 for c in counts.values()), counts  # rank 0 rebased, the members replayed it
 
 
+@pytest.mark.slow
 def test_two_members_fp32_stay_identical(data_dir, tmp_path):
-    results = _run_group(data_dir, tmp_path, 2, 196_608, ["--sync-compression", "none"])
-    _assert_identical(results, min_checks=20)
+    results = _run_group(data_dir, tmp_path, 2, 98_304, ["--sync-compression", "none"])
+    _assert_identical(results, min_checks=12)
     assert all("compression none" in log for _, log in results)
 
 
