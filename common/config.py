@@ -623,7 +623,11 @@ class WorkerConfig:
     cache_dir: str | None = opt(None, help="Shard cache; shards go to CACHE_DIR/<run_id>. Default ~/.cache/geotrain/shards.")
     token: str | None = opt(None, help="Run token (prefer the environment variable or --token-file over the command line).")
     token_file: str | None = opt(None, path=True, help="File whose first line is the run token.")
-    tls_ca_file: str | None = opt(None, flag="--tls-ca", path=True, help="PEM CA certificate: talk TLS to the coordinator.")
+    tls_ca_file: str | None = opt(None, flag="--tls-ca", path=True,
+                                  help="PEM CA certificate: talk TLS to the coordinator (and, with --tls-cert, to sync-group peers).")
+    tls_cert_file: str | None = opt(None, flag="--tls-cert", path=True,
+                                    help="PEM certificate of this worker: serve --port over TLS (sync-group peers need --tls-ca).")
+    tls_key_file: str | None = opt(None, flag="--tls-key", path=True, help="PEM private key of --tls-cert.")
     metrics_port: int = opt(WORKER_METRICS_PORT, low=0, high=PORT_MAX, help="Prometheus metrics HTTP port; 0 = off.")
     # A taken `port` / `metrics_port` is replaced by a free one (logged) when True (the CLI sets it
     # for a port left at its default); False: a taken port is an error naming it (PortInUse).
@@ -633,9 +637,11 @@ class WorkerConfig:
     advertise_port: int = opt(0, low=0, high=PORT_MAX, help="Port peers use to reach --port (default: the bound port).")
     sync_group: str = opt("", help="Sync group name or 'auto' ('' = async worker).")
     sync_compression: str = opt("", choices=("", "none", "sign"),
-                                help="Sync-group all-reduce compression (default: sign when the run compresses with sign, else none).")
+                                help="Sync-group all-reduce compression ('' = sign: 1 bit + error feedback after an int8 warmup; none = fp32).")
     log_level: str = opt("info", choices=LOG_LEVELS, case_sensitive=False, help="Logging level.")
     tls_ca: bytes | None = None  # the PEM of tls_ca_file, read by the CLI
+    tls_cert: bytes | None = None  # the PEMs of tls_cert_file / tls_key_file: serve --port (and peers) over TLS
+    tls_key: bytes | None = None
     long_poll_seconds: float = LONG_POLL_SECONDS
     shutdown_patience: float = SHUTDOWN_PATIENCE_S
     finish_patience: float = FINISH_PATIENCE_S

@@ -125,6 +125,7 @@ SYNC_ALLREDUCE_SECONDS = "geotrain_sync_allreduce_seconds"
 SYNC_ALLREDUCE_BYTES = "geotrain_sync_allreduce_bytes"  # -> _total
 SYNC_GROUP_SIZE = "geotrain_sync_group_size"
 SYNC_RESIDUAL_NORM = "geotrain_sync_residual_norm"
+SYNC_REPAIRS = "geotrain_sync_repairs"  # -> _total
 
 WORKER_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(WORKER_TOKENS_PER_SECOND, GAUGE, (), "Training tokens per second (recent average)."),
@@ -141,6 +142,7 @@ WORKER_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(SYNC_ALLREDUCE_BYTES, COUNTER, (), "Bytes this worker sent in sync-group all-reduces."),
     MetricSpec(SYNC_GROUP_SIZE, GAUGE, (), "Members of this worker's sync group."),
     MetricSpec(SYNC_RESIDUAL_NORM, GAUGE, (), "L2 norm of the 1-bit compression error-feedback residual."),
+    MetricSpec(SYNC_REPAIRS, COUNTER, (), "Checksum rounds that found this member's parameters differing from rank 0's."),
 )
 
 

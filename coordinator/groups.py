@@ -11,6 +11,9 @@ Plain bookkeeping, no I/O and no locking: `CoordinatorState` calls it under its 
   form a further group of the same key once they are 2 or more.
 - A group is identified on the wire by group_id "<key>#<epoch>" and its epoch (unique, increasing).
   Rank 0 is the member that pulls basepoints and pushes the group's deltas; only it may push.
+  Each group incarnation gets a random secret that only its members receive (with the
+  assignment): their Peer calls carry it instead of the run token, so a worker that holds the run
+  token but is not a member cannot talk to the group.
 - A member lost (dropped by the coordinator: lease expired, left, rejoined) or a reported
   `PeerFailure` dissolves the group: the other members go back to pending and re-form, after the
   settle time, as the largest power of two of those still there (or stay async). Members that the
@@ -21,6 +24,7 @@ Plain bookkeeping, no I/O and no locking: `CoordinatorState` calls it under its 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -39,6 +43,7 @@ class Assignment:
     rank: int
     world_size: int
     peers: tuple[str, ...]  # advertised "host:port" of every member, in rank order
+    secret: str = ""        # the group's peer secret (hex), the same for every member
 
 
 @dataclass
@@ -59,6 +64,7 @@ class _Group:
     key: str
     epoch: int
     members: list[str] = field(default_factory=list)  # worker ids in rank order
+    secret: str = field(default_factory=lambda: secrets.token_hex(32))  # Peer calls' bearer (256 bits)
 
 
 def group_key(sync_group: str, fingerprint: str) -> str:
@@ -166,7 +172,7 @@ class GroupFormation:
         group = self.groups[member.group]
         return Assignment(
             group.group_id, group.epoch, group.members.index(worker_id), len(group.members),
-            tuple(self.members[w].advertise for w in group.members),
+            tuple(self.members[w].advertise for w in group.members), group.secret,
         )
 
     def set_active(self, worker_id: str, group_id: str) -> None:

@@ -111,7 +111,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             model_version=version,
             lease_seconds=self.state.run.workers.lease_seconds,
             group=pb.GroupAssignment(
-                group_id=group.group_id, epoch=group.epoch, rank=group.rank, world_size=group.world_size, peers=list(group.peers)
+                group_id=group.group_id, epoch=group.epoch, rank=group.rank, world_size=group.world_size, peers=list(group.peers),
+                peer_secret=group.secret,
             ) if group is not None else None,
         )
 

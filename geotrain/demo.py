@@ -128,6 +128,8 @@ def run_demo(opts: DemoConfig) -> dict:
         coord_args += ["--merge-policy", "async"]
     coord_args += opts.extra_coordinator_args
     sync_args = ["--sync-group", "demo", "--advertise-host", "127.0.0.1"] if opts.sync else []
+    if opts.sync and opts.compression == "none":
+        sync_args += ["--sync-compression", "none"]  # fp32 all-reduce (the default is 1 bit)
     procs: list[subprocess.Popen] = []
     started = time.monotonic()
     try:

@@ -96,18 +96,20 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., session_id: _Optional[str] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ..., group_failure: _Optional[_Union[GroupFailure, _Mapping]] = ..., active_group_id: _Optional[str] = ...) -> None: ...
 
 class GroupAssignment(_message.Message):
-    __slots__ = ("group_id", "epoch", "rank", "world_size", "peers")
+    __slots__ = ("group_id", "epoch", "rank", "world_size", "peers", "peer_secret")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    PEER_SECRET_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     epoch: int
     rank: int
     world_size: int
     peers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, group_id: _Optional[str] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ...) -> None: ...
+    peer_secret: str
+    def __init__(self, group_id: _Optional[str] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., peer_secret: _Optional[str] = ...) -> None: ...
 
 class GroupFailure(_message.Message):
     __slots__ = ("group_id", "epoch", "survivor_ranks", "reason")

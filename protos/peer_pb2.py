@@ -24,41 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ageotrain/protos/peer.proto\x12\x0bgeotrain.v1\",\n\x07Segment\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"\x99\x02\n\x0e\x45xchangeHeader\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05round\x18\x04 \x01(\r\x12\r\n\x05level\x18\x05 \x01(\r\x12!\n\x05phase\x18\x06 \x01(\x0e\x32\x12.geotrain.v1.Phase\x12\x0e\n\x06sender\x18\x07 \x01(\r\x12\x0e\n\x06scheme\x18\x08 \x01(\t\x12\x13\n\x0btotal_bytes\x18\t \x01(\x04\x12\x0e\n\x06sha256\x18\n \x01(\t\x12&\n\x08segments\x18\x0b \x03(\x0b\x32\x14.geotrain.v1.Segment\x12*\n\nnext_batch\x18\x0c \x01(\x0b\x32\x16.geotrain.v1.BatchPlan\"P\n\tBatchPlan\x12\r\n\x05shard\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nfirst_slot\x18\x03 \x01(\x04\x12\x11\n\tsequences\x18\x04 \x01(\r\"R\n\x08PeerPart\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.geotrain.v1.ExchangeHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\'\n\rExchangeReply\x12\x16\n\x0e\x62uffered_bytes\x18\x01 \x01(\x04\"g\n\x0f\x43hecksumRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0e\n\x06sender\x18\x04 \x01(\r\x12\x15\n\rparams_sha256\x18\x05 \x01(\t\"B\n\rChecksumReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x15\n\rparams_sha256\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\"M\n\x0cStateRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0e\n\x06sender\x18\x04 \x01(\r\"W\n\x0bStateHeader\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x15\n\rparams_sha256\x18\x04 \x01(\t\"P\n\tStatePart\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.geotrain.v1.StateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"5\n\x11PeerStatusRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\r\"\xe3\x01\n\x0fPeerStatusReply\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x31\n\x05state\x18\x03 \x01(\x0e\x32\".geotrain.v1.PeerStatusReply.State\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x18\n\x10seconds_in_state\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\"H\n\x05State\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\x10\n\x0cIN_ALLREDUCE\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\n\n\x06\x43LOSED\x10\x04*Z\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCE_SCATTER\x10\x01\x12\x0e\n\nALL_GATHER\x10\x02\x12\x16\n\x12RECURSIVE_DOUBLING\x10\x03\x32\x98\x02\n\x04Peer\x12?\n\x08\x45xchange\x12\x15.geotrain.v1.PeerPart\x1a\x1a.geotrain.v1.ExchangeReply(\x01\x12\x44\n\x08\x43hecksum\x12\x1c.geotrain.v1.ChecksumRequest\x1a\x1a.geotrain.v1.ChecksumReply\x12\x41\n\nFetchState\x12\x19.geotrain.v1.StateRequest\x1a\x16.geotrain.v1.StatePart0\x01\x12\x46\n\x06Status\x12\x1e.geotrain.v1.PeerStatusRequest\x1a\x1c.geotrain.v1.PeerStatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ageotrain/protos/peer.proto\x12\x0bgeotrain.v1\",\n\x07Segment\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"\xb0\x02\n\x0e\x45xchangeHeader\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05round\x18\x04 \x01(\r\x12\r\n\x05level\x18\x05 \x01(\r\x12!\n\x05phase\x18\x06 \x01(\x0e\x32\x12.geotrain.v1.Phase\x12\x0e\n\x06sender\x18\x07 \x01(\r\x12\x0e\n\x06scheme\x18\x08 \x01(\t\x12\x13\n\x0btotal_bytes\x18\t \x01(\x04\x12\x0e\n\x06sha256\x18\n \x01(\t\x12&\n\x08segments\x18\x0b \x03(\x0b\x32\x14.geotrain.v1.Segment\x12*\n\nnext_batch\x18\x0c \x01(\x0b\x32\x16.geotrain.v1.BatchPlan\x12\x15\n\rrebase_sha256\x18\r \x01(\t\"P\n\tBatchPlan\x12\r\n\x05shard\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nfirst_slot\x18\x03 \x01(\x04\x12\x11\n\tsequences\x18\x04 \x01(\r\"R\n\x08PeerPart\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.geotrain.v1.ExchangeHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\'\n\rExchangeReply\x12\x16\n\x0e\x62uffered_bytes\x18\x01 \x01(\x04\"g\n\x0f\x43hecksumRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0e\n\x06sender\x18\x04 \x01(\r\x12\x15\n\rparams_sha256\x18\x05 \x01(\t\"B\n\rChecksumReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x15\n\rparams_sha256\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\"M\n\x0cStateRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0e\n\x06sender\x18\x04 \x01(\r\"W\n\x0bStateHeader\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x15\n\rparams_sha256\x18\x04 \x01(\t\"P\n\tStatePart\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.geotrain.v1.StateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"5\n\x11PeerStatusRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\r\"\xe3\x01\n\x0fPeerStatusReply\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x31\n\x05state\x18\x03 \x01(\x0e\x32\".geotrain.v1.PeerStatusReply.State\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x18\n\x10seconds_in_state\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\"H\n\x05State\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\x10\n\x0cIN_ALLREDUCE\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\n\n\x06\x43LOSED\x10\x04*Z\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCE_SCATTER\x10\x01\x12\x0e\n\nALL_GATHER\x10\x02\x12\x16\n\x12RECURSIVE_DOUBLING\x10\x03\x32\xdc\x02\n\x04Peer\x12?\n\x08\x45xchange\x12\x15.geotrain.v1.PeerPart\x1a\x1a.geotrain.v1.ExchangeReply(\x01\x12\x44\n\x08\x43hecksum\x12\x1c.geotrain.v1.ChecksumRequest\x1a\x1a.geotrain.v1.ChecksumReply\x12\x41\n\nFetchState\x12\x19.geotrain.v1.StateRequest\x1a\x16.geotrain.v1.StatePart0\x01\x12\x42\n\x0b\x46\x65tchRebase\x12\x19.geotrain.v1.StateRequest\x1a\x16.geotrain.v1.StatePart0\x01\x12\x46\n\x06Status\x12\x1e.geotrain.v1.PeerStatusRequest\x1a\x1c.geotrain.v1.PeerStatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'geotrain.protos.peer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PHASE']._serialized_start=1288
-  _globals['_PHASE']._serialized_end=1378
+  _globals['_PHASE']._serialized_start=1311
+  _globals['_PHASE']._serialized_end=1401
   _globals['_SEGMENT']._serialized_start=43
   _globals['_SEGMENT']._serialized_end=87
   _globals['_EXCHANGEHEADER']._serialized_start=90
-  _globals['_EXCHANGEHEADER']._serialized_end=371
-  _globals['_BATCHPLAN']._serialized_start=373
-  _globals['_BATCHPLAN']._serialized_end=453
-  _globals['_PEERPART']._serialized_start=455
-  _globals['_PEERPART']._serialized_end=537
-  _globals['_EXCHANGEREPLY']._serialized_start=539
-  _globals['_EXCHANGEREPLY']._serialized_end=578
-  _globals['_CHECKSUMREQUEST']._serialized_start=580
-  _globals['_CHECKSUMREQUEST']._serialized_end=683
-  _globals['_CHECKSUMREPLY']._serialized_start=685
-  _globals['_CHECKSUMREPLY']._serialized_end=751
-  _globals['_STATEREQUEST']._serialized_start=753
-  _globals['_STATEREQUEST']._serialized_end=830
-  _globals['_STATEHEADER']._serialized_start=832
-  _globals['_STATEHEADER']._serialized_end=919
-  _globals['_STATEPART']._serialized_start=921
-  _globals['_STATEPART']._serialized_end=1001
-  _globals['_PEERSTATUSREQUEST']._serialized_start=1003
-  _globals['_PEERSTATUSREQUEST']._serialized_end=1056
-  _globals['_PEERSTATUSREPLY']._serialized_start=1059
-  _globals['_PEERSTATUSREPLY']._serialized_end=1286
-  _globals['_PEERSTATUSREPLY_STATE']._serialized_start=1214
-  _globals['_PEERSTATUSREPLY_STATE']._serialized_end=1286
-  _globals['_PEER']._serialized_start=1381
-  _globals['_PEER']._serialized_end=1661
+  _globals['_EXCHANGEHEADER']._serialized_end=394
+  _globals['_BATCHPLAN']._serialized_start=396
+  _globals['_BATCHPLAN']._serialized_end=476
+  _globals['_PEERPART']._serialized_start=478
+  _globals['_PEERPART']._serialized_end=560
+  _globals['_EXCHANGEREPLY']._serialized_start=562
+  _globals['_EXCHANGEREPLY']._serialized_end=601
+  _globals['_CHECKSUMREQUEST']._serialized_start=603
+  _globals['_CHECKSUMREQUEST']._serialized_end=706
+  _globals['_CHECKSUMREPLY']._serialized_start=708
+  _globals['_CHECKSUMREPLY']._serialized_end=774
+  _globals['_STATEREQUEST']._serialized_start=776
+  _globals['_STATEREQUEST']._serialized_end=853
+  _globals['_STATEHEADER']._serialized_start=855
+  _globals['_STATEHEADER']._serialized_end=942
+  _globals['_STATEPART']._serialized_start=944
+  _globals['_STATEPART']._serialized_end=1024
+  _globals['_PEERSTATUSREQUEST']._serialized_start=1026
+  _globals['_PEERSTATUSREQUEST']._serialized_end=1079
+  _globals['_PEERSTATUSREPLY']._serialized_start=1082
+  _globals['_PEERSTATUSREPLY']._serialized_end=1309
+  _globals['_PEERSTATUSREPLY_STATE']._serialized_start=1237
+  _globals['_PEERSTATUSREPLY_STATE']._serialized_end=1309
+  _globals['_PEER']._serialized_start=1404
+  _globals['_PEER']._serialized_end=1752
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ class Segment(_message.Message):
     def __init__(self, block: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class ExchangeHeader(_message.Message):
-    __slots__ = ("group_id", "epoch", "step", "round", "level", "phase", "sender", "scheme", "total_bytes", "sha256", "segments", "next_batch")
+    __slots__ = ("group_id", "epoch", "step", "round", "level", "phase", "sender", "scheme", "total_bytes", "sha256", "segments", "next_batch", "rebase_sha256")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class ExchangeHeader(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     NEXT_BATCH_FIELD_NUMBER: _ClassVar[int]
+    REBASE_SHA256_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     epoch: int
     step: int
@@ -52,7 +53,8 @@ class ExchangeHeader(_message.Message):
     sha256: str
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
     next_batch: BatchPlan
-    def __init__(self, group_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., round: _Optional[int] = ..., level: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., sender: _Optional[int] = ..., scheme: _Optional[str] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., next_batch: _Optional[_Union[BatchPlan, _Mapping]] = ...) -> None: ...
+    rebase_sha256: str
+    def __init__(self, group_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., round: _Optional[int] = ..., level: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., sender: _Optional[int] = ..., scheme: _Optional[str] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., next_batch: _Optional[_Union[BatchPlan, _Mapping]] = ..., rebase_sha256: _Optional[str] = ...) -> None: ...
 
 class BatchPlan(_message.Message):
     __slots__ = ("shard", "epoch", "first_slot", "sequences")

@@ -49,6 +49,11 @@ class PeerStub:
                 request_serializer=geotrain_dot_protos_dot_peer__pb2.StateRequest.SerializeToString,
                 response_deserializer=geotrain_dot_protos_dot_peer__pb2.StatePart.FromString,
                 _registered_method=True)
+        self.FetchRebase = channel.unary_stream(
+                '/geotrain.v1.Peer/FetchRebase',
+                request_serializer=geotrain_dot_protos_dot_peer__pb2.StateRequest.SerializeToString,
+                response_deserializer=geotrain_dot_protos_dot_peer__pb2.StatePart.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/geotrain.v1.Peer/Status',
                 request_serializer=geotrain_dot_protos_dot_peer__pb2.PeerStatusRequest.SerializeToString,
@@ -84,6 +89,16 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchRebase(self, request, context):
+        """Rank 0's rebase of the group step `step` (announced in that step's headers, `rebase_sha256`):
+        the parameter corrections rank 0 applied outside the optimizer since the step before (merged
+        updates of the async run), which every member adds in the same order before that step's
+        optimizer update. A header (its `params_sha256` empty), then the blob in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Liveness and progress of the callee, used to tell survivors from dead or stalled members after
         a failure. Cheap; answered by the server thread even while training runs.
@@ -107,6 +122,11 @@ def add_PeerServicer_to_server(servicer, server):
             ),
             'FetchState': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchState,
+                    request_deserializer=geotrain_dot_protos_dot_peer__pb2.StateRequest.FromString,
+                    response_serializer=geotrain_dot_protos_dot_peer__pb2.StatePart.SerializeToString,
+            ),
+            'FetchRebase': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchRebase,
                     request_deserializer=geotrain_dot_protos_dot_peer__pb2.StateRequest.FromString,
                     response_serializer=geotrain_dot_protos_dot_peer__pb2.StatePart.SerializeToString,
             ),
@@ -195,6 +215,33 @@ class Peer:
             request,
             target,
             '/geotrain.v1.Peer/FetchState',
+            geotrain_dot_protos_dot_peer__pb2.StateRequest.SerializeToString,
+            geotrain_dot_protos_dot_peer__pb2.StatePart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchRebase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/geotrain.v1.Peer/FetchRebase',
             geotrain_dot_protos_dot_peer__pb2.StateRequest.SerializeToString,
             geotrain_dot_protos_dot_peer__pb2.StatePart.FromString,
             options,

@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import grpc
 
@@ -153,11 +153,14 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
     EXEMPT_PREFIX = "/grpc.health.v1.Health/"
 
-    def __init__(self, token: str, on_reject: Callable[[str], None] | None = None):
+    def __init__(self, token: str, on_reject: Callable[[str], None] | None = None, exempt: Sequence[str] = ()):
+        """exempt: further method prefixes that authenticate callers themselves (a worker's Peer
+        service checks its sync group's secret, never the run token)."""
         if not token:
             raise ValueError("TokenAuthInterceptor needs a non-empty token")
         self._expected = f"Bearer {token}".encode()
         self._on_reject = on_reject
+        self._exempt = (self.EXEMPT_PREFIX, *exempt)
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong run token")
@@ -169,7 +172,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if method.startswith(self.EXEMPT_PREFIX):
+        if method.startswith(self._exempt):
             return continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = str(metadata.get("authorization", "")).encode()

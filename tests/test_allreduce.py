@@ -439,3 +439,22 @@ def test_count_sums_agree_from_owner_and_member_view(n):
             member = torch.empty(1)
             _k_from_agree(np.array([negative], np.uint8), np.array([agree], np.uint8), n, member)
             assert torch.equal(member, owner), (n, plus, negative)
+
+
+def test_reference_schedules_stay_off_the_default_path():
+    """allgather and scatter (measured worse than count and doubling) load only when chosen."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import geotrain.worker.group_runner, geotrain.worker.sync; "
+        "from geotrain.worker.allreduce import CompressedAllReduce as C; "
+        "C(0, 1, ['x'], algorithm='auto').allreduce({'w': __import__('torch').ones(3)}, step=1); "
+        "print('geotrain.worker.allreduce_reference' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+    from geotrain.worker.allreduce_reference import SCHEDULES
+    from geotrain.worker.allreduce import REFERENCE_ALGORITHMS
+
+    assert sorted(SCHEDULES) == sorted(REFERENCE_ALGORITHMS)

@@ -76,18 +76,19 @@ def val_loss(model) -> float:
 
 
 @pytest.mark.parametrize("n", [2, 4])
-def test_members_stay_bit_identical_and_initial_state_is_repaired(n):
+def test_members_stay_bit_identical_and_initial_state_is_taken_on_entry(n):
     torch.set_num_threads(1)
     members, servers = start_group(n, compression="sign")
     try:
-        # different initial weights on purpose: the first checksum round repairs ranks 1..n-1
+        # different initial weights on purpose: the entry check gives ranks 1..n-1 rank 0's state
         trainers = make_trainers(members, init_seeds=range(n), check_every=5, compression_warmup=4)
         seen = []
         trainers[0].on_metrics = seen.append
         train(trainers, steps=12)
         shas = {t.params_sha256() for t in trainers}
         assert len(shas) == 1, "parameters differ across members"
-        assert [t.repairs for t in trainers] == [0] + [1] * (n - 1)
+        assert [t.joins for t in trainers] == [0] + [1] * (n - 1)
+        assert [t.repairs for t in trainers] == [0] * n  # the entry is not a repair
         assert all(t.step_count == 12 and t.checks == 3 for t in trainers)  # initial + steps 5, 10
         m = seen[-1]
         assert m.group_size == n and m.allreduce_bytes_sent > 0 and m.allreduce_seconds > 0
@@ -109,6 +110,68 @@ def test_diverged_member_is_repaired_mid_run():
         assert [t.repairs for t in trainers] == [0, 1]
         assert trainers[0].params_sha256() == trainers[1].params_sha256()
         assert trainers[1].step_count == 8
+    finally:
+        stop_group(members, servers)
+
+
+@pytest.mark.parametrize("n,compression", [(2, "none"), (4, "sign")])
+def test_rank0_rebase_is_replayed_by_every_member(n, compression):
+    """Rank 0 changes its parameters outside the optimizer (a merged update of the async run)
+    through `rebase`: every member replays it at the next step, so no checksum round finds a
+    difference; the same change made behind the trainer's back is repaired at the next round."""
+    torch.set_num_threads(1)
+    members, servers = start_group(n, compression=compression)
+    try:
+        trainers = make_trainers(members, init_seeds=[3] * n, check_every=3, compression_warmup=2)
+        train(trainers, steps=3)
+        gen = torch.Generator().manual_seed(5)
+        update = {name: torch.randn(p.shape, generator=gen) * 1e-3 for name, p in trainers[0].model.named_parameters()}
+
+        def merged_update():
+            with torch.no_grad():
+                for name, p in trainers[0].model.named_parameters():
+                    p.add_(update[name]).sub_(update[name] * 0.5)  # two operations: rebase() makes it one
+
+        for round_ in range(2):  # twice between two steps, then once more later: replayed in order
+            assert trainers[0].rebase(merged_update)
+        assert not trainers[0].rebase(lambda: None)  # nothing changed: nothing to replay
+        train(trainers, steps=3, data_seed=1)
+        assert trainers[0].rebase(merged_update)
+        train(trainers, steps=3, data_seed=2)
+        assert len({t.params_sha256() for t in trainers}) == 1
+        assert [t.repairs for t in trainers] == [0] * n
+        assert [t.rebases for t in trainers] == [3] * n
+        with pytest.raises(ValueError, match="only rank 0"):
+            trainers[1].rebase(merged_update)
+        merged_update()  # the same change without rebase(): the next checksum round repairs
+        train(trainers, steps=3, data_seed=3)
+        assert [t.repairs for t in trainers] == [0] + [1] * (n - 1)
+        assert len({t.params_sha256() for t in trainers}) == 1
+    finally:
+        stop_group(members, servers)
+
+
+def test_a_repair_after_rank0_rebased_does_not_replay_that_rebase_twice():
+    """Rank 0 rebases right after a checksum round while a member repairs from it: the state the
+    member loads already holds the rebase, which the next step still announces; the member skips it."""
+    torch.set_num_threads(1)
+    members, servers = start_group(2, compression="none")
+    try:
+        trainers = make_trainers(members, init_seeds=[3, 3], check_every=2)
+        train(trainers, steps=2)  # ends with a checksum round at group step 2
+        with torch.no_grad():
+            next(trainers[1].model.parameters()).view(-1)[0] += 1.0  # rank 1 diverged
+
+        def merged_update():
+            with torch.no_grad():
+                for p in trainers[0].model.parameters():
+                    p.add_(1e-3)
+
+        assert trainers[0].rebase(merged_update)  # staged for step 3, already in rank 0's weights
+        assert trainers[1].check()  # repaired from rank 0's state at step 2, rebase included
+        train(trainers, steps=2, data_seed=1)  # step 3 announces the rebase; the check after step 4
+        assert [t.repairs for t in trainers] == [0, 1]
+        assert trainers[0].params_sha256() == trainers[1].params_sha256()
     finally:
         stop_group(members, servers)
 

@@ -17,6 +17,7 @@ from procs import Cluster, prepare_corpus, tiny_config
 GROUP_RE = re.compile(r"sync group (\S+) \(epoch (\d+)\): rank (\d+) of (\d+)")
 LEFT_RE = re.compile(r"sync group \S+: left after (\d+) steps \((\d+) on the leased tokens rank 0 planned, (\d+) on")
 FAILURE_RE = re.compile(r"sync group \S+ \(epoch \d+\) rank (\d+): peer failure: .*; survivors (\[[\d, ]*\])")
+COUNTS_RE = re.compile(r"; (\d+) rebases, (\d+) checksum rounds, (\d+) repairs\)")
 IDENTICAL_RE = re.compile(r"sync group (\S+) rank (\d+): checksum round at step \d+: parameters identical to rank 0")
 
 
@@ -26,7 +27,9 @@ def data_dir(tmp_path_factory):
 
 
 def _config(budget: int, **changes):
-    return tiny_config(plan__max_tokens=budget, train__max_iters=1600, merge__policy="async", **changes)
+    # Nesterov outer steps (the default): every merge moves rank 0's weights, which the members replay
+    return tiny_config(plan__max_tokens=budget, train__max_iters=1600, merge__policy="async",
+                       outer__kind="nesterov", outer__lr=0.8, outer__momentum=0.8, **changes)
 
 
 def _ranks(c: Cluster, workers) -> dict[str, int]:
@@ -66,8 +69,13 @@ def _two_workers_train(data_dir, tmp_path, extra: list[str]) -> str:
         assert sorted(ranks.values()) == [0, 1], ranks
         member = next(w for w in workers if ranks[w.name] == 1)
         log = member.log()
-        assert "repaired from rank 0" in log  # the first checksum round gives it rank 0's state
+        # The first checksum round gives it rank 0's state, or finds it already identical (both
+        # members entered before rank 0's first step: the seed's model on both).
+        assert "took rank 0's state on entry" in log or re.search(r"parameters identical to rank 0 \(1 checks", log), log
         assert IDENTICAL_RE.search(log), "no checksum round with identical parameters on rank 1"
+        rebases, checks, repairs = map(int, COUNTS_RE.findall(log)[-1])
+        assert repairs == 0 and "parameters differed" not in log, (rebases, checks, repairs)
+        assert checks >= 20 and rebases >= 10, (rebases, checks, repairs)  # rank 0's rebases, replayed
         for w in workers:  # the members trained on rank 0's leased ranges, accounted by the ledger
             steps, planned, unplanned = map(int, LEFT_RE.findall(w.log())[-1])
             assert steps > 100 and unplanned <= max(3, steps // 20), (w.name, steps, planned, unplanned)
@@ -113,8 +121,12 @@ def test_sync_step_metrics_feed_the_worker_metrics():
                            allreduce_bytes_received=1000, group_size=2, residual_norm=0.5, checked=False, repaired=False)
     m.observe_sync(step)
     m.observe_sync(step)
+    import dataclasses
+
+    m.observe_sync(dataclasses.replace(step, checked=True, repaired=True, allreduce_bytes_sent=0))
     text = m.scrape().decode()
-    assert "geotrain_sync_allreduce_seconds_count 2.0" in text
+    assert "geotrain_sync_repairs_total 1.0" in text  # only a repaired checksum round counts
+    assert "geotrain_sync_allreduce_seconds_count 3.0" in text
     assert "geotrain_sync_allreduce_bytes_total 2000.0" in text
     assert "geotrain_sync_group_size 2.0" in text
     assert "geotrain_sync_residual_norm 0.5" in text

@@ -45,6 +45,15 @@ def worker_config(params: dict, command: click.Command | None = None) -> WorkerC
     if config.tls_ca_file:
         with open(config.tls_ca_file, "rb") as fh:
             config.tls_ca = fh.read()
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if config.tls_cert_file:
+        if not config.tls_ca_file:
+            raise ValueError("--tls-cert needs --tls-ca (the CA that signed the sync-group peers' certificates)")
+        with open(config.tls_cert_file, "rb") as fh:
+            config.tls_cert = fh.read()
+        with open(config.tls_key_file, "rb") as fh:
+            config.tls_key = fh.read()
     return config
 
 

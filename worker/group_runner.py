@@ -8,8 +8,8 @@ runner's `RunnerHooks` (it is the hooks object), plus the sync-group mode:
   `CompressedAllReduce` on the worker's own gRPC server (the PeerRouter is registered before the
   server starts) and a `SyncGroupTrainer` around the worker's model, and from then on every
   heartbeat carries `active_group_id` (the coordinator then refuses pushes from ranks > 0).
-  All-reduce compression: `sign` when the run's compression.scheme is sign, else `none`;
-  `--sync-compression` / GEOTRAIN_SYNC_COMPRESSION overrides it. The trainer's step counter is the
+  All-reduce compression: `sign` (1 bit + error feedback, after an int8 warmup; worker/sync.py)
+  by default; `--sync-compression none` / GEOTRAIN_SYNC_COMPRESSION=none moves fp32. The trainer's step counter is the
   worker's absolute step (step_offset + local steps; lr schedule and 1-bit warmup follow it) and it
   starts from the worker's AdamW state; the first checksum round gives every member rank 0's
   parameters, optimizer state and step.
@@ -37,15 +37,13 @@ runner's `RunnerHooks` (it is the hooks object), plus the sync-group mode:
   (a rank > 0 may still be training out its leases) and asks every PEER_POLL_S; a rank > 0 waits
   idle, bounded (rank 0 must answer within one all-reduce deadline + 10 s, the others within
   PEER_WAIT_MAX_S; else a PeerFailure), and stops waiting when its assignment changes.
-- Rebases: a merged update changes rank 0's parameters outside the optimizer, so the group
-  diverges. Rank 0 applies what the comm thread received only right before a step that ends with
-  the group's checksum round (`check_every` = round.steps, or 10 for time-based rounds), at every
-  REBASE_EVERY_CHECKS-th one (and before the first step of a group): that step's checksum round
-  repairs every member from rank 0 (a full state transfer: model + AdamW moments, about once per
-  two rounds), and the rounds in between check that the synchronous steps kept every member
-  bit-identical (logged: "parameters identical to rank 0"). Rebases thus lag up to two rounds. While rank 0 waits for a
-  lease (no step to take; e.g. the run is finishing) it applies them at once; the next checksum
-  round repairs the members.
+- Rebases: a merged update changes rank 0's parameters outside the optimizer. Rank 0 applies what
+  the comm thread received right before a step that ends with the group's checksum round
+  (`check_every` = round.steps, or 10 for time-based rounds; at once while it waits for a lease,
+  and before the group's entry check), through `SyncGroupTrainer.rebase`: every member replays the
+  same parameter change before that step's optimizer update (4 bytes per parameter fetched from
+  rank 0), so every checksum round finds the members bit-identical (logged: "parameters identical
+  to rank 0"; a mismatch is repaired from rank 0 and counted in geotrain_sync_repairs_total).
 - Failure: a `PeerFailure` (all-reduce, checksum or state fetch; every wait has a deadline) is
   sent with the next heartbeat as `group_failure` (group_id, epoch, survivors, reason); the group
   is dropped (never re-entered under the same group_id/epoch) and the worker trains async until a
@@ -76,13 +74,14 @@ from geotrain.worker.shards import Lease
 log = logging.getLogger(__name__)
 
 SYNC_COMPRESSIONS = ("none", "sign")
+DEFAULT_SYNC_COMPRESSION = "sign"
 FLUSH_BEFORE_MEMBER_S = 5.0  # a rank > 0: how long to try pushing its async progress before switching
 DEFAULT_CHECK_EVERY = 10
 MIN_DEADLINE_S = 5.0  # all-reduce deadline floor (it grows to 5 x p99 of the exchanges)
 PEER_WAIT_EXTRA_S = 10.0  # entry barrier: one all-reduce deadline plus this
 PEER_WAIT_MAX_S = 300.0  # a rank > 0: how long it waits for the other members to serve the group
 PEER_POLL_S = 0.5  # rank 0: how often it asks whether every member serves a new group
-REBASE_EVERY_CHECKS = 2  # rank 0 rebases before every 2nd checksum round; the others must find no difference
+REBASE_EVERY_CHECKS = 1  # rank 0 rebases before every checksum round (the members replay it)
 
 
 @dataclass
@@ -208,16 +207,19 @@ class GroupWorkerRunner(RunnerHooks):
             want = self._assigned
             return not (want is not None and want.rank > 0 and (want.group_id, int(want.epoch)) not in self._failed)
 
-    def may_apply_updates(self) -> bool:
+    def apply_updates(self, drain) -> None:
         g = self._group
-        if g is not None and g.trainer is not None and not self._idle:
-            t = g.trainer
-            # Rebase only before a step that ends with a checksum round (or starts with one), and
-            # only at every REBASE_EVERY_CHECKS-th one: the others verify the synchronous steps.
-            period = t.check_every * REBASE_EVERY_CHECKS
-            if not (t._needs_check or (period and (t._group_calls + 1) % period == 0)):
-                return False
-        return True
+        if g is None or g.trainer is None or g.rank != 0 or g.trainer._needs_check:
+            drain()  # async, or the entry check gives the members this state
+            return
+        t = g.trainer
+        # Rebase once per checksum period, before the step that ends with the checksum round (or
+        # at once while waiting for a lease); the members replay it (SyncGroupTrainer.rebase).
+        period = t.check_every * REBASE_EVERY_CHECKS
+        if not self._idle and period and (t._group_calls + 1) % period:
+            return
+        if not self.runner.inbox.empty():
+            t.rebase(drain)
 
     def before_finish(self) -> None:
         if self._group is not None:  # close it so the peers' next exchange fails at once
@@ -253,12 +255,13 @@ class GroupWorkerRunner(RunnerHooks):
         from geotrain.worker.allreduce import CompressedAllReduce
 
         r = self.runner
-        scheme = self.sync_compression or ("sign" if r.run_cfg.compression.scheme == "sign" else "none")
+        scheme = self.sync_compression or DEFAULT_SYNC_COMPRESSION
         if a.rank > 0:
             self._flush_before_member()
         ar = CompressedAllReduce(
             int(a.rank), int(a.world_size), list(a.peers), a.group_id, epoch=int(a.epoch), compression=scheme,
-            algorithm=r.run_cfg.compression.sync_schedule, token=r.config.token,
+            algorithm=r.run_cfg.compression.sync_schedule, token=a.peer_secret or None,
+            tls_ca=r.config.tls_ca if r.config.tls_cert else None,  # peers serve TLS as this member does
             min_deadline_s=max(MIN_DEADLINE_S, 3.0 * r.heartbeat_seconds), chunk=r.run_cfg.compression.chunk,
         )
         ar.add_to_server(r.server.server)
@@ -403,8 +406,11 @@ class GroupWorkerRunner(RunnerHooks):
             r.need_full.set()
         if r.metrics is not None and getattr(r.metrics, "sync_group_size", None) is not None:
             r.metrics.sync_group_size.set(0)
+        t = g.trainer
         log.info("sync group %s: left after %d steps (%d on the leased tokens rank 0 planned, %d on unaccounted "
-                 "random windows); training async", g.group_id, g.steps, g.steps - g.unplanned_steps, g.unplanned_steps)
+                 "random windows; %d rebases, %d checksum rounds, %d repairs); training async", g.group_id, g.steps,
+                 g.steps - g.unplanned_steps, g.unplanned_steps, t.rebases if t else 0, t.checks if t else 0,
+                 t.repairs if t else 0)
 
     def _group_failed(self, g: _Group, exc) -> None:
         survivors = [int(s) for s in (getattr(exc, "survivors", None) or [])]

@@ -46,6 +46,8 @@ class WorkerMetrics:
         self.sync_allreduce_bytes = Counter(mn.SYNC_ALLREDUCE_BYTES, "Bytes this worker sent in sync-group all-reduces.", registry=r)
         self.sync_group_size = Gauge(mn.SYNC_GROUP_SIZE, "Members of this worker's sync group.", registry=r)
         self.sync_residual_norm = Gauge(mn.SYNC_RESIDUAL_NORM, "L2 norm of the 1-bit compression error-feedback residual.", registry=r)
+        self.sync_repairs = Counter(mn.SYNC_REPAIRS, "Checksum rounds that found this member's parameters differing from rank 0's.",
+                                    registry=r)
 
     def observe_sync(self, m) -> None:
         """One worker.sync.SyncStepMetrics."""
@@ -55,6 +57,8 @@ class WorkerMetrics:
             self.sync_allreduce_bytes.inc(m.allreduce_bytes_sent)
         self.sync_group_size.set(m.group_size)
         self.sync_residual_norm.set(m.residual_norm)
+        if m.repaired:
+            self.sync_repairs.inc()
 
     def set_cumulative(self, sent_bytes: int, received_bytes: int, wait_seconds: float) -> None:
         """Advance the counters to cumulative totals kept elsewhere (never backwards)."""

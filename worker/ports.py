@@ -57,17 +57,18 @@ def _resolve(port: int, fallback: bool, flag: str) -> int:
 
 
 def bind_worker_server(port: int, fallback: bool, describe: Callable[[], tuple[str, str, str]],
-                       interceptors: Sequence = ()):
-    """The worker's gRPC server (worker/service.py WorkerServer), bound, not started."""
+                       interceptors: Sequence = (), credentials=None):
+    """The worker's gRPC server (worker/service.py WorkerServer), bound, not started; TLS when
+    `credentials` (grpc.ServerCredentials) are given."""
     from geotrain.worker.service import WorkerServer
 
     want = _resolve(port, fallback, "--port")
     try:
-        server = WorkerServer(want, describe, interceptors=interceptors)
+        server = WorkerServer(want, describe, interceptors=interceptors, credentials=credentials)
     except (OSError, RuntimeError) as exc:  # taken between the check and the bind
         if want == 0 or not fallback:
             raise PortInUse(port, "--port") from exc
-        server = WorkerServer(0, describe, interceptors=interceptors)
+        server = WorkerServer(0, describe, interceptors=interceptors, credentials=credentials)
     if want != port:
         log.warning("the worker's gRPC port %d is taken (another worker on this host?): serving on port %d",
                     port, server.port)

@@ -75,9 +75,10 @@ class RunnerHooks:
         """Prefetch pool: False holds new leases back."""
         return True
 
-    def may_apply_updates(self) -> bool:
-        """False: leave the comm thread's messages queued at this boundary."""
-        return True
+    def apply_updates(self, drain: Callable[[], None]) -> None:
+        """At a step boundary: `drain()` applies the comm thread's messages (merged updates,
+        full models) to the weights; a hook may defer it (not call it now) or wrap it."""
+        drain()
 
     def train_step(self, lease: Lease) -> bool:
         """True when it trained this step of `lease` itself (bookkeeping included)."""
@@ -148,9 +149,15 @@ class WorkerRunner:
         if self.config.serve and self.server is None:
             from geotrain.protos.rpc import TokenAuthInterceptor
 
-            # Peer traffic of sync groups needs the same run token as the coordinator's RPCs.
-            auth = [TokenAuthInterceptor(self.config.token)] if self.config.token else []
-            self.server = bind_worker_server(self.config.port, self.config.port_fallback, self._describe, auth)
+            import grpc
+
+            # The run token guards this endpoint; the Peer service of sync groups checks each
+            # group's own secret instead (worker/peer.py).
+            auth = [TokenAuthInterceptor(self.config.token, exempt=("/geotrain.v1.Peer/",))] if self.config.token else []
+            creds = None
+            if self.config.tls_cert:
+                creds = grpc.ssl_server_credentials([(self.config.tls_key, self.config.tls_cert)])
+            self.server = bind_worker_server(self.config.port, self.config.port_fallback, self._describe, auth, creds)
             self.hooks.before_serve(self.server.server)
             self.server.start()
         if self.metrics is None:
@@ -411,9 +418,8 @@ class WorkerRunner:
     # ------------------------------------------------------------------ steps (training thread)
 
     def apply_inbox(self) -> None:
-        """Apply what the comm thread delivered (unless the hooks hold it back now)."""
-        if self.hooks.may_apply_updates():
-            self.rounds.drain(self.inbox)
+        """Apply what the comm thread delivered (when and how the hooks say)."""
+        self.hooks.apply_updates(lambda: self.rounds.drain(self.inbox))
 
     def train_step(self, lease: Lease) -> None:
         """One local step on the lease's next batch, and its bookkeeping."""

@@ -55,7 +55,17 @@ within a few % of each other (tests/test_sync.py measures count against allgathe
 halving +9.0% / +66%, scatter +4.3% / +16%, allgather +4.8% / +2.5%.
 
 Every `check_every` steps (and before the first step of a group) the members compare a sha256 of their parameters with rank 0's; a member that
-differs fetches rank 0's full state (model + optimizer + step), logs it and counts it in `repairs`.
+differs fetches rank 0's full state (model + optimizer + step) and logs it. The first check of a
+group is the members' entry (counted in `joins`: they come with their own weights); a mismatch
+after it is a defect that the repair hides, counted in `repairs` (geotrain_sync_repairs_total).
+
+Rebases (`rebase`): rank 0 of a group inside an async run changes its parameters outside the
+optimizer when merged updates arrive (worker/group_runner.py). It applies each change c as one
+addition p <- p_before + c, keeps c, and announces it in the next step's all-reduce headers; every
+other member fetches c from rank 0 (FetchRebase) and adds it the same way before that step's
+optimizer update, so identical parameters stay identical bit for bit (fp32 additions of the same
+operands; the member's gradient of that one step was taken before the change). Bytes: 4 per
+parameter per rebase (a repair moves the model and both Adam moments).
 
 Failure policy (what the worker driving this does with `PeerFailure`):
   `step()` raises the PeerFailure of the all-reduce (or of a checksum / state fetch) unchanged, with
@@ -134,7 +144,7 @@ class SyncStepMetrics:
     group_size: int
     residual_norm: float       # L2 norm of the all-reduce's error-feedback residuals
     checked: bool              # a checksum round ran after this step
-    repaired: bool             # ... and this member's state was replaced by rank 0's
+    repaired: bool             # ... and this member's state was replaced by rank 0's (not at entry)
     next_batch: object = None  # rank 0's peer_pb2.BatchPlan for the next step, if it sent one
 
 
@@ -282,7 +292,12 @@ class SyncGroupTrainer:
         self.step_count = 0     # optimizer steps of this model (travels with a repair)
         self.micro_batch = 0    # sequences per forward/backward of a step (0: the whole batch)
         self._next_batch = None  # rank 0's BatchPlan riding on the current step's all-reduce
-        self.repairs = 0        # times this member's state was replaced by rank 0's
+        self.repairs = 0        # times this member's state was replaced by rank 0's after entry
+        self.joins = 0          # entry checks that gave this member rank 0's state
+        self.rebases = 0        # rebases this member replayed (rank 0: applied)
+        self._rebases: list[dict[str, torch.Tensor]] = []  # rank 0: applied since the last step (CPU)
+        self._rebase_sha = ""   # rank 0: announced with the running step's all-reduce
+        self._skip_rebases = 0  # a member: leading rebases of the next step already in a loaded state
         self.checks = 0
         self._state_lock = threading.Lock()  # held while the state changes; FetchState reads under it
         self.ar: CompressedAllReduce | None = None
@@ -296,6 +311,8 @@ class SyncGroupTrainer:
         self.ar = allreduce
         self._group_calls = 0     # all-reduce calls in this group: the step key on the wire
         self._needs_check = True
+        self._entering = True     # the first check gives a member rank 0's state: not a repair
+        self._rebases = []
         allreduce.serve_state(self._state_snapshot)
         if allreduce.compression != "none" and self.mode != "gradient":
             self._warmup_ar = _warmup_sibling(allreduce, self.warmup_compression)
@@ -336,6 +353,7 @@ class SyncGroupTrainer:
         self._probe_bytes = (0, 0)
         if self._needs_check:
             self.check()
+        self._announce_rebase()
         t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -351,7 +369,9 @@ class SyncGroupTrainer:
         else:
             ar = self._warmup_ar if self._warmup_ar is not None else self.ar
             mean = self._allreduce(ar, grads)
+            rebase = self._fetch_rebase(ar)
             with self._state_lock:  # counted only once done: rank 0 serves its state at the old key meanwhile
+                self._replay_rebase(rebase)
                 self._group_calls += 1
                 for name, p in params.items():
                     p.grad = mean[name]
@@ -375,7 +395,60 @@ class SyncGroupTrainer:
         return metrics
 
     def _allreduce(self, ar: CompressedAllReduce, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return ar.allreduce(tensors, step=self._group_calls + 1, plan=self._next_batch)
+        return ar.allreduce(tensors, step=self._group_calls + 1, plan=self._next_batch, rebase=self._rebase_sha)
+
+    # ------------------------------------------------------------------ rebases
+
+    def rebase(self, change: Callable[[], None]) -> bool:
+        """Rank 0: run `change()` (it edits the parameters in place outside the optimizer, e.g. the
+        worker applying merged updates) and make it replayable: the parameters become
+        p_before + (p_after - p_before), which the other members repeat at the next step. Must not
+        be called while `step()` runs. True if any parameter changed."""
+        if self.ar.rank != 0:
+            raise ValueError(f"only rank 0 rebases the group (this member is rank {self.ar.rank})")
+        with self._state_lock, torch.no_grad():
+            params = dict(self.model.named_parameters())
+            before = {n: p.detach().clone() for n, p in params.items()}
+            change()
+            diff = {n: p.detach() - before[n] for n, p in params.items()}
+            if not any(bool(d.any()) for d in diff.values()):
+                return False
+            for n, p in params.items():
+                p.copy_(before[n]).add_(diff[n])  # the one addition every member replays
+            self._rebases.append({n: d.cpu() for n, d in diff.items()})
+            self.rebases += 1
+        return True
+
+    def _announce_rebase(self) -> None:
+        """Rank 0, at the start of a step: serve the rebases applied since the last step under this
+        step's key and announce them in its all-reduce headers."""
+        self._rebase_sha = ""
+        if not self._rebases:
+            return
+        buffer = io.BytesIO()
+        torch.save(self._rebases, buffer)
+        self._rebases = []
+        self._rebase_sha = self.ar.serve_rebase(self._group_calls + 1, buffer.getvalue())
+
+    def _fetch_rebase(self, ar: CompressedAllReduce) -> list[dict[str, torch.Tensor]]:
+        """A member > 0, after the step's all-reduce: rank 0's announced rebases (empty if none).
+        Raises PeerFailure like the all-reduce."""
+        sha, skip, self._skip_rebases = ar.last_rebase, self._skip_rebases, 0
+        if not sha or self.ar.rank == 0:
+            return []
+        blob = self.ar.fetch_rebase(self._group_calls + 1, sha)
+        return torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)[skip:]
+
+    def _replay_rebase(self, rebases: list[dict[str, torch.Tensor]]) -> None:
+        """Add rank 0's corrections in its order (under the state lock, before the optimizer update)."""
+        if not rebases:
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for diff in rebases:
+                for n, p in params.items():
+                    p.add_(diff[n])
+        self.rebases += len(rebases)
 
     def _set_lr(self) -> None:
         if self.lr_fn is not None:
@@ -391,7 +464,9 @@ class SyncGroupTrainer:
         with torch.no_grad():
             m_local = {n: state[p]["exp_avg"] * beta1 + grads[n] * (1 - beta1) for n, p in params.items()}
         m = self._allreduce(self.ar, m_local)
+        rebase = self._fetch_rebase(self.ar)
         with self._state_lock, torch.no_grad():
+            self._replay_rebase(rebase)
             self._group_calls += 1
             self._set_lr()
             by_param = {p: n for n, p in params.items()}
@@ -433,7 +508,9 @@ class SyncGroupTrainer:
                 directions[n] = (m / (1 - beta1 ** t)) / (v_hat.sqrt() + eps)
                 moments[p] = (m, v)  # committed only if the all-reduce succeeds
         u = self._allreduce(self.ar, directions)
+        rebase = self._fetch_rebase(self.ar)
         with self._state_lock, torch.no_grad():
+            self._replay_rebase(rebase)
             self._group_calls += 1
             self._set_lr()
             by_param = {p: n for n, p in params.items()}
@@ -473,11 +550,12 @@ class SyncGroupTrainer:
         return params_sha256({n: p.data for n, p in self.model.named_parameters()})
 
     def check(self) -> bool:
-        """Compare parameters with rank 0's; on mismatch load rank 0's state. True if repaired."""
+        """Compare parameters with rank 0's; on mismatch load rank 0's state. True if that was a
+        repair (a mismatch after the group's entry check)."""
         key = self._group_calls
         mine = self.params_sha256()
         reference = self.ar.exchange_checksum(key, mine)
-        self._needs_check = False
+        entering, self._needs_check, self._entering = self._entering, False, False
         self.checks += 1
         if reference == mine:
             return False
@@ -487,6 +565,11 @@ class SyncGroupTrainer:
         if now != announced:
             raise RuntimeError(f"state from rank 0 does not match its checksum ({now[:12]} != {announced[:12]})")
         self.ar.reset_feedback()  # the basepoint jumped: old residuals no longer apply
+        if entering:
+            self.joins += 1
+            log.info("sync group %s rank %d: took rank 0's state on entry at group step %d (%d bytes, now at step %d)",
+                     self.ar.group_id, self.ar.rank, key, len(blob), self.step_count)
+            return False
         self.repairs += 1
         log.warning(
             "sync group %s rank %d: parameters differed from rank 0 at group step %d (%s != %s); "
@@ -499,8 +582,11 @@ class SyncGroupTrainer:
         """(group step key, torch.save blob of model + optimizer + step, params checksum)."""
         with self._state_lock:
             buffer = io.BytesIO()
+            # rebased_ahead: rebases already in these parameters that the next step still announces
+            # (rank 0 rebased after this step's checksum); a member that loads the state skips them.
             torch.save(
-                {"step": self.step_count, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
+                {"step": self.step_count, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "rebased_ahead": len(self._rebases)},
                 buffer,
             )
             return self._group_calls, buffer.getvalue(), self.params_sha256()
@@ -511,6 +597,7 @@ class SyncGroupTrainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step_count = int(state["step"])
+            self._skip_rebases = int(state.get("rebased_ahead", 0))
 
 
 def _warmup_sibling(ar: CompressedAllReduce, scheme: str) -> CompressedAllReduce:
@@ -520,9 +607,8 @@ def _warmup_sibling(ar: CompressedAllReduce, scheme: str) -> CompressedAllReduce
     sibling = CompressedAllReduce(
         ar.rank, ar.world_size, ar.peers, f"{ar.group_id}/warmup", epoch=ar.epoch, compression=scheme,
         chunk=ar.chunk, sign_scale=ar.sign_scale, algorithm="auto" if ar.algorithm == "count" else ar.algorithm,
-        deadline_s=ar._fixed_deadline, min_deadline_s=ar.min_deadline_s, tls_ca=ar._tls_ca,
+        deadline_s=ar._fixed_deadline, min_deadline_s=ar.min_deadline_s, token=ar._token, tls_ca=ar._tls_ca,
     )
-    sibling._metadata = ar._metadata
     if ar._router is not None:
         sibling._router = ar._router
         ar._router.attach(sibling)
