@@ -102,8 +102,11 @@ def main(config, run_dir, host, port, metrics_port, token_file, token, tls_cert,
         from geotrain.coordinator.server import CoordinatorServer
 
         data = TokenData(resolve_data_dir(run.data.dir or None))
+        source = click.get_current_context().get_parameter_source
         server = CoordinatorServer(
             run, data, Path(run_dir), host=host, port=port, metrics_port=metrics_port, token=token,
+            port_explicit=source("port") != click.core.ParameterSource.DEFAULT,
+            metrics_port_explicit=source("metrics_port") != click.core.ParameterSource.DEFAULT,
             tls_cert=Path(tls_cert).read_bytes() if tls_cert else None,
             tls_key=Path(tls_key).read_bytes() if tls_key else None,
         )
