@@ -346,6 +346,8 @@ class EvalConfig:
     every_versions: int = 5
     iters: int = 20
     batch_size: int = 12
+    device: str = "cpu"  # where the coordinator evaluates ("cuda", "cuda:1", ...): a GPU spares the merges
+    max_tokens: int = 65536  # at most this many tokens per evaluation (iters shrink to fit); 0 = iters x batch
 
 
 @dataclass
@@ -364,6 +366,7 @@ class WorkersConfig:
     lease_seconds: float = 20.0  # no heartbeat for this long: dropped, its data returns to the pool
     max_workers: int = 256
     history_versions: int = 64  # merged updates kept in memory for workers catching up
+    history_fraction: float = 1.0  # ... and at most this fraction of the model's fp32 bytes, in (0, 1]
 
 
 @dataclass
