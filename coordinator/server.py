@@ -74,10 +74,13 @@ class CoordinatorServer:
     def _add_port(self, port: int) -> int:
         """Bind the gRPC server to `port` (0: any free one); returns the bound port, 0 if taken."""
         address = f"{self.host}:{port}"
-        if self.tls:
-            creds = grpc.ssl_server_credentials([(self.tls[1], self.tls[0])])
-            return self.server.add_secure_port(address, creds)
-        return self.server.add_insecure_port(address)
+        try:
+            if self.tls:
+                creds = grpc.ssl_server_credentials([(self.tls[1], self.tls[0])])
+                return self.server.add_secure_port(address, creds)
+            return self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises where older versions returned 0
+            return 0
 
     def start(self) -> int:
         """Bind, serve, and return the gRPC port. OSError (one line, naming the port and its flag)
