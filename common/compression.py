@@ -97,6 +97,7 @@ _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U64 = struct.Struct("<Q")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_WRITE_SLICE = 4 << 20  # bytes handed to the compressor at once by write_tensors
 
 # Sign-bit patterns for one packed byte: row b holds 8 int32 words, 0 or INT32_MIN (sign bit set),
 # in np.packbits' MSB-first order. Decoding a sign payload is one table lookup per byte.
@@ -1009,10 +1010,11 @@ def iter_decode_tensors(
                 if got != payload_len:
                     raise ValueError(f"zstd frame decompressed to fewer bytes than the {total} expected")
                 try:
-                    t = codec._decode(raw, shape, None if codec.name == "none" else _empty_f32(_numel(shape)).view(shape))
+                    held = [codec._decode(raw, shape, None if codec.name == "none" else _empty_f32(_numel(shape)).view(shape))]
                 except ValueError as e:
                     raise ValueError(f"tensor {name!r}: {e}") from None
-                yield name, t
+                del raw, view  # ("none" tensors view raw: the yielded tensor alone keeps it)
+                yield name, held.pop()  # the suspended frame keeps no reference to the tensor
             if reader.read(1):  # also completes the frame: checksum verified here
                 raise ValueError(f"zstd frame decompressed to more than {total} bytes")
     except zstandard.ZstdError as e:
@@ -1044,8 +1046,9 @@ def write_tensors(fh, tensors: Mapping[str, torch.Tensor], zstd_level: int = DEF
         t = t.detach().contiguous()
         if not _all_finite(t):
             raise ValueError(f"tensor {name!r}: tensor holds NaN or Inf")
-        if t.numel():
-            written += fh.write(cobj.compress(memoryview(t.view(-1).numpy()).cast("B")))
+        data = memoryview(t.view(-1).numpy()).cast("B")
+        for start in range(0, len(data), _WRITE_SLICE):  # bounded input, bounded output per call
+            written += fh.write(cobj.compress(data[start : start + _WRITE_SLICE]))
     written += fh.write(cobj.flush())
     return written
 

@@ -80,3 +80,25 @@ def rss_bytes() -> int:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+MMAP_THRESHOLD_BYTES = 1 << 20  # glibc: allocations from 1 MiB up are mmapped, so freeing returns them
+
+
+def tune_malloc() -> bool:
+    """Make glibc return freed large buffers to the system. Its default threshold for mmapped
+    allocations grows to 32 MiB after the first large free, after which pushed blobs and decode
+    buffers (MBs to tens of MBs) land in per-thread heaps that keep their pages: the coordinator's
+    RSS then grows with the gRPC threads that ever held a blob. A fixed threshold (M_MMAP_THRESHOLD,
+    which also ends the growth) keeps them mmapped. Returns False where glibc is not there."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD_BYTES))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

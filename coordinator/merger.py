@@ -76,14 +76,16 @@ class Merger:
             if name != expected:
                 raise ValueError(f"tensor {name!r} comes where the model has {expected!r}: send tensors in the model's order")
             flat = t.reshape(-1)
-            for start in range(0, flat.numel(), NORM_SLICE):
-                total = total + (flat[start : start + NORM_SLICE].double() ** 2).sum()
+            del t
+            magnitude = flat[:1].abs()
+            uniform = magnitudes is not None
+            for start in range(0, flat.numel(), NORM_SLICE):  # slices bound the temporaries
+                piece = flat[start : start + NORM_SLICE]
+                total = total + (piece.double() ** 2).sum()
+                uniform = uniform and bool(torch.all(piece.abs() == magnitude))
             if magnitudes is not None:
-                if flat.numel() == 0:
-                    magnitudes.append(0.0)
-                else:
-                    magnitude = flat[:1].abs()
-                    magnitudes = magnitudes + [float(magnitude)] if bool(torch.all(flat.abs() == magnitude)) else None
+                magnitudes = magnitudes + [float(magnitude) if flat.numel() else 0.0] if uniform or not flat.numel() else None
+            del flat
         return float(torch.sqrt(total)), magnitudes
 
     # ------------------------------------------------------------------ merging

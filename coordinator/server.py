@@ -20,6 +20,7 @@ from geotrain.common.config import RunConfig
 from geotrain.common.data import TokenData
 from geotrain.protos.rpc import TokenAuthInterceptor, server_options
 from geotrain.common.status import render_status
+from geotrain.coordinator.memory import tune_malloc
 from geotrain.coordinator.metrics import CoordinatorMetrics
 from geotrain.coordinator.service import CoordinatorServicer
 from geotrain.coordinator.state import CoordinatorState
@@ -50,6 +51,7 @@ class CoordinatorServer:
         """port_explicit / metrics_port_explicit: whether the user chose that port (a flag, the
         environment or the config file). A chosen port that is taken is an error naming it and its
         flag; a default one that is taken is replaced by a free port, with a log line."""
+        tune_malloc()  # before the model is allocated: freed blobs go back to the system
         self.metrics = CoordinatorMetrics()
         self.state = CoordinatorState(run, data, run_dir, metrics=self.metrics)
         self.host, self.port, self.metrics_port = host, port, metrics_port
