@@ -37,6 +37,7 @@ OVERRIDES = {
     "batch_size": "train.batch_size",
     "max_iters": "train.max_iters",
     "seed": "train.seed",
+    "eval_device": "eval.device",
 }
 
 
@@ -83,6 +84,7 @@ def install_signal_handlers(stop: threading.Event, what: str) -> None:
 @click.option("--batch-size", type=click.IntRange(1), help="Default worker batch size.")
 @click.option("--max-iters", type=click.IntRange(1), help="Inner steps over which workers' lr decays.")
 @click.option("--seed", type=int)
+@click.option("--eval-device", help="Where the coordinator evaluates the global model (cpu, cuda, cuda:1).")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File with the run token (or GEOTRAIN_TOKEN).")
 @click.option("--token", hidden=True, show_envvar=True, help="The run token (prefer --token-file).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True))

@@ -230,3 +230,14 @@ def test_labelled_metrics_are_exported_at_zero_from_the_start(data, tmp_path):
     units = len(srv.state.ledger.units)
     assert f'geotrain_shards{{state="pending"}} {float(units)}' in text
     assert 'geotrain_shards{state="leased"} 0.0' in text and 'geotrain_shards{state="done"} 0.0' in text
+
+
+def test_cli_eval_device_is_checked_with_a_one_line_error(tmp_path):
+    from click.testing import CliRunner
+
+    from geotrain.coordinator.cli import main
+
+    result = CliRunner().invoke(main, ["--run-dir", str(tmp_path / "run"), "--port", "0", "--metrics-port", "0",
+                                       "--eval-device", "gpu9"])
+    assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: eval.device 'gpu9' is not a torch device")
