@@ -92,7 +92,11 @@ log = logging.getLogger(__name__)
 
 COUNT_TOKEN_SPREAD = 1.5  # downlink "count": deltas within this token ratio are weighed equally
 INSPECT_SLOTS = 2  # pushed deltas decoded at once for validation (each holds one decoded tensor)
-__all__ = ["CoordinatorState", "EVAL_SEED", "NAME_RE"]
+__all__ = [
+    "AlreadyExists", "CoordinatorError", "CoordinatorState", "CountedRecord", "EVAL_SEED", "FailedPrecondition",
+    "InvalidArgument", "ModelReply", "NAME_RE", "NotFound", "PendingDelta", "PushOutcome", "RelayedDelta",
+    "ResourceExhausted", "UpdateRecord", "UpdateSlice", "WorkerRecord",
+]
 
 
 class CoordinatorState:

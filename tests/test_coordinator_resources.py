@@ -22,7 +22,6 @@ from geotrain.coordinator.ledger import TrainedRange
 from geotrain.coordinator.memory import check_fits, count_params, required_bytes
 from geotrain.coordinator.server import CoordinatorServer
 from geotrain.coordinator.state import CoordinatorState
-from geotrain.protos.rpc import PROTOCOL_VERSION
 from tests.test_coordinator import join, push, small_run
 
 
