@@ -14,6 +14,7 @@ serializes that computation and guards each record's payload cache.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import deque
 from typing import Container, Mapping, Sequence
@@ -74,26 +75,35 @@ class DownlinkHistory:
     # ------------------------------------------------------------------ replies (no state lock)
 
     def build_reply(self, records: list[UpdateRecord], held: Container[str], version: int, params_sha: str) -> ModelReply:
-        """The UPDATES reply for `records`: their blobs back to back, a relayed delta the caller
-        holds omitted (size 0), a count merge as the count payload for the caller's own push."""
-        slices, blob = [], bytearray()
+        """The UPDATES reply for `records`: their blobs back to back (as segments, hashed here), a
+        relayed delta the caller holds omitted (size 0), a count merge as the count payload for
+        the caller's own push."""
+        slices, segments, offset = [], [], 0
+        digest = hashlib.sha256()
+
+        def add(data: bytes) -> None:
+            nonlocal offset
+            segments.append(data)
+            digest.update(data)
+            offset += len(data)
+
         for u in records:
-            start, parts = len(blob), []
+            start, parts = offset, []
             if u.counted is not None:
                 reference = next((p for p in u.counted.push_ids if p in held), "")
-                blob += self.count_payload(u.counted, reference)
-                slices.append(UpdateSlice(u, start, len(blob) - start, [], reference))
+                add(self.count_payload(u.counted, reference))
+                slices.append(UpdateSlice(u, start, offset - start, [], reference))
                 continue
             if not u.relayed:
-                blob += u.blob
+                add(u.blob)
             for r in u.relayed:
                 if r.push_id in held:
-                    parts.append((len(blob), 0))
+                    parts.append((offset, 0))
                 else:
-                    parts.append((len(blob), len(r.blob)))
-                    blob += r.blob
-            slices.append(UpdateSlice(u, start, len(blob) - start, parts))
-        return ModelReply("UPDATES", version, bytes(blob), params_sha, slices)
+                    parts.append((offset, len(r.blob)))
+                    add(r.blob)
+            slices.append(UpdateSlice(u, start, offset - start, parts))
+        return ModelReply("UPDATES", version, segments, params_sha, slices, sha256=digest.hexdigest())
 
     def count_payload(self, counted: CountedRecord, reference: str) -> bytes:
         """The count payload of a count merge for a requester holding `reference` ("" = plus

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import BinaryIO, Container
+from typing import BinaryIO, Container, Iterator
 
 from geotrain.coordinator.ledger import TrainedRange
 
@@ -165,13 +165,15 @@ class PushOutcome:
 
 @dataclass
 class ModelReply:
-    """What GetModel streams. UPDATES: `payload` holds the bytes. FULL: the bytes are the file
-    `file` (opened for this reply, read with pread, so a newer version replacing it on disk does
-    not change what this reply streams), `size` bytes with sha256 `sha256`."""
+    """What GetModel streams: `total_bytes` bytes with sha256 `sha256`. UPDATES: the bytes are the
+    `segments` back to back (the history's blobs themselves, never concatenated: a relayed merge
+    of N deltas sent to N workers would otherwise copy N x (N - 1) blobs at once). FULL: the
+    bytes are the file `file` (opened for this reply and read with pread, so a newer version
+    replacing it on disk does not change what this reply streams)."""
 
     kind: str  # "FULL" | "UPDATES" | "UNCHANGED"
     version: int
-    payload: bytes
+    segments: list[bytes]
     params_sha256: str
     updates: list[UpdateSlice]
     merged_push_ids: list[str] = field(default_factory=list)  # for FULL: the caller's pushes since have_version
@@ -182,18 +184,23 @@ class ModelReply:
 
     @property
     def total_bytes(self) -> int:
-        return self.size if self.file is not None else len(self.payload)
+        return self.size if self.file is not None else sum(len(s) for s in self.segments)
 
-    def read(self, offset: int, n: int) -> bytes:
-        """`n` bytes of the reply's blob from `offset` (fewer at its end)."""
-        if self.file is None:
-            return self.payload[offset : offset + n]
-        return os.pread(self.file.fileno(), min(n, self.size - offset), offset)
+    def chunks(self, size: int) -> Iterator[bytes]:
+        """The reply's bytes in pieces of at most `size` bytes, in order (no copy of the whole)."""
+        if self.file is not None:
+            for offset in range(0, self.size, size):
+                yield os.pread(self.file.fileno(), min(size, self.size - offset), offset)
+            return
+        for segment in self.segments:
+            view = memoryview(segment)
+            for offset in range(0, len(view), size):
+                yield bytes(view[offset : offset + size])
 
     @property
     def blob(self) -> bytes:
-        """The whole blob in memory (tests and small models; the server streams with read())."""
-        return self.read(0, self.total_bytes) if self.total_bytes else b""
+        """The whole reply in memory (tests and small models; the server streams chunks())."""
+        return b"".join(self.chunks(1 << 24))
 
     def close(self) -> None:
         if self.file is not None:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import grpc
 
-from geotrain.protos.rpc import CHUNK_BYTES, collect_blob, sha256_hex
+from geotrain.protos.rpc import CHUNK_BYTES, collect_blob
 from geotrain.coordinator.ledger import TrainedRange
 from geotrain.coordinator.state import CoordinatorError, CoordinatorState, InvalidArgument
 from geotrain.protos import geotrain_pb2 as pb
@@ -139,10 +139,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             request.have_version, request.force_full, request.wait_seconds, request.worker_id,
             held_push_ids=frozenset(request.held_push_ids),
         )
-        if reply.kind == "UNCHANGED":
-            sha = ""
-        else:  # (an UPDATES reply may be empty: a relayed merge of the caller's own push alone)
-            sha = reply.sha256 if reply.file is not None else sha256_hex(reply.payload)
+        # (an UPDATES reply may be empty: a relayed merge of the caller's own push alone)
+        sha = "" if reply.kind == "UNCHANGED" else reply.sha256
         header = pb.ModelHeader(
             kind=pb.ModelHeader.Kind.Value(reply.kind),
             version=reply.version,
@@ -160,8 +158,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         file a chunk at a time)."""
         try:
             yield pb.ModelPart(header=header)
-            for offset in range(0, reply.total_bytes, CHUNK_BYTES):
-                chunk = reply.read(offset, CHUNK_BYTES)
+            for chunk in reply.chunks(CHUNK_BYTES):
                 self.state.count_traffic(sent=len(chunk))
                 yield pb.ModelPart(chunk=chunk)
         finally:

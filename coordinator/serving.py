@@ -70,7 +70,7 @@ class FullModelFile:
                 self._encode(version, weights, momentum)
             _, path, size, sha, momentum_bytes = self.current
             fh = open(path, "rb")
-        return ModelReply("FULL", version, b"", params_sha, [], merged_push_ids, momentum_bytes,
+        return ModelReply("FULL", version, [], params_sha, [], merged_push_ids, momentum_bytes,
                           file=fh, size=size, sha256=sha)
 
     def cached(self, version: int, params_sha: str, merged_push_ids: list[str]) -> ModelReply | None:
@@ -83,5 +83,5 @@ class FullModelFile:
                 fh = open(path, "rb")
             except FileNotFoundError:
                 return None
-        return ModelReply("FULL", version, b"", params_sha, [], merged_push_ids, momentum_bytes,
+        return ModelReply("FULL", version, [], params_sha, [], merged_push_ids, momentum_bytes,
                           file=fh, size=size, sha256=sha)

@@ -428,7 +428,7 @@ class CoordinatorState:
             ):
                 self.version_changed.wait(timeout=max(0.01, deadline - self.clock()))
             if not force_full and have_version == self.version:
-                return ModelReply("UNCHANGED", self.version, b"", self.params_sha, [])
+                return ModelReply("UNCHANGED", self.version, [], self.params_sha, [])
             records = None if force_full else self.history.updates_since(have_version, self.version, held_push_ids)
             version, sha = self.version, self.params_sha
             if records is None:
