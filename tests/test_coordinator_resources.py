@@ -240,3 +240,22 @@ def test_cli_eval_device_is_checked_with_a_one_line_error(tmp_path):
                                        "--eval-device", "gpu9"])
     assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit), result.output
     assert result.output.strip().splitlines()[-1].startswith("error: eval.device 'gpu9' is not a torch device")
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: two processes, each importing torch
+def test_coordinator_scale_benchmark_smoke(tmp_path):
+    import json
+    from pathlib import Path
+
+    out = tmp_path / "scale.json"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "benchmarks/coordinator_scale.py", "--model", "nano", "--workers", "2",
+                           "--rounds", "2", "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["merges"] == 2 and r["versions"] == 3 and r["params"] > 0
+    assert r["peak_rss_bytes"] >= r["steady_rss_bytes"] > 0 and r["heartbeats"] > 0
+    for key in ("heartbeat_p50_seconds", "heartbeat_p99_seconds", "merge_seconds", "serve_seconds", "checkpoint_seconds"):
+        assert r[key] > 0, key
+    assert set(r["phases"]) == {"idle", "merge", "checkpoint", "serve"}
+    assert "peak RSS" in proc.stdout
