@@ -45,6 +45,8 @@ class FullModelFile:
         self.zstd_level = zstd_level
         self.lock = threading.Lock()  # one writer; held while the current file is replaced
         self.current: tuple[int, Path, int, str, int] | None = None  # (version, path, size, sha256, momentum bytes)
+        for stale in self.directory.glob("model-*"):  # a previous process's files: never served again
+            stale.unlink(missing_ok=True)
 
     def _encode(self, version: int, weights: Mapping[str, torch.Tensor], momentum: Mapping[str, torch.Tensor]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

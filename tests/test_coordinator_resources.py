@@ -3,6 +3,7 @@ check), its locks (bookkeeping answered while the model lock is held), ports and
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import subprocess
@@ -13,7 +14,7 @@ import urllib.request
 import pytest
 import torch
 
-from geotrain.common.compression import encode_tensors
+from geotrain.common.compression import decode_tensors, encode_tensors
 from geotrain.common.config import EvalConfig
 from geotrain.common.data import TokenData, prepare
 from geotrain.common.merge import fold_into, weighted_sum
@@ -259,3 +260,23 @@ def test_coordinator_scale_benchmark_smoke(tmp_path):
         assert r[key] > 0, key
     assert set(r["phases"]) == {"idle", "merge", "checkpoint", "serve"}
     assert "peak RSS" in proc.stdout
+
+
+def test_full_model_replies_stream_their_version_from_a_file(data, tmp_path):
+    (tmp_path / "serve").mkdir()
+    (tmp_path / "serve" / "model-00000007.bin").write_bytes(b"left by a previous process")
+    state = CoordinatorState(small_run(), data, tmp_path)
+    assert not (tmp_path / "serve" / "model-00000007.bin").exists()
+    record, r = join(state)
+    first = state.model_reply(0, True, 0.0)
+    assert first.kind == "FULL" and first.version == 1 and first.file is not None
+    push(state, record, r, rand_delta(state, 0), "p1")
+    second = state.model_reply(0, True, 0.0)  # version 2 replaces the file of version 1 on disk
+    assert second.version == 2 and sorted(p.name for p in (tmp_path / "serve").iterdir()) == ["model-00000002.bin"]
+    one = decode_tensors(first.blob, state.spec)  # the open reply still streams version 1
+    two = decode_tensors(second.blob, state.spec)
+    assert first.total_bytes == len(first.blob) and first.sha256 == hashlib.sha256(first.blob).hexdigest()
+    assert any(not torch.equal(one[n], two[n]) for n in state.spec)
+    assert all(torch.equal(two[n], t) for n, t in state.global_params.items())
+    first.close()
+    second.close()
