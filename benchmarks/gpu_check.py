@@ -75,7 +75,7 @@ def flops_per_token(cfg) -> float:
 
 def random_data(root: Path, vocab: int, tokens: int) -> Path:
     """A prepared data directory of uniformly random tokens (through the nanoGPT importer)."""
-    from geotrain.common.data import import_nanogpt
+    from geotrain.common.nanogpt import import_nanogpt
 
     src = root / "bins"
     src.mkdir(parents=True, exist_ok=True)

@@ -107,9 +107,17 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- tensors <-> bytes
 
 
-def _tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    """safetensors bytes. Exact aliases (tied weights) are stored once and named in the metadata;
-    any other storage sharing is broken with a contiguous clone."""
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_WRITE_BYTES = 64 << 20  # largest slice of a tensor handed to one write() call
+
+
+def _tensors_to_write(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """The tensors a file stores and its metadata. Exact aliases (tied weights) are stored once and
+    named in the metadata; any other storage sharing is broken with a contiguous clone."""
     out: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -132,7 +140,42 @@ def _tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
             storages.add(ptr)
         out[name] = t.contiguous()
     metadata = {_ALIASES_KEY: json.dumps(aliases, sort_keys=True)} if aliases else None
-    return safetensors.torch.save(out, metadata=metadata)
+    return out, metadata
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write `tensors` as a safetensors file at `path` (fsynced) one slice at a time, without a copy
+    of the set in memory (what safetensors.torch.save would build); returns the file's sha256."""
+    out, metadata = _tensors_to_write(tensors)
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in sorted(out):
+        t = out[name]
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"checkpoint tensor {name!r} has dtype {t.dtype}, which safetensors files do not hold")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as fh:
+        for part in (len(raw).to_bytes(8, "little"), raw):
+            fh.write(part)
+            digest.update(part)
+        for name in sorted(out):
+            flat = out[name].reshape(-1)
+            if flat.numel() == 0:
+                continue
+            data = flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
+            step = _WRITE_BYTES
+            for start in range(0, data.numel(), step):
+                part = memoryview(data[start : start + step].numpy())
+                fh.write(part)
+                digest.update(part)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return digest.hexdigest()
 
 
 def _tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
@@ -183,7 +226,8 @@ def save_checkpoint(
     tmp = root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        blobs = {TENSORS_FILE: _tensors_to_bytes(tensors)}
+        files = {TENSORS_FILE: _write_safetensors(tmp / TENSORS_FILE, tensors)}
+        blobs = {}
         buf = io.BytesIO()
         torch.save(state, buf)
         blobs[STATE_FILE] = buf.getvalue()
@@ -191,7 +235,6 @@ def save_checkpoint(
             torch.load(io.BytesIO(blobs[STATE_FILE]), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ValueError(f"checkpoint state is not loadable with weights_only=True: {exc}") from exc
-        files = {}
         for fname, blob in blobs.items():
             atomic_write_bytes(tmp / fname, blob)
             files[fname] = sha256_bytes(blob)

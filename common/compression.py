@@ -97,6 +97,7 @@ _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U64 = struct.Struct("<Q")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_WRITE_SLICE = 4 << 20  # bytes handed to the compressor at once by write_tensors
 
 # Sign-bit patterns for one packed byte: row b holds 8 int32 words, 0 or INT32_MIN (sign bit set),
 # in np.packbits' MSB-first order. Decoding a sign payload is one table lookup per byte.
@@ -928,27 +929,9 @@ def blob_info(blob: bytes) -> dict:
     }
 
 
-def decode_tensors(
-    blob: bytes,
-    expected: Mapping[str, Sequence[int]],
-    max_blob_bytes: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """Decode a blob from encode_tensors, validating everything before allocating.
-
-    expected: name -> shape of every tensor the blob must hold (no more, no fewer).
-    max_blob_bytes: optional cap on len(blob). Any problem with the blob raises ValueError naming
-    the field or tensor. Returned tensors are views into one shared fresh buffer.
-    """
-    if not isinstance(expected, Mapping):
-        raise ValueError(f"expected must be a mapping of name -> shape, got {type(expected).__name__}")
-    want = {name: _normalize_shape(shape, f"expected shape of {name!r}") for name, shape in expected.items()}
-    if max_blob_bytes is not None:
-        if not isinstance(max_blob_bytes, int) or max_blob_bytes < 0:
-            raise ValueError(f"max_blob_bytes must be a non-negative int or None, got {max_blob_bytes!r}")
-        size = memoryview(blob).nbytes if isinstance(blob, (bytes, bytearray, memoryview)) else None
-        if size is not None and size > max_blob_bytes:
-            raise ValueError(f"blob is {size} bytes, over the {max_blob_bytes}-byte limit")
-
+def _validated(blob: bytes, want: Mapping[str, tuple[int, ...]]):
+    """Header and frame checks shared by decode_tensors and iter_decode_tensors.
+    Returns (codec, entries, payload offsets, total raw bytes, frame memoryview)."""
     codec, entries, frame = _parse(blob, expected_count=len(want))
     offsets = []
     total = 0
@@ -986,6 +969,103 @@ def decode_tensors(
     if length != len(frame):
         raise ValueError(f"zstd frame is {length} bytes but {len(frame)} follow the header (trailing data?)")
 
+    return codec, entries, offsets, total, frame
+
+
+def _want(expected: Mapping[str, Sequence[int]], blob: object, max_blob_bytes: int | None) -> dict[str, tuple[int, ...]]:
+    if not isinstance(expected, Mapping):
+        raise ValueError(f"expected must be a mapping of name -> shape, got {type(expected).__name__}")
+    want = {name: _normalize_shape(shape, f"expected shape of {name!r}") for name, shape in expected.items()}
+    if max_blob_bytes is not None:
+        if not isinstance(max_blob_bytes, int) or max_blob_bytes < 0:
+            raise ValueError(f"max_blob_bytes must be a non-negative int or None, got {max_blob_bytes!r}")
+        size = memoryview(blob).nbytes if isinstance(blob, (bytes, bytearray, memoryview)) else None
+        if size is not None and size > max_blob_bytes:
+            raise ValueError(f"blob is {size} bytes, over the {max_blob_bytes}-byte limit")
+    return want
+
+
+def iter_decode_tensors(
+    blob: bytes,
+    expected: Mapping[str, Sequence[int]],
+    max_blob_bytes: int | None = None,
+):
+    """Decode a blob tensor by tensor, in blob order: yields (name, float32 tensor) with the same
+    validation and the bit-identical values of decode_tensors, but holds one decoded tensor at a
+    time (plus zstd's window) instead of the whole set. Each yielded tensor is fresh (the caller
+    may keep it). A problem found late (a bad payload, the frame's checksum, which zstd verifies
+    at its end) raises ValueError when reached, after earlier tensors were yielded."""
+    want = _want(expected, blob, max_blob_bytes)
+    codec, entries, _, total, frame = _validated(blob, want)
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False) as reader:
+            for name, shape, payload_len in entries:
+                raw = np.empty(payload_len, dtype=np.uint8)
+                view, got = memoryview(raw), 0
+                while got < payload_len:
+                    k = reader.readinto(view[got:])
+                    if not k:
+                        break
+                    got += k
+                if got != payload_len:
+                    raise ValueError(f"zstd frame decompressed to fewer bytes than the {total} expected")
+                try:
+                    held = [codec._decode(raw, shape, None if codec.name == "none" else _empty_f32(_numel(shape)).view(shape))]
+                except ValueError as e:
+                    raise ValueError(f"tensor {name!r}: {e}") from None
+                del raw, view  # ("none" tensors view raw: the yielded tensor alone keeps it)
+                yield name, held.pop()  # the suspended frame keeps no reference to the tensor
+            if reader.read(1):  # also completes the frame: checksum verified here
+                raise ValueError(f"zstd frame decompressed to more than {total} bytes")
+    except zstandard.ZstdError as e:
+        raise ValueError(f"zstd decompression failed: {e}") from None
+
+
+def write_tensors(fh, tensors: Mapping[str, torch.Tensor], zstd_level: int = DEFAULT_ZSTD_LEVEL) -> int:
+    """Write the blob of encode_tensors(tensors, "none") to the binary file `fh` one tensor at a
+    time (no copy of the set in memory); returns the bytes written. decode_tensors reads it back
+    bit-identically (the compressed frame may differ from encode_tensors' own bytes)."""
+    if isinstance(zstd_level, bool) or not isinstance(zstd_level, int) or not 1 <= zstd_level <= 22:
+        raise ValueError(f"zstd_level must be an int in [1, 22], got {zstd_level!r}")
+    codec = get_codec("none")
+    header = [_HEADER.pack(MAGIC, VERSION, SCHEMES.index("none"), 0, codec.chunk, len(tensors))]
+    total = 0
+    for name, t in tensors.items():
+        t = _check_tensor(t, f"tensor {name!r}")
+        raw_name = _encode_name(name)
+        size = codec._payload_size(tuple(t.shape))
+        total += size
+        header.append(_U16.pack(len(raw_name)) + raw_name + _U8.pack(t.ndim))
+        header.append(struct.pack(f"<{t.ndim}Q", *t.shape) + _U64.pack(size))
+    written = 0
+    for part in header:
+        written += fh.write(part)
+    cctx = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True, write_content_size=True, threads=0)
+    cobj = cctx.compressobj(size=total)
+    for name, t in tensors.items():
+        t = t.detach().contiguous()
+        if not _all_finite(t):
+            raise ValueError(f"tensor {name!r}: tensor holds NaN or Inf")
+        data = memoryview(t.view(-1).numpy()).cast("B")
+        for start in range(0, len(data), _WRITE_SLICE):  # bounded input, bounded output per call
+            written += fh.write(cobj.compress(data[start : start + _WRITE_SLICE]))
+    written += fh.write(cobj.flush())
+    return written
+
+
+def decode_tensors(
+    blob: bytes,
+    expected: Mapping[str, Sequence[int]],
+    max_blob_bytes: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Decode a blob from encode_tensors, validating everything before allocating.
+
+    expected: name -> shape of every tensor the blob must hold (no more, no fewer).
+    max_blob_bytes: optional cap on len(blob). Any problem with the blob raises ValueError naming
+    the field or tensor. Returned tensors are views into one shared fresh buffer.
+    """
+    want = _want(expected, blob, max_blob_bytes)
+    codec, entries, offsets, total, frame = _validated(blob, want)
     raw = np.empty(total, dtype=np.uint8)  # exactly the validated size: nothing decompresses past it
     try:
         with zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False) as reader:

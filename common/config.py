@@ -470,6 +470,9 @@ class EvalConfig:
     # "" = off. It runs on the coordinator's CPU in the evaluation thread: keep it a sample.
     hellaswag_file: str = ""
     hellaswag_examples: int = 200
+    device: str = opt("cpu", flag="--eval-device",
+                      help="Where the coordinator evaluates the global model (cpu, cuda, cuda:1): a GPU spares the merges.")
+    max_tokens: int = 65536  # at most this many tokens per evaluation (iters shrink to fit); 0 = iters x batch
 
 
 @dataclass
@@ -490,6 +493,7 @@ class WorkersConfig:
     lease_seconds: float = 20.0  # no heartbeat for this long: dropped, its data returns to the pool
     max_workers: int = 256
     history_versions: int = 64  # merged updates kept in memory for workers catching up
+    history_fraction: float = 1.0  # ... and at most this fraction of the model's fp32 bytes, in (0, 1]
 
 
 @dataclass

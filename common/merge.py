@@ -97,10 +97,7 @@ class WeightedSum:
         if self.total is None:
             self.total = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in delta.items()}
         for n, acc in self.total.items():
-            x = delta[n].to(acc.device, torch.float32)
-            if factor != 1.0:
-                x = x * _f32(factor, x)
-            acc.add_(x * _f32(weight, x))
+            fold_into(acc, delta[n], factor, weight)
         self.count += 1
 
 
@@ -115,6 +112,16 @@ def weighted_sum(
     for delta, factor, weight in zip(deltas, factors, weights):
         acc.add(delta, factor, weight)
     return acc.total
+
+
+def fold_into(acc: torch.Tensor, delta: torch.Tensor, factor: float, weight: float) -> None:
+    """acc += (delta * factor) * weight, one term of weighted_sum: acc starting as fp32 zeros and
+    folded with each delta in order equals weighted_sum bit for bit (the coordinator folds the
+    deltas of a merge a tensor at a time, never holding them all decoded)."""
+    x = delta.to(acc.device, torch.float32)
+    if factor != 1.0:
+        x = x * _f32(factor, x)
+    acc.add_(x * _f32(weight, x))
 
 
 def counted_mean(
@@ -274,7 +281,10 @@ class NormGate:
 
     def check(self, tensors: dict[str, torch.Tensor]) -> tuple[bool, float, str]:
         """Returns (accept, factor to multiply the delta by, reason). Does not record the norm."""
-        norm = global_norm(tensors)
+        return self.check_norm(global_norm(tensors))
+
+    def check_norm(self, norm: float) -> tuple[bool, float, str]:
+        """check() for a delta whose L2 norm is already known."""
         if self.ratio <= 0 or len(self.recent) < self.warmup:
             return True, 1.0, ""
         bound = self.ratio * statistics.median(self.recent)
@@ -287,7 +297,11 @@ class NormGate:
 
     def record(self, tensors: dict[str, torch.Tensor], factor: float = 1.0) -> None:
         """Remember an accepted delta's norm (after the clip `factor` check() returned)."""
-        self.recent.append(global_norm(tensors) * factor)
+        self.record_norm(global_norm(tensors), factor)
+
+    def record_norm(self, norm: float, factor: float = 1.0) -> None:
+        """record() for a delta whose L2 norm is already known."""
+        self.recent.append(norm * factor)
 
 
 # --------------------------------------------------------------------------- replaying a version

@@ -202,14 +202,14 @@ def _read_cache(path) -> dict:
 
 
 def cached_micro_batch(key: str, cache_dir=None) -> int | None:
-    from geotrain.common.data import cache_root
+    from geotrain.common.corpus import cache_root
     value = _read_cache((cache_dir or cache_root()) / MICRO_BATCH_CACHE).get(key)
     return value if isinstance(value, int) and value > 0 else None
 
 
 def store_micro_batch(key: str, micro_batch: int, cache_dir=None) -> None:
     from geotrain.common.checkpoint import atomic_write_bytes
-    from geotrain.common.data import cache_root
+    from geotrain.common.corpus import cache_root
     path = (cache_dir or cache_root()) / MICRO_BATCH_CACHE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

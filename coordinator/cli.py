@@ -29,7 +29,7 @@ RUN_OPTIONS = (
     "data.dir", "model.preset", "compression.scheme", "compression.downlink", "compression.last_scheme",
     "round.steps", "round.seconds", "round.max_lag_steps", "merge.policy", "outer.kind", "outer.lr",
     "outer.momentum", "plan.max_tokens", "train.batch_size", "train.max_iters", "train.seed",
-    "sync.compression_warmup", "sync.warmup_compression", "model.init_from",
+    "sync.compression_warmup", "sync.warmup_compression", "model.init_from", "eval.device",
 )
 SERVER_OPTIONS = tuple(f.name for f in dataclasses.fields(CoordinatorConfig))
 
@@ -81,8 +81,11 @@ def main(config, **params) -> None:
         from geotrain.coordinator.server import CoordinatorServer
 
         data = TokenData(resolve_data_dir(run.data.dir or None))
+        source = click.get_current_context().get_parameter_source
         server = CoordinatorServer(
             run, data, Path(opts.run_dir), host=opts.host, port=opts.port, metrics_port=opts.metrics_port,
+            port_explicit=source("port") != click.core.ParameterSource.DEFAULT,
+            metrics_port_explicit=source("metrics_port") != click.core.ParameterSource.DEFAULT,
             token=token, tls_cert=Path(opts.tls_cert).read_bytes() if opts.tls_cert else None,
             tls_key=Path(opts.tls_key).read_bytes() if opts.tls_key else None,
         )

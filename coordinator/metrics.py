@@ -17,6 +17,11 @@ from geotrain.protos.rpc import PROTOCOL_VERSION
 
 MAX_WORKER_LABELS = 64
 
+# Label values known at start-up: every series below is exported at 0 from the first scrape, so a
+# rate() or an alert sees the series before its first event.
+DELTA_RESULTS = ("accepted", "stale", "invalid", "duplicate")  # geotrain_deltas_total{result}
+SHARD_STATES = ("pending", "leased", "done")  # geotrain_shards{state}: coordinator/ledger.py Ledger.counts
+
 # Heartbeat stat -> per-worker gauge name suffix.
 WORKER_SERIES = {
     "tokens_per_second": "geotrain_worker_tokens_per_second",
@@ -68,9 +73,17 @@ class CoordinatorMetrics:
             "geotrain_worker_merged_tokens", "Tokens of a worker's deltas merged", ["worker"], registry=r
         )
         self._worker_names: OrderedDict[str, None] = OrderedDict()
+        self.http_server: Any = None  # the /metrics HTTP server once serve() ran
+        for result in DELTA_RESULTS:
+            self.deltas.labels(result)
+        for shard_state in SHARD_STATES:
+            self.shards.labels(shard_state).set(0)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve /metrics on `port` (0: a free one); returns the bound port. OSError when taken."""
+        httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+        self.http_server = httpd
+        return int(httpd.server_address[1])
 
     def observe_worker(self, name: str, stats: dict[str, float], merged_tokens: int) -> None:
         self._worker_names[name] = None

@@ -20,6 +20,7 @@ from geotrain.common.config import RunConfig
 from geotrain.common.reader import TokenData
 from geotrain.protos.rpc import TokenAuthInterceptor, server_options
 from geotrain.common.status import render_status
+from geotrain.coordinator.memory import tune_malloc
 from geotrain.coordinator.metrics import CoordinatorMetrics
 from geotrain.coordinator.service import CoordinatorServicer
 from geotrain.coordinator.state import CoordinatorState
@@ -44,7 +45,13 @@ class CoordinatorServer:
         tls_cert: bytes | None = None,
         tls_key: bytes | None = None,
         max_threads: int = 64,
+        port_explicit: bool = True,
+        metrics_port_explicit: bool = True,
     ):
+        """port_explicit / metrics_port_explicit: whether the user chose that port (a flag, the
+        environment or the config file). A chosen port that is taken is an error naming it and its
+        flag; a default one that is taken is replaced by a free port, with a log line."""
+        tune_malloc()  # before the model is allocated: freed blobs go back to the system
         self.metrics = CoordinatorMetrics()
         self.state = CoordinatorState(run, data, run_dir, metrics=self.metrics)
         self.host, self.port, self.metrics_port = host, port, metrics_port
@@ -64,21 +71,43 @@ class CoordinatorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
         self.bound_port = 0
+        self.port_explicit, self.metrics_port_explicit = port_explicit, metrics_port_explicit
+
+    def _add_port(self, port: int) -> int:
+        """Bind the gRPC server to `port` (0: any free one); returns the bound port, 0 if taken."""
+        address = f"{self.host}:{port}"
+        try:
+            if self.tls:
+                creds = grpc.ssl_server_credentials([(self.tls[1], self.tls[0])])
+                return self.server.add_secure_port(address, creds)
+            return self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises where older versions returned 0
+            return 0
 
     def start(self) -> int:
-        address = f"{self.host}:{self.port}"
-        if self.tls:
-            creds = grpc.ssl_server_credentials([(self.tls[1], self.tls[0])])
-            self.bound_port = self.server.add_secure_port(address, creds)
-        else:
-            self.bound_port = self.server.add_insecure_port(address)
+        """Bind, serve, and return the gRPC port. OSError (one line, naming the port and its flag)
+        when a port the user chose is taken."""
+        self.bound_port = self._add_port(self.port)
         if self.bound_port == 0:
-            raise OSError(f"cannot listen on {address} (port in use?)")
+            if self.port_explicit or self.port == 0:
+                raise OSError(f"cannot listen on {self.host}:{self.port}: port {self.port} (--port) is taken")
+            self.bound_port = self._add_port(0)
+            if self.bound_port == 0:
+                raise OSError(f"cannot listen on {self.host}: no free port")
+            log.warning("default port %d is taken: gRPC listens on port %d instead", self.port, self.bound_port)
         self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("geotrain.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
         if self.metrics_port:
-            self.metrics.serve(self.metrics_port, host=self.host)
+            try:
+                self.metrics_port = self.metrics.serve(self.metrics_port, host=self.host)
+            except OSError as exc:
+                if self.metrics_port_explicit:
+                    self.server.stop(0)
+                    raise OSError(f"cannot serve metrics on {self.host}:{self.metrics_port}: port "
+                                  f"{self.metrics_port} (--metrics-port) is taken ({exc.strerror or exc})") from None
+                taken, self.metrics_port = self.metrics_port, self.metrics.serve(0, host=self.host)
+                log.warning("default metrics port %d is taken: metrics on port %d instead", taken, self.metrics_port)
         log.info(
             "coordinator listening on %s:%d (model %s, %d parameters, version %d)%s",
             self.host, self.bound_port, self.state.run.model.preset, self.state.num_params, self.state.version,
@@ -130,3 +159,6 @@ class CoordinatorServer:
                 self.state.finish(eval_iters=self.state.run.eval.iters)  # evaluates, checkpoints, summary.json
         except OSError as exc:
             log.error("final checkpoint failed: %s", exc)
+        if self.metrics.http_server is not None:
+            self.metrics.http_server.shutdown()
+            self.metrics.http_server.server_close()

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import grpc
 
-from geotrain.protos.rpc import CHUNK_BYTES, collect_blob, iter_chunks, sha256_hex
+from geotrain.protos.rpc import CHUNK_BYTES, collect_blob
 from geotrain.coordinator.ledger import TrainedRange
 from geotrain.coordinator.state import CoordinatorError, CoordinatorState, InvalidArgument
 from geotrain.protos import geotrain_pb2 as pb
@@ -135,31 +135,35 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @_rpc
     def GetModel(self, request, context):
-        # Validate the session before waiting.
-        with self.state.lock:
-            self.state._session(request.worker_id, request.session_id)
+        self.state.check_session(request.worker_id, request.session_id)  # before waiting
         reply = self.state.model_reply(
             request.have_version, request.force_full, request.wait_seconds, request.worker_id,
             held_push_ids=frozenset(request.held_push_ids),
         )
+        # (an UPDATES reply may be empty: a relayed merge of the caller's own push alone)
+        sha = "" if reply.kind == "UNCHANGED" else reply.sha256
         header = pb.ModelHeader(
             kind=pb.ModelHeader.Kind.Value(reply.kind),
             version=reply.version,
-            total_bytes=len(reply.blob),
-            # (an UPDATES reply may be empty: a relayed merge of the caller's own push alone)
-            sha256=sha256_hex(reply.blob) if reply.kind != "UNCHANGED" else "",
+            total_bytes=reply.total_bytes,
+            sha256=sha,
             params_sha256=reply.params_sha256,
             updates=[_update_info(u) for u in reply.updates],
             merged_push_ids=reply.merged_push_ids,
             momentum_bytes=reply.momentum_bytes,
         )
-        return self._stream_model(header, reply.blob)
+        return self._stream_model(header, reply)
 
-    def _stream_model(self, header, blob: bytes) -> Iterator:
-        yield pb.ModelPart(header=header)
-        for chunk in iter_chunks(blob):
-            self.state.count_traffic(sent=len(chunk))
-            yield pb.ModelPart(chunk=chunk)
+    def _stream_model(self, header, reply) -> Iterator:
+        """The header, then the reply's bytes in CHUNK_BYTES chunks (a FULL reply read from its
+        file a chunk at a time)."""
+        try:
+            yield pb.ModelPart(header=header)
+            for chunk in reply.chunks(CHUNK_BYTES):
+                self.state.count_traffic(sent=len(chunk))
+                yield pb.ModelPart(chunk=chunk)
+        finally:
+            reply.close()
 
     @_rpc
     def GetShard(self, request, context):
@@ -251,7 +255,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
 
 def _update_info(u) -> pb.UpdateInfo:
-    """coordinator/state.py UpdateSlice -> UpdateInfo (relayed deltas with their placement)."""
+    """coordinator/records.py UpdateSlice -> UpdateInfo (relayed deltas with their placement)."""
     r = u.record
     info = pb.UpdateInfo(
         version=r.version, offset=u.offset, size=u.size, merged_push_ids=r.merged_push_ids,

@@ -5,7 +5,7 @@ prefetch pool, one lease ahead of training) asks the coordinator for the next le
 tokens available: the shard file verified on disk (CACHE_DIR/<run_id>/<shard>, a read-only memmap),
 or, for a shard not on disk yet, just the lease's sequences (a few hundred KB, sha256-checked)
 while the whole shard downloads in a background thread. Batches are read by `slots_batch` from the
-shard's visiting order in the lease's epoch (common/data.py sequence_order): position p of a lease
+shard's visiting order in the lease's epoch (common/order.py sequence_order): position p of a lease
 (tokens) is slot p // T.
 
 Threads: `lease_and_fetch` runs in the prefetch pool, background downloads in their own threads,
@@ -45,7 +45,7 @@ class Lease:
 
 class ShardCache:
     """One run's leases and shards. `client`: worker/client.py CoordinatorClient; `manifest`:
-    common/data.py Manifest; `block_size` T; `seed`: the run's train.seed (sequence order);
+    common/shards.py Manifest; `block_size` T; `seed`: the run's train.seed (sequence order);
     `should_stop()`: True ends a wait for a free lease; `may_lease()`: False holds new leases back
     (a sync-group member, worker/group_runner.py)."""
 
@@ -208,7 +208,7 @@ class ShardCache:
         return self.usable_end(lease) - lease.pos < self.block_size
 
     def _sequence_order(self, shard: str, epoch: int) -> np.ndarray:
-        """The shard's visiting order in `epoch` (common/data.py::sequence_order), cached."""
+        """The shard's visiting order in `epoch` (common/order.py::sequence_order), cached."""
         key = (shard, epoch)
         if self._order_cache.get("key") != key:
             self._order_cache = {
