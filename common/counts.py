@@ -1,4 +1,4 @@
-"""Count payloads of the downlink "count" (coordinator/state.py, worker/downlink.py via common/merge.py).
+"""Count payloads of the downlink "count" (coordinator/history.py, worker/downlink.py via common/merge.py).
 
 When every delta of a merge is 1-bit with one scale per tensor (scheme "tsign") and the deltas have
 the same merge weight, the coordinator takes each at the mean of their scales: the merged mean is

@@ -1,6 +1,6 @@
 """Merging workers' deltas into the global model: weighting, outer optimizer, outlier gate.
 
-Sign convention (tested analytically in tests/test_merge.py): a worker's delta is
+Sign convention (tested analytically in tests/test_coordinator.py): a worker's delta is
 `local_params - basepoint`, i.e. the direction its inner optimizer moved. The outer *gradient* is
 the negative of the weighted mean delta, so a positive outer learning rate moves the global model
 *along* the workers' deltas.

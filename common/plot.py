@@ -1,8 +1,8 @@
 """`geotrain plot RUN_DIR`: PNG charts from a coordinator run's history.jsonl.
 
-Each history row (written by CoordinatorState._append_history at every evaluation) holds
-``seconds``, ``train_loss``, ``version``, ``tokens``, ``val_loss`` and ``workers``: {name: the
-worker's last heartbeat stats}. The charts:
+Each history row (written at every evaluation by coordinator/persistence.py
+`Persistence.append_history`) holds ``seconds``, ``train_loss``, ``version``, ``tokens``,
+``val_loss`` and ``workers``: {name: the worker's last heartbeat stats}. The charts:
 
 - ``loss_vs_tokens.png``: validation and training loss against merged training tokens;
 - ``loss_vs_time.png``: the same against wall time since the run started;

@@ -1,4 +1,4 @@
-"""`geotrain`: the umbrella command (prepare, train, sample, eval, export, demo, status).
+"""`geotrain`: the umbrella command (prepare, train, sample, eval, export, demo, status, health, plot, plan).
 
 Each subcommand's options are derived from the typed dataclasses of common/config.py
 (common/options.py); flags, GEOTRAIN_* variables and `--config FILE.toml` where it applies fill one

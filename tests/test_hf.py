@@ -261,12 +261,13 @@ def test_finetune_in_reference_trainer(tmp_path, hf_dir, corpus):
 
 @pytest.mark.slow
 def test_finetune_in_a_two_worker_demo(tmp_path, hf_dir, corpus):
-    from geotrain.demo import DemoOptions, run_demo
+    from geotrain.common.config import DemoConfig
+    from geotrain.demo import run_demo
 
     toml = tmp_path / "ft.toml"
     toml.write_text("[optim]\nlr = 3e-5\nmin_lr = 3e-5\nwarmup_iters = 0\n[round]\nsteps = 5\n")
     run_dir = tmp_path / "demo"
-    summary = run_demo(DemoOptions(
+    summary = run_demo(DemoConfig(
         workers=2, data=str(corpus), config=str(toml), tokens=2 * 20 * 4 * BLOCK, batch_size=4,
         run_dir=str(run_dir), quiet=True, extra_coordinator_args=["--init-from", str(hf_dir)],
     ))
