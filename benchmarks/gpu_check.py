@@ -17,7 +17,7 @@ Without CUDA it prints why it skips and exits 0 (unless --cpu-smoke).
    to that much device memory (torch.cuda.set_per_process_memory_fraction): two optimizer steps,
    then the peak allocated bytes next to the plan's total. The micro-batch the out-of-memory probe
    finds under the same cap is shown next to the planned one.
-3. dropout: two async workers seed torch as worker/runner.py does at join (run seed + crc32 of the
+3. dropout: two async workers seed torch as worker/trainer.py does at join (run seed + crc32 of the
    worker id) and must draw different dropout masks on the same batch; the same id must draw the
    same masks again.
 
@@ -194,7 +194,8 @@ def measure_memory(device: torch.device, preset: str, gpu_bytes: int, batch_size
 
 
 def worker_seed(run_seed: int, worker_id: str) -> int:
-    """The torch seed of an async worker (worker/runner.py, _setup at join)."""
+    """The torch seed of an async worker (worker/trainer.py `worker_seed`, used when the runner builds
+    its LocalTrainer at join)."""
     return run_seed + (zlib.crc32(worker_id.encode()) % 10_000)
 
 
