@@ -10,7 +10,7 @@ decode_tensors with full validation), and encode seconds with error feedback (st
 first call, which allocates the residuals, is not counted), as wall time and as process CPU time
 (the latter is the fairer number when other jobs share the machine; the load average is printed).
 
-The delta is N(0, std^2) per tensor with the shapes of common.model.GPT("gpt2", vocab 50304),
+The delta is N(0, std^2) per tensor with the shapes of geotrain.common.model.GPT("gpt2", vocab 50304),
 tied weights once; --params N keeps the same tensor order and cuts it at N values.
 """
 

@@ -10,7 +10,7 @@ ckpt (activation checkpointing on), offload (AdamW state in host memory), nopref
 in the training loop instead of a background thread). All but compile train the same model
 (common/step.py), so their val loss must agree; they differ in speed and device memory.
 
-Each variant runs `common.train.train` in a fresh output directory (the real loop: data, AdamW,
+Each variant runs `geotrain.common.train.train` in a fresh output directory (the real loop: data, AdamW,
 clipping, evaluation, checkpoints). tokens/s counts optimizer steps only (no eval, no checkpoint
 writes), like nanoGPT's per-iteration timing; wall s is everything. The 1-minute load average
 before and after is printed because a shared CPU makes every figure noisy.

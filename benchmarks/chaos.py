@@ -20,7 +20,7 @@ Then: everything down is restarted, the run settles `--settle` seconds, the work
 - version_monotonic: the polled model version never decreased (across coordinator restarts too);
 - run_id_stable: one run id throughout (except a new run when the coordinator died before anything
   was merged and checkpointed: version 1 before the change);
-- ledger (final checkpoint, `common.checkpoint.load_latest_checkpoint(RUN/checkpoints)`):
+- ledger (final checkpoint, `geotrain.common.checkpoint.load_latest_checkpoint(RUN/checkpoints)`):
   every unit has start <= committed <= end and holds no lease (holder "", lease_end 0);
   committed_total == epoch * epoch_tokens + sum(committed - start); leased_total ==
   committed_total (nothing outstanding after the clean stop); committed_total <= max_tokens;

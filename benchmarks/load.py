@@ -6,7 +6,7 @@
 The coordinator runs a small model (2 layers, 64 wide, block 32, byte vocab) with checkpoints on.
 The simulated workers are threads spread over `--processes` spawned processes (spawn, never fork
 after gRPC), each worker with its own channel (local subchannel pool: one TCP connection each) and
-raw stubs, so every non-OK status is seen and counted (worker.client would retry some silently).
+raw stubs, so every non-OK status is seen and counted (geotrain.worker.client would retry some silently).
 Each worker does what worker/runner.py does on the wire, without training:
 
     Join; GetModel(0) (full); LeaseWork; then every round (round-seconds x U(0.5, 1.5)):

@@ -5,8 +5,8 @@ step=s)) with AdamW at lr_at(step, optim, steps). Every H steps (synchronous rou
 
   uplink   delta_i = params_i - base; blob, dec_i = encode_tensors(delta_i, scheme)   (no feedback
            buffer: as worker/runner.py, the compression error stays in params_i - base)
-  merge    mean = coordinator.merge.combine(...); U = OuterOptimizer.update(mean)
-  downlink blob, U_dec = encode_tensors(U, scheme, feedback=ErrorFeedback)  (as coordinator/state.py)
+  merge    mean = geotrain.common.merge.combine(...); U = OuterOptimizer.update(mean)
+  downlink blob, U_dec = encode_tensors(U, scheme, feedback=ErrorFeedback)  (as coordinator/merger.py)
            global += U_dec
   rebase   params_i += U_dec - dec_i; base = global      (worker/rebase.py::apply_update)
 

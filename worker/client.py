@@ -11,7 +11,7 @@ Deadlines (seconds, per attempt; a retried call gets a fresh deadline each time)
   model for a full model.
 
 Retries: UNAVAILABLE and DEADLINE_EXCEEDED mean the coordinator is down, restarting or slow;
-every call retries them with exponential backoff and full jitter (``protos.rpc.Backoff``, cap 10 s)
+every call retries them with exponential backoff and full jitter (``geotrain.protos.rpc.Backoff``, cap 10 s)
 for as long as the client is not stopped (``stop_event``), or for ``patience`` seconds when a
 caller gives one (the way out: final push and Leave). So workers survive a coordinator restart
 with no manual step.

@@ -3,7 +3,7 @@
 - FULL replies: the weights, and under a replayed downlink the outer momentum after them, which is
   loaded into this worker's replica of the coordinator's outer optimizer.
 - UPDATES replies: per version, a plain update (decoded as is) or a replayed one (downlinks
-  "relay", "combine", "count"): the wire message becomes a `common.merge.ReplayedVersion` and the
+  "relay", "combine", "count"): the wire message becomes a `geotrain.common.merge.ReplayedVersion` and the
   coordinator's merge is repeated on it bit for bit (common/merge.py `replay_version`).
 - Held pushes (downlinks "relay" and "count"): the payloads of this worker's recent pushes, named
   in every GetModel (held_push_ids) so that the coordinator omits them from relayed merges (or
