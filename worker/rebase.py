@@ -24,8 +24,16 @@ is treated the same way.
 
 Host memory: `base` (fp32, CPU) and the in-flight push's decoded delta are the two model copies
 this state holds besides the device weights; a push is built one tensor at a time where it can be
-(`make_push`). `RoundState` belongs to the training thread; the comm thread only reads a Push's
-`decoded` and sets its `accepted_version` / `resolved`.
+(`make_push`). `RoundState` belongs to the training thread; the comm thread encodes a sealed
+Push (`encode_push`: its `delta` becomes `decoded`, before the push goes out), reads its `decoded`
+and sets its `accepted_version` / `resolved`.
+
+What stays on the training thread is what must happen between two optimizer steps: the delta
+snapshot of a push (`snapshot_push`: params - base, one subtraction per tensor) and the rebase's
+additions to params and base. The push's encoding runs on the comm thread; the basepoint's
+checksum after a rebase runs on the `verify` thread (one at a time, over the version the rebase
+reached), and the next change of `base` waits for it (`wait_verified`), so it always hashes the
+basepoint it was asked about.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import grpc
@@ -101,7 +110,7 @@ def full_contains_push(version: int, base_version: int, push_id: str, merged_pus
 class Push:
     push_id: str
     base_version: int
-    decoded: dict[str, torch.Tensor]  # what the coordinator decodes (fp32, CPU)
+    decoded: dict[str, torch.Tensor] | None  # what the coordinator decodes (fp32, CPU); None until encoded
     n_ranges: int
     steps: int
     tokens: int
@@ -110,6 +119,8 @@ class Push:
     resolved: bool = False  # merge seen, STALE, lost or refused
     pushed_at_step: int = 0  # the worker's local_step when the push was made
     session: int = 0  # client.session_epoch it was trained in; never sent under a later one
+    delta: dict[str, torch.Tensor] | None = None  # params - base at the seal (fp32, CPU), until encoded
+    header: pb.DeltaHeader | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -159,6 +170,40 @@ class RoundState:
         self.local_step = 0
         self.round_steps = 0
         self.round_start = time.monotonic()
+        self._verifying: threading.Thread | None = None  # the basepoint checksum in progress
+
+    # ------------------------------------------------------------------ basepoint checksum
+
+    def wait_verified(self) -> None:
+        """Training thread: wait for the basepoint checksum in progress, if any. Called before
+        `base` changes again (or is read for a push), so the checksum hashes the basepoint of the
+        version it verifies; usually it has finished long before."""
+        thread, self._verifying = self._verifying, None
+        if thread is not None:
+            thread.join()
+
+    def _verify_later(self, version: int, sha: str, resync: bool) -> None:
+        """Check params_sha256(base) == sha on the `verify` thread. A mismatch is logged; with
+        `resync` it also asks the comm thread for the full model (need_full) and counts a resync."""
+        self.wait_verified()
+
+        def verify() -> None:
+            try:
+                ok = params_sha256(self.base) == sha
+            except Exception as exc:  # noqa: BLE001 - a checksum that fails to run is a mismatch
+                log.error("basepoint checksum at version %d failed: %s", version, exc)
+                ok = False
+            if ok:
+                return
+            if resync:
+                log.error("basepoint checksum mismatch at version %d: resyncing with the full model", version)
+                self.stats.add(resyncs=1)
+                self.need_full.set()
+            else:
+                log.error("full model at version %d does not match its announced checksum", version)
+
+        self._verifying = threading.Thread(target=verify, name="verify", daemon=True)
+        self._verifying.start()
 
     # ------------------------------------------------------------------ training bookkeeping
 
@@ -196,32 +241,51 @@ class RoundState:
     # ------------------------------------------------------------------ pushes
 
     def make_push(self, c: CompressionConfig, scheme: str | None, session: int) -> tuple[Push, pb.DeltaHeader, bytes]:
-        """The delta since the basepoint, encoded with `scheme` (default: the run's). The
-        compression error stays in params - base, so the next push carries it (implicit error
-        feedback). Host memory: the delta and its decoded form (2 model copies) while encoding;
-        afterwards the decoded form only (the push in flight)."""
-        from geotrain.common.compression import encode_tensors
+        """The delta since the basepoint, encoded with `scheme` (default: the run's), all on the
+        calling thread: `snapshot_push` then `encode_push`."""
+        push = self.snapshot_push(session)
+        blob = self.encode_push(push, c, scheme)
+        return push, push.header, blob
 
-        delta = {n: p.detach().to("cpu", torch.float32) - self.base[n] for n, p in self.params.items()}
-        scheme = scheme or c.scheme
-        blob, decoded = encode_tensors(delta, scheme, c.chunk, feedback=None, zstd_level=c.zstd_level)
-        decoded = {n: t.detach().float().cpu() for n, t in decoded.items()}
-        residual_sq = 0.0
-        for n, d in delta.items():  # ||delta - decoded||, one tensor at a time
-            residual_sq += float(((d - decoded[n]).double() ** 2).sum())
-        del delta
+    def snapshot_push(self, session: int) -> Push:
+        """Training thread: a Push of every pending range with its delta params - base (fp32 CPU,
+        one model copy, taken now: the next step changes params). Not encoded yet (`encode_push`)."""
+        with torch.no_grad():
+            self.wait_verified()  # base is final for base_version
+            delta = {n: p.detach().to("cpu", torch.float32) - self.base[n] for n, p in self.params.items()}
         ranges = [pb.TokenRange(unit_id=p.unit_id, shard=p.shard, start=p.start, end=p.end, epoch=p.epoch)
                   for p in self.pending]
         steps = sum(p.steps for p in self.pending)
         loss_sum = sum(p.loss_sum for p in self.pending)
         tokens = sum(p.end - p.start for p in self.pending)
-        push = Push(uuid.uuid4().hex, self.base_version, decoded, len(self.pending), steps, tokens, loss_sum,
-                    pushed_at_step=self.local_step, session=self.push_session(session))
-        header = pb.DeltaHeader(push_id=push.push_id, base_version=push.base_version, tokens=tokens, steps=steps,
-                                mean_loss=loss_sum / max(1, steps), ranges=ranges)
-        self.stats.set(residual_norm=residual_sq ** 0.5)
+        push = Push(uuid.uuid4().hex, self.base_version, None, len(self.pending), steps, tokens, loss_sum,
+                    pushed_at_step=self.local_step, session=self.push_session(session), delta=delta)
+        push.header = pb.DeltaHeader(push_id=push.push_id, base_version=push.base_version, tokens=tokens, steps=steps,
+                                     mean_loss=loss_sum / max(1, steps), ranges=ranges)
         self.stats.add(pushes=1)
-        return push, header, blob
+        return push
+
+    def encode_push(self, push: Push, c: CompressionConfig, scheme: str | None) -> bytes:
+        """Any thread (the comm thread, before sending): encode the push's delta with `scheme`
+        (default: the run's) and return the payload; `push.decoded` is then what the coordinator
+        decodes and `push.delta` is let go. The compression error stays in params - base, so the
+        next push carries it (implicit error feedback). Host memory: the delta and its decoded
+        form (2 model copies) while encoding; afterwards the decoded form only."""
+        from geotrain.common.compression import encode_tensors
+
+        delta = push.delta
+        if delta is None:
+            raise ValueError(f"push {push.push_id[:8]} has no delta to encode (encoded already?)")
+        blob, decoded = encode_tensors(delta, scheme or c.scheme, c.chunk, feedback=None, zstd_level=c.zstd_level)
+        decoded = {n: t.detach().float().cpu() for n, t in decoded.items()}
+        residual_sq = 0.0
+        for n, d in delta.items():  # ||delta - decoded||, one tensor at a time
+            residual_sq += float(((d - decoded[n]).double() ** 2).sum())
+        push.decoded = decoded
+        push.delta = None
+        del delta
+        self.stats.set(residual_norm=residual_sq ** 0.5)
+        return blob
 
     def seal(self, push: Push) -> None:
         """`push` (of every pending range) goes out now: it is the push in flight."""
@@ -289,6 +353,8 @@ class RoundState:
                 self.need_full.set()
             self.resolve(push, merged=False)
         elif kind == "updates":
+            self.wait_verified()
+            checked = None  # (version, sha) of the newest update that names its checksum
             with torch.no_grad():
                 for version, tensors, sha, own, counted_own in msg[1]:
                     decoded = None
@@ -298,14 +364,13 @@ class RoundState:
                     if decoded is not None:
                         self.resolve(own, merged=True)
                     self.base_version = version
-                    if sha and params_sha256(self.base) != sha:
-                        log.error("basepoint checksum mismatch at version %d: resyncing with the full model", version)
-                        self.stats.add(resyncs=1)
-                        self.need_full.set()
-                        break
+                    checked = (version, sha) if sha else None
+            if checked is not None:  # the basepoint it ends at; a mismatch resyncs in full
+                self._verify_later(*checked, resync=True)
             self.after_rebase()
         elif kind == "full":
             _, version, full, sha, own, lost = msg
+            self.wait_verified()
             decoded = own.decoded if own is not None and own is self.inflight else None
             with torch.no_grad():
                 rebase_full(self.params, self.base, full, decoded)
@@ -314,8 +379,8 @@ class RoundState:
             elif lost and self.inflight is not None:
                 self.resolve(self.inflight, merged=False)
             self.base_version = version
-            if sha and params_sha256(self.base) != sha:
-                log.error("full model at version %d does not match its announced checksum", version)
+            if sha:
+                self._verify_later(version, sha, resync=False)
             self.after_rebase()
         elif kind == "rejoined":
             reply = msg[1]
@@ -328,6 +393,7 @@ class RoundState:
 
     def reset_to_base(self) -> None:
         """Local progress dropped: params = base."""
+        self.wait_verified()
         with torch.no_grad():
             for n, t in self.params.items():
                 t.copy_(self.base[n].to(t.device, t.dtype))

@@ -452,14 +452,15 @@ class WorkerRunner:
             self.metrics.step_seconds.observe(seconds)
 
     def start_push(self, scheme: str | None = None) -> None:
-        """Seal the pending ranges into a push and hand it to the comm thread."""
+        """Seal the pending ranges into a push (the delta snapshot, on this thread) and hand it to
+        the comm thread, which encodes it with `scheme` (default: the run's) and sends it."""
         rounds = self.rounds
         if not rounds.pending:
             return
-        push, header, blob = rounds.make_push(self.run_cfg.compression, scheme, self.client.session_epoch)
-        self.downlink.hold(push.push_id, blob)
+        push = rounds.snapshot_push(self.client.session_epoch)  # the delta, now; encoded by the comm thread
         rounds.seal(push)
-        self.comm.submit_push(push, header, blob)
+        c = self.run_cfg.compression
+        self.comm.submit_push(push, lambda: rounds.encode_push(push, c, scheme))
 
     def _wait_for_merge(self) -> None:
         """Hold training until the push in flight is resolved (merged, stale, lost) or the worker
