@@ -5,16 +5,18 @@ One process on the CPU (or `--device cuda`) builds the worker's parts as worker/
 calling thread, which plays the training thread:
 
 - step: `LocalTrainer.step` on a (batch, block) batch, mean of `--steps` after one warm-up step;
-- push: what the training thread does when a round ends (`RoundState.seal_push`: the delta
+- push: what the training thread does when a round ends (`RoundState.snapshot_push`: the delta
   params - base snapshot); the encoding (compression, its decoded form, the residual norm) that
   the comm thread does (`RoundState.encode_push`) is timed apart;
-- rebase: `RoundState.handle` of a merged update that contains our push (base += U,
-  params += U - own), plus the wait for the basepoint checksum at the next handle (the checksum
-  itself runs on the verify thread: timed apart as "hash").
+- rebase: `RoundState.handle` of a merged update that contains our push (params += U - own and
+  the finiteness check); the base thread's job it starts (base += U, the basepoint's sha256) is
+  timed apart, by waiting for it right after (in a run it overlaps the next steps; the training
+  thread waits only if the next rebase or push comes before it ends).
+- before: the same round the way the worker did it before the encoding and the basepoint moved
+  off the training thread: `RoundState.make_push` inline, then `apply_update` + `params_sha256`
+  + `all_finite` (isfinite per value) inline.
 
-"on training thread" sums what the training thread pays per round; "all on training thread" is
-the same round with the encoding and the hash done inline (what the worker did before they moved
-to the comm and verify threads). Rounds are `--round-steps` steps long.
+"per round" sums what the training thread pays per round (`--round-steps` steps long).
 
     python benchmarks/bench_worker_overhead.py --preset gpt2 --block-size 64 --batch-size 1 --out benchmarks/results/worker_overhead.json
 """
@@ -32,9 +34,9 @@ def measure(preset: str, block_size: int, batch_size: int, steps: int, scheme: s
     import torch
 
     from geotrain.common.config import CompressionConfig, RunConfig, TrainConfig, model_config
-    from geotrain.common.tensors import clone_tensors, params_sha256
+    from geotrain.common.tensors import all_finite, clone_tensors, params_sha256
     from geotrain.worker.metrics import StatsBook
-    from geotrain.worker.rebase import PendingRange, RoundState
+    from geotrain.worker.rebase import PendingRange, RoundState, apply_update
     from geotrain.worker.trainer import LocalTrainer
 
     dev = torch.device(device)
@@ -59,46 +61,57 @@ def measure(preset: str, block_size: int, batch_size: int, steps: int, scheme: s
     sync()
     step_s = (time.perf_counter() - t0) / steps
 
-    rows = {"seal": [], "encode": [], "rebase": [], "hash": [], "hash_wait": []}
+    rows = {k: [] for k in ("snap", "encode", "rebase", "base_job", "inline_push", "inline_rebase")}
     for r in range(repeats):
         rounds.pending = [PendingRange(0, "s", 0, block_size, 0, 1, 1.0, 0)]
         sync()
         t0 = time.perf_counter()
-        push = rounds.seal_push(0)
+        push = rounds.snapshot_push(0)
         sync()
-        rows["seal"].append(time.perf_counter() - t0)
+        rows["snap"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         rounds.encode_push(push, run.compression, None)
         rows["encode"].append(time.perf_counter() - t0)
         rounds.seal(push)
         # the merge of our push alone: U = decoded(P), announced with the checksum of base + U
         update = {n: t.clone() for n, t in push.decoded.items()}
-        expected = {n: base[n] + update[n] for n in base}
-        t0 = time.perf_counter()
-        sha = params_sha256(expected)
-        rows["hash"].append(time.perf_counter() - t0)
-        del expected
+        sha = params_sha256({n: base[n] + update[n] for n in base})
         sync()
         t0 = time.perf_counter()
         rounds.handle(("updates", [(2 + r, update, sha, push, None)]))
         sync()
         rows["rebase"].append(time.perf_counter() - t0)
-        time.sleep(rows["hash"][-1] + 0.5)  # the steps of the next round, during which the checksum runs
         t0 = time.perf_counter()
-        rounds.wait_verified()
-        rows["hash_wait"].append(time.perf_counter() - t0)
+        rounds.wait_base()  # the rest of the base thread's job (it overlaps the step that follows)
+        rows["base_job"].append(time.perf_counter() - t0)
         if rounds.stats.snapshot().resyncs:
             raise RuntimeError("the basepoint checksum did not verify")
+        # the same round as the worker did it before: everything inline, on this thread
+        rounds.pending = [PendingRange(0, "s", 0, block_size, 0, 1, 1.0, 0)]
+        t0 = time.perf_counter()
+        old, _, _ = rounds.make_push(run.compression, None, 0)
+        sync()
+        rows["inline_push"].append(time.perf_counter() - t0)
+        rounds.pending = []
+        update = {n: t.clone() for n, t in old.decoded.items()}
+        sha = params_sha256({n: base[n] + update[n] for n in base})
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            apply_update(trainer.params, base, update, old.decoded)
+        ok = params_sha256(base) == sha and all_finite(trainer.params)
+        sync()
+        rows["inline_rebase"].append(time.perf_counter() - t0)
+        if not ok:
+            raise RuntimeError("the inline basepoint checksum did not verify")
     med = {k: sorted(v)[len(v) // 2] for k, v in rows.items()}
-    on_thread = med["seal"] + med["rebase"] + med["hash_wait"]
-    inline = med["seal"] + med["encode"] + med["rebase"] + med["hash"]
     n_params = sum(t.numel() for t in trainer.params.values())
     return {"preset": preset, "block_size": block_size, "batch_size": batch_size, "scheme": scheme,
-            "device": str(dev), "params": n_params, "step_s": step_s, "seal_s": med["seal"],
-            "encode_s": med["encode"], "rebase_s": med["rebase"], "hash_s": med["hash"],
-            "hash_wait_s": med["hash_wait"], "training_thread_s_per_round": on_thread,
-            "all_on_training_thread_s_per_round": inline, "repeats": repeats, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "device": str(dev), "params": n_params, "step_s": step_s, "snapshot_s": med["snap"],
+            "encode_s": med["encode"], "rebase_s": med["rebase"], "base_job_s": med["base_job"],
+            "training_thread_s_per_round": med["snap"] + med["rebase"],
+            "before_push_s": med["inline_push"], "before_rebase_s": med["inline_rebase"],
+            "before_training_thread_s_per_round": med["inline_push"] + med["inline_rebase"],
+            "repeats": repeats, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -126,16 +139,17 @@ def main() -> None:
     print("| part | seconds | thread |")
     print("|---|---|---|")
     print(f"| step | {r['step_s']:.3f} | training |")
-    print(f"| push: seal (delta snapshot) | {r['seal_s']:.3f} | training |")
-    print(f"| push: encode (compress, decode, residual) | {r['encode_s']:.3f} | comm |")
-    print(f"| rebase (base += U, params += U - own) | {r['rebase_s']:.3f} | training |")
-    print(f"| basepoint hash (params_sha256) | {r['hash_s']:.3f} | verify |")
-    print(f"| wait for the hash at the next rebase | {r['hash_wait_s']:.3f} | training |")
-    for label, key in (("on training thread", "training_thread_s_per_round"),
-                       ("all on training thread", "all_on_training_thread_s_per_round")):
+    print(f"| push: delta snapshot (RoundState.snapshot_push) | {r['snapshot_s']:.3f} | training |")
+    print(f"| push: encode, decoded form, residual (encode_push) | {r['encode_s']:.3f} | comm |")
+    print(f"| rebase: params += U - own, finiteness (handle) | {r['rebase_s']:.3f} | training |")
+    print(f"| rebase: base += U, basepoint sha256 (after handle) | {r['base_job_s']:.3f} | base |")
+    print(f"| before: make_push inline | {r['before_push_s']:.3f} | training |")
+    print(f"| before: apply_update + params_sha256 + all_finite inline | {r['before_rebase_s']:.3f} | training |")
+    for label, key in (("training thread per round, now", "training_thread_s_per_round"),
+                       ("training thread per round, before", "before_training_thread_s_per_round")):
         s = r[key]
-        print(f"| **{label}, per round** | {s:.3f} ({100 * s / (round_s + s):.1f}% of a round, "
-              f"{s / r['step_s']:.1f} steps) | |")
+        print(f"| **{label}** | {s:.3f} = {s / r['step_s']:.2f} steps ({100 * s / (round_s + s):.1f}% of a "
+              f"{a.round_steps}-step round) | |")
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(r, fh, indent=1)

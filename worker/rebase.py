@@ -30,10 +30,10 @@ and sets its `accepted_version` / `resolved`.
 
 What stays on the training thread is what must happen between two optimizer steps: the delta
 snapshot of a push (`snapshot_push`: params - base, one subtraction per tensor) and the rebase's
-additions to params and base. The push's encoding runs on the comm thread; the basepoint's
-checksum after a rebase runs on the `verify` thread (one at a time, over the version the rebase
-reached), and the next change of `base` waits for it (`wait_verified`), so it always hashes the
-basepoint it was asked about.
+additions to params. The push's encoding runs on the comm thread; the rebase's additions to base
+(base += U) and the basepoint's checksum at the version they reach run on the `base` thread (one
+job at a time), and everything on the training thread that reads or changes `base` waits for the
+job first (`wait_base`); it has usually finished steps before.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ import grpc
 import torch
 
 from geotrain.common.config import CompressionConfig, RoundConfig
-from geotrain.common.tensors import add_, all_finite, params_sha256
+from geotrain.common.tensors import add_, params_sha256
 from geotrain.protos import geotrain_pb2 as pb
 from geotrain.worker.metrics import StatsBook
 
@@ -70,12 +70,34 @@ def apply_update(
     """One merged update U, in place: base += U; params += U; params -= own_decoded (when U
     contains our push). Keeps params - base = local progress not yet in the global model."""
     add_(base, update)
+    add_update_to_params(params, update, own_decoded)
+
+
+def add_update_to_params(
+    params: Mapping[str, torch.Tensor],
+    update: Mapping[str, torch.Tensor],
+    own_decoded: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """The params half of `apply_update`: params += U, or params += (U - own_decoded) as one
+    addition (exact when the update is our own delta alone). RoundState does the base half
+    (base += U) on its `base` thread."""
     if own_decoded is None:
         add_(params, update)
-    else:  # one addition of (U - own): exact when the update is our own delta alone
+    else:
         for n, u in update.items():
             p = params[n]
             p.add_((u.to(torch.float32) - own_decoded[n].to(u.device, torch.float32)).to(p.device, p.dtype))
+
+
+def all_finite_exact(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """True iff every value of every tensor is finite: one float64 sum per tensor (a NaN or an
+    infinity makes it non-finite; a sum of finite float32 values cannot overflow float64) and one
+    host sync for all of them. Cheaper than isfinite(t).all(), which writes a bool per value."""
+    sums = [t.detach().sum(dtype=torch.float64) for t in tensors.values()]
+    if not sums:
+        return True
+    device = sums[0].device
+    return bool(torch.isfinite(torch.stack([s.to(device) for s in sums])).all())
 
 
 def rebase_full(
@@ -170,28 +192,34 @@ class RoundState:
         self.local_step = 0
         self.round_steps = 0
         self.round_start = time.monotonic()
-        self._verifying: threading.Thread | None = None  # the basepoint checksum in progress
+        self._base_thread: threading.Thread | None = None  # the base thread's job in progress
 
-    # ------------------------------------------------------------------ basepoint checksum
+    # ------------------------------------------------------------------ the base thread
 
-    def wait_verified(self) -> None:
-        """Training thread: wait for the basepoint checksum in progress, if any. Called before
-        `base` changes again (or is read for a push), so the checksum hashes the basepoint of the
-        version it verifies; usually it has finished long before."""
-        thread, self._verifying = self._verifying, None
+    def wait_base(self) -> None:
+        """Training thread: wait for the base thread's job (base += U, checksum), if any. Called
+        before `base` is read or changed, so base is at base_version and the checksum hashes the
+        basepoint of the version it verifies."""
+        thread, self._base_thread = self._base_thread, None
         if thread is not None:
             thread.join()
 
-    def _verify_later(self, version: int, sha: str, resync: bool) -> None:
-        """Check params_sha256(base) == sha on the `verify` thread. A mismatch is logged; with
-        `resync` it also asks the comm thread for the full model (need_full) and counts a resync."""
-        self.wait_verified()
+    def _base_later(self, updates: list[Mapping[str, torch.Tensor]], version: int, sha: str, resync: bool) -> None:
+        """On the `base` thread: base += U for each update in order, then, when `sha` is given,
+        check params_sha256(base) == sha. A mismatch is logged; with `resync` it also asks the comm
+        thread for the full model (need_full) and counts a resync."""
+        self.wait_base()
 
         def verify() -> None:
             try:
+                with torch.no_grad():
+                    for update in updates:
+                        add_(self.base, update)
+                if not sha:
+                    return
                 ok = params_sha256(self.base) == sha
-            except Exception as exc:  # noqa: BLE001 - a checksum that fails to run is a mismatch
-                log.error("basepoint checksum at version %d failed: %s", version, exc)
+            except Exception as exc:  # noqa: BLE001 - a basepoint that fails to update is a mismatch
+                log.error("basepoint update or checksum at version %d failed: %s", version, exc)
                 ok = False
             if ok:
                 return
@@ -202,8 +230,8 @@ class RoundState:
             else:
                 log.error("full model at version %d does not match its announced checksum", version)
 
-        self._verifying = threading.Thread(target=verify, name="verify", daemon=True)
-        self._verifying.start()
+        self._base_thread = threading.Thread(target=verify, name="base", daemon=True)
+        self._base_thread.start()
 
     # ------------------------------------------------------------------ training bookkeeping
 
@@ -251,7 +279,7 @@ class RoundState:
         """Training thread: a Push of every pending range with its delta params - base (fp32 CPU,
         one model copy, taken now: the next step changes params). Not encoded yet (`encode_push`)."""
         with torch.no_grad():
-            self.wait_verified()  # base is final for base_version
+            self.wait_base()  # base is final for base_version
             delta = {n: p.detach().to("cpu", torch.float32) - self.base[n] for n, p in self.params.items()}
         ranges = [pb.TokenRange(unit_id=p.unit_id, shard=p.shard, start=p.start, end=p.end, epoch=p.epoch)
                   for p in self.pending]
@@ -353,24 +381,26 @@ class RoundState:
                 self.need_full.set()
             self.resolve(push, merged=False)
         elif kind == "updates":
-            self.wait_verified()
-            checked = None  # (version, sha) of the newest update that names its checksum
+            # apply_update split in two: params here (before the next step), base on the base
+            # thread with the checksum of the version it ends at (a mismatch resyncs in full)
+            self.wait_base()
+            last_sha = ""
             with torch.no_grad():
                 for version, tensors, sha, own, counted_own in msg[1]:
                     decoded = None
                     if own is not None and own is self.inflight:  # a count merge took our signs at its scale
                         decoded = counted_own if counted_own is not None else own.decoded
-                    apply_update(self.params, self.base, tensors, decoded)
+                    add_update_to_params(self.params, tensors, decoded)
                     if decoded is not None:
                         self.resolve(own, merged=True)
                     self.base_version = version
-                    checked = (version, sha) if sha else None
-            if checked is not None:  # the basepoint it ends at; a mismatch resyncs in full
-                self._verify_later(*checked, resync=True)
+                    last_sha = sha
+            if msg[1]:
+                self._base_later([u[1] for u in msg[1]], self.base_version, last_sha, resync=True)
             self.after_rebase()
         elif kind == "full":
             _, version, full, sha, own, lost = msg
-            self.wait_verified()
+            self.wait_base()
             decoded = own.decoded if own is not None and own is self.inflight else None
             with torch.no_grad():
                 rebase_full(self.params, self.base, full, decoded)
@@ -380,7 +410,7 @@ class RoundState:
                 self.resolve(self.inflight, merged=False)
             self.base_version = version
             if sha:
-                self._verify_later(version, sha, resync=False)
+                self._base_later([], version, sha, resync=False)
             self.after_rebase()
         elif kind == "rejoined":
             reply = msg[1]
@@ -393,7 +423,7 @@ class RoundState:
 
     def reset_to_base(self) -> None:
         """Local progress dropped: params = base."""
-        self.wait_verified()
+        self.wait_base()
         with torch.no_grad():
             for n, t in self.params.items():
                 t.copy_(self.base[n].to(t.device, t.dtype))
@@ -415,7 +445,7 @@ class RoundState:
         self.on_params_changed()
 
     def after_rebase(self) -> None:
-        if not all_finite(self.params):
+        if not all_finite_exact(self.params):
             log.error("local weights are not finite: dropping local progress, restarting from the global model")
             self.reset_to_base()
             self.on_reset()
