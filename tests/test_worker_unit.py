@@ -504,3 +504,46 @@ def test_all_finite_exact_finds_every_non_finite_value_and_no_other():
     pair = torch.zeros(4)
     pair[0], pair[1] = float("inf"), -float("inf")
     assert not all_finite_exact({"a": pair})
+
+
+# --------------------------------------------------------------------------- batch prefetch
+
+
+def _shard_cache(tmp_path, tokens: int = 1000, block: int = 8):
+    import numpy as np
+
+    from geotrain.common.shards import Manifest, ShardInfo, write_shard
+    from geotrain.worker.shards import ShardCache
+
+    data = np.arange(tokens, dtype=np.uint16) % 251
+    sha = write_shard(tmp_path / "s0.bin", data, "uint16")
+    manifest = Manifest(1, {"kind": "byte"}, 256, "uint16", [ShardInfo("s0.bin", "train", tokens, sha)])
+    # the shard is in the cache directory already: no client is needed to read it
+    return ShardCache(None, manifest, tmp_path, block, 7, lambda s: True)
+
+
+def test_prefetched_lease_batches_are_the_batches_of_the_lease_in_order(tmp_path):
+    """LeaseBatches gives what lease_batch gives at every position, the short last batch
+    included, and starts again when the lease's position moves another way (a sync step)."""
+    from geotrain.worker.shards import Lease, LeaseBatches
+
+    shards, T, bs = _shard_cache(tmp_path), 8, 3
+    batches = LeaseBatches(shards, torch.device("cpu"))
+    try:
+        for skip_at in (None, 2):
+            lease, ref = Lease(1, "s0.bin", 16, 16 + 10 * T + 5, 0, pos=16), Lease(1, "s0.bin", 16, 16 + 10 * T + 5, 0, pos=16)
+            seen, i = [], 0
+            while not shards.range_done(lease):
+                if i == skip_at:  # two sequences trained elsewhere
+                    lease.pos += 2 * T
+                    ref.pos += 2 * T
+                x, y, n = batches.next(lease, bs)
+                rx, ry, rn = shards.lease_batch(ref, bs)
+                assert n == rn and torch.equal(x, rx) and torch.equal(y, ry)
+                lease.pos += n * T
+                ref.pos += rn * T
+                seen.append(n)
+                i += 1
+            assert sum(seen) == (10 if skip_at is None else 8) and seen[-1] < bs
+    finally:
+        batches.close()

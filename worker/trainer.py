@@ -100,11 +100,14 @@ class LocalTrainer:
                 t.copy_(weights[name].to(t.device, t.dtype))
 
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[float, float]:
-        """One inner step on the batch x, y (CPU int64 (B, T)) at run-wide step `step` (the lr
-        schedule's); returns (loss, seconds of compute)."""
+        """One inner step on the batch x, y (int64 (B, T), on the CPU or already on the device:
+        worker/shards.py LeaseBatches) at run-wide step `step` (the lr schedule's); returns (loss,
+        seconds of compute)."""
         from geotrain.common.train import lr_at
 
-        if self.device.type == "cuda":
+        if x.device.type == self.device.type:
+            pass
+        elif self.device.type == "cuda":
             x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         elif self.device.type != "cpu":
             x, y = x.to(self.device), y.to(self.device)
