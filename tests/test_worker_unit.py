@@ -406,3 +406,144 @@ def test_each_worker_draws_its_own_dropout_masks(device):
     a, b = _dropout_mask("worker-a", device), _dropout_mask("worker-b", device)
     assert not torch.equal(a, b)
     assert torch.equal(a, _dropout_mask("worker-a", device))  # a worker's own stream is reproducible
+
+
+# --------------------------------------------------------------------------- off the training thread
+
+
+def _round_state_of(params, base):
+    from geotrain.worker.metrics import StatsBook
+    from geotrain.worker.rebase import PendingRange, RoundState
+
+    state = RoundState(params, base, 1, "run", StatsBook(), threading.Event())
+    state.pending = [PendingRange(0, "s", 0, 64, 0, 2, 3.0, 0)]
+    return state
+
+
+def test_a_push_encodes_the_delta_of_its_snapshot_not_the_later_weights():
+    """snapshot_push takes params - base on the training thread; encode_push (the comm thread)
+    encodes that snapshot even though training moved the weights on meanwhile."""
+    from geotrain.common.compression import encode_tensors
+    from geotrain.common.config import CompressionConfig
+
+    base = _tensors(0)
+    params = {n: t + 0.01 * _tensors(1)[n] for n, t in base.items()}
+    state = _round_state_of(params, _clone(base))
+    push = state.snapshot_push(0)
+    assert push.decoded is None and push.header.steps == 2 and push.header.push_id == push.push_id
+    expected_delta = {n: params[n] - base[n] for n in base}
+    for t in params.values():  # the next step, before the comm thread encodes
+        t.add_(1.0)
+    c = CompressionConfig(scheme="sign")
+    blob = state.encode_push(push, c, None)
+    want_blob, want = encode_tensors(expected_delta, "sign", c.chunk, feedback=None, zstd_level=c.zstd_level)
+    assert blob == want_blob
+    assert push.delta is None
+    for n in base:
+        assert torch.equal(push.decoded[n], want[n].float())
+    with pytest.raises(ValueError, match="no delta"):
+        state.encode_push(push, c, None)
+
+
+def test_the_comm_thread_never_encodes_or_sends_a_push_dropped_before_it_went_out():
+    """A rejoin (drop_unmerged) can resolve a sealed push before the comm thread reaches it: it is
+    not encoded, not held, not sent (the client is never called)."""
+    import queue as queue_
+
+    from geotrain.worker.comm import CommThread
+    from geotrain.worker.rebase import Push
+
+    class _NoDownlink:
+        def hold(self, push_id, blob):
+            raise AssertionError("a dropped push was held")
+
+    comm = CommThread(None, _NoDownlink(), queue_.Queue(), threading.Event(), threading.Event(), 1, 0, 2, 1.0)
+    push = Push("p", 1, None, n_ranges=1, steps=1, tokens=64, loss_sum=1.0)
+    push.resolved = True
+    called = []
+    comm._push(["push", push, lambda: called.append(1) or b"", None])
+    assert called == [] and comm.inbox.empty()
+
+
+def test_the_rebase_updates_params_now_and_the_basepoint_on_the_base_thread():
+    """handle("updates"): params += U - own on return; base += U and its checksum follow on the
+    base thread, and whatever reads base next (a push's snapshot) sees base + U. A checksum that
+    does not match asks for the full model and counts a resync."""
+    from geotrain.common.tensors import params_sha256
+
+    for good in (True, False):
+        base = _tensors(0)
+        params = {n: t + 0.5 for n, t in base.items()}
+        update = _tensors(2)
+        state = _round_state_of(params, _clone(base))
+        want_params = {n: params[n] + update[n] for n in base}
+        want_base = {n: base[n] + update[n] for n in base}
+        sha = params_sha256(want_base) if good else "0" * 64
+        state.handle(("updates", [(2, update, sha, None, None)]))
+        assert state.base_version == 2
+        for n in base:
+            assert torch.equal(params[n], want_params[n])
+        push = state.snapshot_push(0)  # waits for the base thread: the delta is against base + U
+        for n in base:
+            assert torch.equal(push.delta[n], want_params[n] - want_base[n])
+            assert torch.equal(state.base[n], want_base[n])
+        assert state.need_full.is_set() is (not good)
+        assert state.stats.snapshot().resyncs == (0 if good else 1)
+
+
+def test_all_finite_exact_finds_every_non_finite_value_and_no_other():
+    from geotrain.worker.rebase import all_finite_exact
+
+    assert all_finite_exact({})
+    big = torch.full((64,), 3e38)  # finite; its float32 sum would overflow
+    assert all_finite_exact({"a": big, "b": torch.zeros(3)})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.zeros(5)
+        t[2] = bad
+        assert not all_finite_exact({"a": torch.zeros(3), "b": t})
+    pair = torch.zeros(4)
+    pair[0], pair[1] = float("inf"), -float("inf")
+    assert not all_finite_exact({"a": pair})
+
+
+# --------------------------------------------------------------------------- batch prefetch
+
+
+def _shard_cache(tmp_path, tokens: int = 1000, block: int = 8):
+    import numpy as np
+
+    from geotrain.common.shards import Manifest, ShardInfo, write_shard
+    from geotrain.worker.shards import ShardCache
+
+    data = np.arange(tokens, dtype=np.uint16) % 251
+    sha = write_shard(tmp_path / "s0.bin", data, "uint16")
+    manifest = Manifest(1, {"kind": "byte"}, 256, "uint16", [ShardInfo("s0.bin", "train", tokens, sha)])
+    # the shard is in the cache directory already: no client is needed to read it
+    return ShardCache(None, manifest, tmp_path, block, 7, lambda s: True)
+
+
+def test_prefetched_lease_batches_are_the_batches_of_the_lease_in_order(tmp_path):
+    """LeaseBatches gives what lease_batch gives at every position, the short last batch
+    included, and starts again when the lease's position moves another way (a sync step)."""
+    from geotrain.worker.shards import Lease, LeaseBatches
+
+    shards, T, bs = _shard_cache(tmp_path), 8, 3
+    batches = LeaseBatches(shards, torch.device("cpu"))
+    try:
+        for skip_at in (None, 2):
+            lease, ref = Lease(1, "s0.bin", 16, 16 + 10 * T + 5, 0, pos=16), Lease(1, "s0.bin", 16, 16 + 10 * T + 5, 0, pos=16)
+            seen, i = [], 0
+            while not shards.range_done(lease):
+                if i == skip_at:  # two sequences trained elsewhere
+                    lease.pos += 2 * T
+                    ref.pos += 2 * T
+                x, y, n = batches.next(lease, bs)
+                rx, ry, rn = shards.lease_batch(ref, bs)
+                assert n == rn and torch.equal(x, rx) and torch.equal(y, ry)
+                lease.pos += n * T
+                ref.pos += rn * T
+                seen.append(n)
+                i += 1
+            assert sum(seen) == (10 if skip_at is None else 8) and seen[-1] < bs
+    finally:
+        batches.close()

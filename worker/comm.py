@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from typing import Callable
 
 import grpc
 
@@ -54,8 +55,11 @@ class CommThread:
         self._thread = threading.Thread(target=self._loop, name="comm", daemon=True)
         self._thread.start()
 
-    def submit_push(self, push: Push, header: pb.DeltaHeader, blob: bytes) -> None:
-        self._jobs.put(["push", push, header, blob])
+    def submit_push(self, push: Push, encode: Callable[[], bytes]) -> None:
+        """Send `push` (sealed on the training thread, `push.header` set): this thread first calls
+        `encode()` (worker/rebase.py RoundState.encode_push: compression off the training thread),
+        which sets `push.decoded` before anything can be merged, then holds the payload (Downlink)."""
+        self._jobs.put(["push", push, encode, None])
 
     def _loop(self) -> None:
         while not self.abort.is_set():
@@ -83,10 +87,18 @@ class CommThread:
                 time.sleep(1.0)
 
     def _push(self, job: list) -> None:
-        """job: ["push", push, header, blob]; the payload is let go once sent (the long poll for
-        its merge holds no copy of it)."""
-        push, header, blob = job[1], job[2], job[3]
-        job[2] = job[3] = None
+        """job: ["push", push, encode, None]; the payload is let go once sent (the long poll for
+        its merge holds no copy of it). A push the training thread dropped before it was encoded
+        (resolved: a rejoin) is not sent."""
+        push, encode = job[1], job[2]
+        job[2] = None
+        if push.resolved:
+            return
+        blob = encode()
+        header = push.header
+        if push.resolved:
+            return
+        self.downlink.hold(push.push_id, blob)
         try:
             reply = self.client.push_delta(header, blob, session_epoch=push.session)
         except SessionRenewed as exc:

@@ -283,15 +283,8 @@ class GroupWorkerRunner(RunnerHooks):
         from geotrain.worker.sync import SyncGroupTrainer
 
         r = self.runner
-        settings = sync_trainer_settings(r.run_cfg)
-        check_every = settings["check_every"]
-        trainer = SyncGroupTrainer(r.trainer.model, g.ar, device=r.device, **settings)
-        if r.trainer.optimizer.state:
-            try:
-                trainer.optimizer.load_state_dict(r.trainer.optimizer.state_dict())
-            except (ValueError, KeyError) as exc:
-                log.warning("sync group %s: could not carry the AdamW state over (%s)", g.group_id, exc)
-        _ensure_adam_state(trainer.optimizer)
+        check_every = sync_trainer_settings(r.run_cfg)["check_every"]
+        trainer = member_trainer(r.trainer, r.run_cfg, g.ar, g.group_id)
         trainer.step_count = r.step_offset + r.rounds.local_step
         g.trainer = trainer
         log.info("sync group %s: all %d members serve it: training synchronously (rank %d, checksum round every %d steps)",
@@ -390,6 +383,7 @@ class GroupWorkerRunner(RunnerHooks):
                 r.trainer.optimizer.load_state_dict(g.trainer.optimizer.state_dict())
             except (ValueError, KeyError) as exc:
                 log.warning("could not carry the sync group's AdamW state back (%s)", exc)
+            _set_checkpointing(r.trainer.model, r.trainer.train_step.plan.checkpointing)  # the worker's own plan
         if g.rank > 0 and not (r.finishing() or r.abort.is_set()):
             try:  # tell the coordinator now, before async pushes that it would refuse from a rank > 0
                 self.on_heartbeat_reply(self._send_heartbeat(patience=3.0))
@@ -529,6 +523,45 @@ class GroupWorkerRunner(RunnerHooks):
                 log.info("sync group %s rank %d: checksum round at step %d: parameters identical to rank 0 "
                          "(%d checks, %d repairs)", g.group_id, g.rank, m.step, self.group_checks, self.group_repairs)
         return m.loss
+
+
+def member_trainer(local, run: RunConfig, ar, group_id: str = ""):
+    """The SyncGroupTrainer of this member around the worker's model (worker/trainer.py
+    LocalTrainer `local`, on its device), on the all-reduce `ar`; called when every member serves
+    the group.
+
+    Device memory: the member's AdamW keeps fp32 state on the device, so it steps by the memory
+    plan for that state (`LocalTrainer.plan_with_state("fp32")`: the worker's own plan when it
+    is the same, else the plan with train.micro_batch and train.activation_checkpointing of the
+    run), logged here. The worker's AdamW state moves over to it and is let go on the worker's
+    optimizer meanwhile (the group's goes back when the member leaves), so the device holds one
+    optimizer state, not two."""
+    from geotrain.worker.sync import SyncGroupTrainer
+
+    plan = local.plan_with_state("fp32")
+    micro, ckpt = plan.micro_batch, plan.checkpointing
+    if not plan.fits:
+        micro, ckpt = run.train.micro_batch or 1, True
+        log.warning("sync group %s: the memory plan says fp32 AdamW state does not fit on %s (%s); stepping "
+                    "micro-batch %d with activation checkpointing", group_id, local.device, plan.reason, micro)
+    log.info("%s", plan.table(f"sync group {group_id}: memory plan on {local.device} (fp32 AdamW state), "
+                              f"micro-batch {micro or local.batch_size} of {local.batch_size}:"))
+    trainer = SyncGroupTrainer(local.model, ar, device=local.device, **sync_trainer_settings(run))
+    trainer.micro_batch = micro
+    _set_checkpointing(local.model, ckpt)
+    if local.optimizer.state:
+        try:
+            trainer.optimizer.load_state_dict(local.optimizer.state_dict())
+        except (ValueError, KeyError) as exc:
+            log.warning("sync group %s: could not carry the AdamW state over (%s)", group_id, exc)
+        local.optimizer.state.clear()
+    _ensure_adam_state(trainer.optimizer)
+    return trainer
+
+
+def _set_checkpointing(model, on: bool) -> None:
+    if hasattr(model, "activation_checkpointing"):
+        model.activation_checkpointing = on
 
 
 def _ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:

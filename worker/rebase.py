@@ -24,8 +24,16 @@ is treated the same way.
 
 Host memory: `base` (fp32, CPU) and the in-flight push's decoded delta are the two model copies
 this state holds besides the device weights; a push is built one tensor at a time where it can be
-(`make_push`). `RoundState` belongs to the training thread; the comm thread only reads a Push's
-`decoded` and sets its `accepted_version` / `resolved`.
+(`make_push`). `RoundState` belongs to the training thread; the comm thread encodes a sealed
+Push (`encode_push`: its `delta` becomes `decoded`, before the push goes out), reads its `decoded`
+and sets its `accepted_version` / `resolved`.
+
+What stays on the training thread is what must happen between two optimizer steps: the delta
+snapshot of a push (`snapshot_push`: params - base, one subtraction per tensor) and the rebase's
+additions to params. The push's encoding runs on the comm thread; the rebase's additions to base
+(base += U) and the basepoint's checksum at the version they reach run on the `base` thread (one
+job at a time), and everything on the training thread that reads or changes `base` waits for the
+job first (`wait_base`); it has usually finished steps before.
 """
 
 from __future__ import annotations
@@ -35,14 +43,15 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import grpc
 import torch
 
 from geotrain.common.config import CompressionConfig, RoundConfig
-from geotrain.common.tensors import add_, all_finite, params_sha256
+from geotrain.common.tensors import add_, params_sha256
 from geotrain.protos import geotrain_pb2 as pb
 from geotrain.worker.metrics import StatsBook
 
@@ -61,12 +70,34 @@ def apply_update(
     """One merged update U, in place: base += U; params += U; params -= own_decoded (when U
     contains our push). Keeps params - base = local progress not yet in the global model."""
     add_(base, update)
+    add_update_to_params(params, update, own_decoded)
+
+
+def add_update_to_params(
+    params: Mapping[str, torch.Tensor],
+    update: Mapping[str, torch.Tensor],
+    own_decoded: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """The params half of `apply_update`: params += U, or params += (U - own_decoded) as one
+    addition (exact when the update is our own delta alone). RoundState does the base half
+    (base += U) on its `base` thread."""
     if own_decoded is None:
         add_(params, update)
-    else:  # one addition of (U - own): exact when the update is our own delta alone
+    else:
         for n, u in update.items():
             p = params[n]
             p.add_((u.to(torch.float32) - own_decoded[n].to(u.device, torch.float32)).to(p.device, p.dtype))
+
+
+def all_finite_exact(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """True iff every value of every tensor is finite: one float64 sum per tensor (a NaN or an
+    infinity makes it non-finite; a sum of finite float32 values cannot overflow float64) and one
+    host sync for all of them. Cheaper than isfinite(t).all(), which writes a bool per value."""
+    sums = [t.detach().sum(dtype=torch.float64) for t in tensors.values()]
+    if not sums:
+        return True
+    device = sums[0].device
+    return bool(torch.isfinite(torch.stack([s.to(device) for s in sums])).all())
 
 
 def rebase_full(
@@ -101,7 +132,7 @@ def full_contains_push(version: int, base_version: int, push_id: str, merged_pus
 class Push:
     push_id: str
     base_version: int
-    decoded: dict[str, torch.Tensor]  # what the coordinator decodes (fp32, CPU)
+    decoded: dict[str, torch.Tensor] | None  # what the coordinator decodes (fp32, CPU); None until encoded
     n_ranges: int
     steps: int
     tokens: int
@@ -110,6 +141,8 @@ class Push:
     resolved: bool = False  # merge seen, STALE, lost or refused
     pushed_at_step: int = 0  # the worker's local_step when the push was made
     session: int = 0  # client.session_epoch it was trained in; never sent under a later one
+    delta: dict[str, torch.Tensor] | None = None  # params - base at the seal (fp32, CPU), until encoded
+    header: pb.DeltaHeader | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -159,6 +192,46 @@ class RoundState:
         self.local_step = 0
         self.round_steps = 0
         self.round_start = time.monotonic()
+        self._base_thread: threading.Thread | None = None  # the base thread's job in progress
+
+    # ------------------------------------------------------------------ the base thread
+
+    def wait_base(self) -> None:
+        """Training thread: wait for the base thread's job (base += U, checksum), if any. Called
+        before `base` is read or changed, so base is at base_version and the checksum hashes the
+        basepoint of the version it verifies."""
+        thread, self._base_thread = self._base_thread, None
+        if thread is not None:
+            thread.join()
+
+    def _base_later(self, updates: list[Mapping[str, torch.Tensor]], version: int, sha: str, resync: bool) -> None:
+        """On the `base` thread: base += U for each update in order, then, when `sha` is given,
+        check params_sha256(base) == sha. A mismatch is logged; with `resync` it also asks the comm
+        thread for the full model (need_full) and counts a resync."""
+        self.wait_base()
+
+        def verify() -> None:
+            try:
+                with torch.no_grad():
+                    for update in updates:
+                        add_(self.base, update)
+                if not sha:
+                    return
+                ok = params_sha256(self.base) == sha
+            except Exception as exc:  # noqa: BLE001 - a basepoint that fails to update is a mismatch
+                log.error("basepoint update or checksum at version %d failed: %s", version, exc)
+                ok = False
+            if ok:
+                return
+            if resync:
+                log.error("basepoint checksum mismatch at version %d: resyncing with the full model", version)
+                self.stats.add(resyncs=1)
+                self.need_full.set()
+            else:
+                log.error("full model at version %d does not match its announced checksum", version)
+
+        self._base_thread = threading.Thread(target=verify, name="base", daemon=True)
+        self._base_thread.start()
 
     # ------------------------------------------------------------------ training bookkeeping
 
@@ -196,32 +269,51 @@ class RoundState:
     # ------------------------------------------------------------------ pushes
 
     def make_push(self, c: CompressionConfig, scheme: str | None, session: int) -> tuple[Push, pb.DeltaHeader, bytes]:
-        """The delta since the basepoint, encoded with `scheme` (default: the run's). The
-        compression error stays in params - base, so the next push carries it (implicit error
-        feedback). Host memory: the delta and its decoded form (2 model copies) while encoding;
-        afterwards the decoded form only (the push in flight)."""
-        from geotrain.common.compression import encode_tensors
+        """The delta since the basepoint, encoded with `scheme` (default: the run's), all on the
+        calling thread: `snapshot_push` then `encode_push`."""
+        push = self.snapshot_push(session)
+        blob = self.encode_push(push, c, scheme)
+        return push, push.header, blob
 
-        delta = {n: p.detach().to("cpu", torch.float32) - self.base[n] for n, p in self.params.items()}
-        scheme = scheme or c.scheme
-        blob, decoded = encode_tensors(delta, scheme, c.chunk, feedback=None, zstd_level=c.zstd_level)
-        decoded = {n: t.detach().float().cpu() for n, t in decoded.items()}
-        residual_sq = 0.0
-        for n, d in delta.items():  # ||delta - decoded||, one tensor at a time
-            residual_sq += float(((d - decoded[n]).double() ** 2).sum())
-        del delta
+    def snapshot_push(self, session: int) -> Push:
+        """Training thread: a Push of every pending range with its delta params - base (fp32 CPU,
+        one model copy, taken now: the next step changes params). Not encoded yet (`encode_push`)."""
+        with torch.no_grad():
+            self.wait_base()  # base is final for base_version
+            delta = {n: p.detach().to("cpu", torch.float32) - self.base[n] for n, p in self.params.items()}
         ranges = [pb.TokenRange(unit_id=p.unit_id, shard=p.shard, start=p.start, end=p.end, epoch=p.epoch)
                   for p in self.pending]
         steps = sum(p.steps for p in self.pending)
         loss_sum = sum(p.loss_sum for p in self.pending)
         tokens = sum(p.end - p.start for p in self.pending)
-        push = Push(uuid.uuid4().hex, self.base_version, decoded, len(self.pending), steps, tokens, loss_sum,
-                    pushed_at_step=self.local_step, session=self.push_session(session))
-        header = pb.DeltaHeader(push_id=push.push_id, base_version=push.base_version, tokens=tokens, steps=steps,
-                                mean_loss=loss_sum / max(1, steps), ranges=ranges)
-        self.stats.set(residual_norm=residual_sq ** 0.5)
+        push = Push(uuid.uuid4().hex, self.base_version, None, len(self.pending), steps, tokens, loss_sum,
+                    pushed_at_step=self.local_step, session=self.push_session(session), delta=delta)
+        push.header = pb.DeltaHeader(push_id=push.push_id, base_version=push.base_version, tokens=tokens, steps=steps,
+                                     mean_loss=loss_sum / max(1, steps), ranges=ranges)
         self.stats.add(pushes=1)
-        return push, header, blob
+        return push
+
+    def encode_push(self, push: Push, c: CompressionConfig, scheme: str | None) -> bytes:
+        """Any thread (the comm thread, before sending): encode the push's delta with `scheme`
+        (default: the run's) and return the payload; `push.decoded` is then what the coordinator
+        decodes and `push.delta` is let go. The compression error stays in params - base, so the
+        next push carries it (implicit error feedback). Host memory: the delta and its decoded
+        form (2 model copies) while encoding; afterwards the decoded form only."""
+        from geotrain.common.compression import encode_tensors
+
+        delta = push.delta
+        if delta is None:
+            raise ValueError(f"push {push.push_id[:8]} has no delta to encode (encoded already?)")
+        blob, decoded = encode_tensors(delta, scheme or c.scheme, c.chunk, feedback=None, zstd_level=c.zstd_level)
+        decoded = {n: t.detach().float().cpu() for n, t in decoded.items()}
+        residual_sq = 0.0
+        for n, d in delta.items():  # ||delta - decoded||, one tensor at a time
+            residual_sq += float(((d - decoded[n]).double() ** 2).sum())
+        push.decoded = decoded
+        push.delta = None
+        del delta
+        self.stats.set(residual_norm=residual_sq ** 0.5)
+        return blob
 
     def seal(self, push: Push) -> None:
         """`push` (of every pending range) goes out now: it is the push in flight."""
@@ -289,23 +381,26 @@ class RoundState:
                 self.need_full.set()
             self.resolve(push, merged=False)
         elif kind == "updates":
+            # apply_update split in two: params here (before the next step), base on the base
+            # thread with the checksum of the version it ends at (a mismatch resyncs in full)
+            self.wait_base()
+            last_sha = ""
             with torch.no_grad():
                 for version, tensors, sha, own, counted_own in msg[1]:
                     decoded = None
                     if own is not None and own is self.inflight:  # a count merge took our signs at its scale
                         decoded = counted_own if counted_own is not None else own.decoded
-                    apply_update(self.params, self.base, tensors, decoded)
+                    add_update_to_params(self.params, tensors, decoded)
                     if decoded is not None:
                         self.resolve(own, merged=True)
                     self.base_version = version
-                    if sha and params_sha256(self.base) != sha:
-                        log.error("basepoint checksum mismatch at version %d: resyncing with the full model", version)
-                        self.stats.add(resyncs=1)
-                        self.need_full.set()
-                        break
+                    last_sha = sha
+            if msg[1]:
+                self._base_later([u[1] for u in msg[1]], self.base_version, last_sha, resync=True)
             self.after_rebase()
         elif kind == "full":
             _, version, full, sha, own, lost = msg
+            self.wait_base()
             decoded = own.decoded if own is not None and own is self.inflight else None
             with torch.no_grad():
                 rebase_full(self.params, self.base, full, decoded)
@@ -314,8 +409,8 @@ class RoundState:
             elif lost and self.inflight is not None:
                 self.resolve(self.inflight, merged=False)
             self.base_version = version
-            if sha and params_sha256(self.base) != sha:
-                log.error("full model at version %d does not match its announced checksum", version)
+            if sha:
+                self._base_later([], version, sha, resync=False)
             self.after_rebase()
         elif kind == "rejoined":
             reply = msg[1]
@@ -328,6 +423,7 @@ class RoundState:
 
     def reset_to_base(self) -> None:
         """Local progress dropped: params = base."""
+        self.wait_base()
         with torch.no_grad():
             for n, t in self.params.items():
                 t.copy_(self.base[n].to(t.device, t.dtype))
@@ -349,7 +445,7 @@ class RoundState:
         self.on_params_changed()
 
     def after_rebase(self) -> None:
-        if not all_finite(self.params):
+        if not all_finite_exact(self.params):
             log.error("local weights are not finite: dropping local progress, restarting from the global model")
             self.reset_to_base()
             self.on_reset()

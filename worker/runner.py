@@ -14,7 +14,9 @@ Threads:
   thread received. It blocks on the network only for the first model, a lease or shard that the
   background prefetch has not delivered yet, and the way out; that time is `wait_seconds`.
 - comm, heartbeat, prefetch pool (the next lease and its shard, so a finished range never idles
-  the GPU), background shard downloads.
+  the GPU), background shard downloads, `base` (worker/rebase.py: the basepoint's additions and
+  checksum after a rebase), batch prefetch on CUDA (worker/shards.py LeaseBatches: the current
+  lease's next batches, on the device before the step asks).
 
 `RunnerHooks` is how a mode adds to the loop without replacing it (the sync group,
 worker/group_runner.py): its methods are called at fixed points, documented on each.
@@ -45,7 +47,7 @@ from geotrain.worker.membership import Heartbeats
 from geotrain.worker.metrics import Stats, StatsBook
 from geotrain.worker.ports import bind_metrics, bind_worker_server
 from geotrain.worker.rebase import NewRun, RoundState
-from geotrain.worker.shards import Lease, ShardCache
+from geotrain.worker.shards import Lease, LeaseBatches, ShardCache
 from geotrain.worker.trainer import LocalTrainer, initial_weights_from_seed
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,10 @@ class WorkerRunner:
         self.downlink: Downlink | None = None
         self.device: torch.device | None = None
         self.next_lease: Future | None = None  # the prefetched lease after the current one
+        # The current lease's next batches made on a background thread (worker/shards.py
+        # LeaseBatches); None: on CUDA without a host group (whose devices take CPU batches).
+        self.prefetch_batches: bool | None = None
+        self.batches = None
         self.train_start = time.monotonic()
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -349,6 +355,10 @@ class WorkerRunner:
         self.train_start = time.monotonic()
         self.heartbeats.train_start = self.train_start
         rounds, shards = self.rounds, self.shards
+        prefetch = self.prefetch_batches
+        if prefetch is None:
+            prefetch = self.device.type == "cuda" and self.host is None
+        self.batches = LeaseBatches(shards, self.device) if prefetch else None
         lease: Lease | None = None
         self.next_lease = bg.submit(shards.lease_and_fetch)  # the lease after the current one
         reason = "stopped"
@@ -406,6 +416,8 @@ class WorkerRunner:
                 if rounds.round_over(self.run_cfg.round) and rounds.inflight is None:
                     self.start_push()
         finally:
+            if self.batches is not None:
+                self.batches.close()
             self._summary(bar)  # the last figures, also when the loop ended between summaries
             bar.close()
         self.state = "finishing"
@@ -424,7 +436,10 @@ class WorkerRunner:
     def train_step(self, lease: Lease) -> None:
         """One local step on the lease's next batch, and its bookkeeping."""
         T = self.model_cfg.block_size
-        x, y, n = self.shards.lease_batch(lease, self.batch_size)
+        if self.batches is not None and self.host is None:
+            x, y, n = self.batches.next(lease, self.batch_size)
+        else:
+            x, y, n = self.shards.lease_batch(lease, self.batch_size)
         rounds = self.rounds
         if self.host is not None:  # the host's devices train on shares of the batch (worker/host_group.py)
             from geotrain.common.train import lr_at
@@ -452,14 +467,15 @@ class WorkerRunner:
             self.metrics.step_seconds.observe(seconds)
 
     def start_push(self, scheme: str | None = None) -> None:
-        """Seal the pending ranges into a push and hand it to the comm thread."""
+        """Seal the pending ranges into a push (the delta snapshot, on this thread) and hand it to
+        the comm thread, which encodes it with `scheme` (default: the run's) and sends it."""
         rounds = self.rounds
         if not rounds.pending:
             return
-        push, header, blob = rounds.make_push(self.run_cfg.compression, scheme, self.client.session_epoch)
-        self.downlink.hold(push.push_id, blob)
+        push = rounds.snapshot_push(self.client.session_epoch)  # the delta, now; encoded by the comm thread
         rounds.seal(push)
-        self.comm.submit_push(push, header, blob)
+        c = self.run_cfg.compression
+        self.comm.submit_push(push, lambda: rounds.encode_push(push, c, scheme))
 
     def _wait_for_merge(self) -> None:
         """Hold training until the push in flight is resolved (merged, stale, lost) or the worker

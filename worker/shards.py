@@ -15,6 +15,8 @@ Threads: `lease_and_fetch` runs in the prefetch pool, background downloads in th
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import threading
@@ -210,12 +212,14 @@ class ShardCache:
     def _sequence_order(self, shard: str, epoch: int) -> np.ndarray:
         """The shard's visiting order in `epoch` (common/order.py::sequence_order), cached."""
         key = (shard, epoch)
-        if self._order_cache.get("key") != key:
-            self._order_cache = {
+        cache = self._order_cache  # read once: the batch prefetch thread may swap it meanwhile
+        if cache.get("key") != key:
+            cache = {
                 "key": key,
                 "order": sequence_order(shard, len(self._shards[shard]), self.block_size, self.seed, epoch),
             }
-        return self._order_cache["order"]
+            self._order_cache = cache
+        return cache["order"]
 
     def slots_batch(self, shard: str, epoch: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences lo .. hi-1 of the shard's visiting order in `epoch` as CPU int64 tensors
@@ -239,3 +243,53 @@ class ShardCache:
         n = min(batch_size, (self.usable_end(lease) - lease.pos) // T)
         x, y = self.slots_batch(lease.shard, lease.epoch, lease.pos // T, lease.pos // T + n)
         return x, y, n
+
+
+class _EndOfLease(Exception):
+    """The prefetch thread reached the end of the lease's usable range (never consumed: the
+    training loop checks `range_done` before it asks for a batch)."""
+
+
+class LeaseBatches:
+    """The async worker's batches of its current lease, prepared ahead on a background thread by
+    common/step.py's Prefetcher (on CUDA pinned and copied to the device on a side stream, so the
+    step finds its batch on the device).
+
+    `next(lease, batch_size)` (training thread) returns exactly what
+    `ShardCache.lease_batch(lease, batch_size)` returns at `lease.pos`: (x, y) of (n, T) and n. The
+    caller advances lease.pos by n * T as before, so the range bookkeeping stays on the training
+    thread. The prefetch follows one lease from one position; another lease, another position (a
+    sync-group step that trained a planned slice of the lease) or another batch size starts it
+    again from there."""
+
+    def __init__(self, shards: ShardCache, device, depth: int = 2):
+        self.shards, self.device, self.depth = shards, device, depth
+        self._prefetch = None
+        self._lease: Lease | None = None  # the lease the prefetch serves,
+        self._key: tuple | None = None  # from (position, batch size)
+
+    def next(self, lease: Lease, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        from geotrain.common.step import Prefetcher
+
+        T = self.shards.block_size
+        if self._prefetch is None or self._lease is not lease or self._key != (lease.pos, batch_size):
+            self.close()
+            start, shards, probe = lease.pos, self.shards, dataclasses.replace(lease)
+
+            def make(i: int) -> tuple[torch.Tensor, torch.Tensor]:  # batch i after `start`
+                probe.pos = start + i * batch_size * T  # only the last batch of a lease is short
+                if shards.range_done(probe):
+                    raise _EndOfLease()
+                x, y, _ = shards.lease_batch(probe, batch_size)
+                return x, y
+
+            self._prefetch, self._lease = Prefetcher(make, self.device, depth=self.depth), lease
+        x, y = next(self._prefetch)
+        n = x.size(0)
+        self._key = (lease.pos + n * T, batch_size)
+        return x, y, n
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+        self._prefetch, self._lease, self._key = None, None, None

@@ -146,6 +146,7 @@ class SyncStepMetrics:
     checked: bool              # a checksum round ran after this step
     repaired: bool             # ... and this member's state was replaced by rank 0's (not at entry)
     next_batch: object = None  # rank 0's peer_pb2.BatchPlan for the next step, if it sent one
+    micro_batches: int = 1     # forward/backward passes of this member's batch (`micro_batch`)
 
 
 class VarianceProbe:
@@ -290,7 +291,8 @@ class SyncGroupTrainer:
         self.grad_clip, self.check_every = grad_clip, check_every
         self.lr_fn, self.on_metrics = lr_fn, on_metrics
         self.step_count = 0     # optimizer steps of this model (travels with a repair)
-        self.micro_batch = 0    # sequences per forward/backward of a step (0: the whole batch)
+        self.micro_batch = 0    # sequences per forward/backward of a step (0: the whole batch); the
+        # worker sets it from its memory plan (worker/group_runner.py member_trainer)
         self._next_batch = None  # rank 0's BatchPlan riding on the current step's all-reduce
         self.repairs = 0        # times this member's state was replaced by rank 0's after entry
         self.joins = 0          # entry checks that gave this member rank 0's state
@@ -389,6 +391,7 @@ class SyncGroupTrainer:
             allreduce_seconds=ar.last.seconds, allreduce_bytes_sent=ar.last.bytes_sent + self._probe_bytes[0],
             allreduce_bytes_received=ar.last.bytes_received + self._probe_bytes[1], group_size=self.group_size,
             residual_norm=self.ar.residual_norm(), checked=checked, repaired=repaired, next_batch=ar.last_plan,
+            micro_batches=-(-x.size(0) // (self.micro_batch if 0 < self.micro_batch < x.size(0) else x.size(0))),
         )
         if self.on_metrics is not None:
             self.on_metrics(metrics)

@@ -65,15 +65,33 @@ class LocalTrainer:
         from geotrain.common.step import TrainStep
 
         self.run_cfg = run_cfg
+        self.model_cfg = model_cfg
         self.device = device
+        self.batch_size = batch_size or run_cfg.train.batch_size  # sequences per step on this device
         torch.manual_seed(worker_seed(run_cfg.train.seed, worker_id))
         self.model = GPT(model_cfg).to(device)
         # common/step.py: micro-batches of the memory plan, activation checkpointing, optimizer state
         self.train_step = TrainStep.for_run(self.model, model_cfg, run_cfg.optim, run_cfg.train, device,
-                                            batch_size or run_cfg.train.batch_size)
+                                            self.batch_size)
         self.optimizer = self.train_step.optimizer
         log.info("%s", self.train_step.plan.table(f"memory plan on {device}:"))
         self.params = model_tensors(self.model)
+
+    def plan_with_state(self, optimizer_state: str):
+        """The memory plan (common/memplan.py MemoryPlan) of a step of this model and batch on this
+        device whose optimizer keeps `optimizer_state` (fp32 | 8bit | offload): this trainer's own
+        plan when its optimizer keeps that state (its micro-batch probed on CUDA), else
+        common/step.py's plan for it, from the same run settings (train.micro_batch,
+        train.activation_checkpointing). The sync member (fp32 AdamW on the device) steps by it."""
+        from dataclasses import replace
+
+        from geotrain.common.step import plan_for_device
+
+        own = self.train_step.plan
+        if own is not None and own.optimizer_state == optimizer_state:
+            return own
+        train = replace(self.run_cfg.train, optimizer_state=optimizer_state)
+        return plan_for_device(self.model_cfg, train, self.device, self.batch_size)
 
     def load(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy `weights` (any device, any float dtype) into the model."""
@@ -82,11 +100,14 @@ class LocalTrainer:
                 t.copy_(weights[name].to(t.device, t.dtype))
 
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[float, float]:
-        """One inner step on the batch x, y (CPU int64 (B, T)) at run-wide step `step` (the lr
-        schedule's); returns (loss, seconds of compute)."""
+        """One inner step on the batch x, y (int64 (B, T), on the CPU or already on the device:
+        worker/shards.py LeaseBatches) at run-wide step `step` (the lr schedule's); returns (loss,
+        seconds of compute)."""
         from geotrain.common.train import lr_at
 
-        if self.device.type == "cuda":
+        if x.device.type == self.device.type:
+            pass
+        elif self.device.type == "cuda":
             x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         elif self.device.type != "cpu":
             x, y = x.to(self.device), y.to(self.device)
