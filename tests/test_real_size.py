@@ -1,0 +1,167 @@
+"""An async run at the GPT-2 small shape (124M parameters) on CPU, with real processes.
+
+The model is the `gpt2` preset (12 layers, 12 heads, 768 wide) over a byte-tokenized corpus whose
+vocabulary is padded to GPT-2's 50257 ids, so the tied embedding has GPT-2's size: 123.7M
+parameters with a 64-token context (GPT-2's 1024 positions would add 0.74M). Workers train batches
+of 1 x 64 tokens, 2 steps a round, and push 1-bit (sign) deltas; merges are async, the outer
+optimizer is the default Nesterov (the coordinator and every worker hold its momentum), and the
+coordinator checkpoints every 3 versions.
+
+The run: a first worker rebuilds version 1 from the seed; a late one joins at version >= 4, when
+the coordinator keeps too few updates to catch it up, so it downloads the global model (fp32
+weights and outer momentum, ~990 MB); once its delta has merged, the coordinator is SIGKILLed,
+restarted from its newest checkpoint (the merges after it are lost with the crash), the same
+worker processes rejoin, download the restored model and train to the token budget: the ranges
+of the lost merges are trained again, every token of the budget is merged exactly once.
+
+While it runs, every process's peak resident set (VmHWM) is sampled and printed as a table,
+relative to the fp32 weights (4 bytes x parameters), and written to memory.json beside the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from geotrain.common.checkpoint import list_checkpoints
+from geotrain.common.data import prepare
+from procs import Cluster, MemoryWatch, checkpoint_state, english_like_text, joins, merges
+
+GPT2_VOCAB = 50257
+BLOCK = 64
+ROUND_STEPS = 2
+ROUND_TOKENS = ROUND_STEPS * BLOCK  # batch 1
+UNIT = 4 * ROUND_TOKENS  # tokens per lease
+# A worker trains on while its push merges, so under load a delta carries ~8 steps (512 tokens) and
+# the first worker alone merges ~2500 tokens before the late one's first delta: the budget leaves
+# room for that and for several merges after the restart.
+BUDGET = 20 * UNIT  # 5120 tokens
+PARAMS = 123_702_528  # gpt2 preset, vocab 50257, block 64 (tied embedding counted once)
+FP32_BYTES = 4 * PARAMS
+MB = 1e6
+
+REAL_SIZE_CONFIG = {
+    "model": {"preset": "gpt2", "block_size": BLOCK},
+    "optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_iters": 5},
+    "train": {"batch_size": 1, "max_iters": 1000, "seed": 1337},
+    "round": {"steps": ROUND_STEPS},
+    "merge": {"policy": "async"},
+    "outer": {"kind": "nesterov", "lr": 0.8, "momentum": 0.8},
+    "compression": {"scheme": "sign"},
+    "plan": {"unit_tokens": UNIT, "max_tokens": BUDGET},
+    "eval": {"iters": 1, "every_versions": 1000, "batch_size": 1},
+    "checkpoint": {"every_versions": 3, "every_seconds": 3600.0, "keep": 2},
+    # A step takes seconds on a shared core: leases long enough that load never drops a worker.
+    # One update kept for catching up (at least two per live worker are): a worker that joins at
+    # version >= 4 cannot rebuild it from the seed plus updates and downloads the model.
+    "workers": {"heartbeat_seconds": 1.0, "lease_seconds": 120.0, "history_versions": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def gpt2_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "corpus.txt").write_text(english_like_text(120_000, seed=3))
+    prepare([root / "corpus.txt"], root / "tokens", vocab_size=GPT2_VOCAB, progress=False, workers=1)
+    return root / "tokens"
+
+
+def worker_row(status: dict, name: str) -> dict | None:
+    return next((w for w in status["worker_list"] if w["name"] == name), None)
+
+
+def newest_checkpoint_version(run_dir) -> int:
+    """Version of the newest checkpoint directory that has been committed (`latest` names it)."""
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.exists():
+        return 0
+    name = latest.read_text().strip()
+    return max((step for step, p in list_checkpoints(run_dir / "checkpoints") if p.name == name), default=0)
+
+
+@pytest.mark.slow  # 10-15 minutes on 2 cores shared with other work (load average ~16)
+@pytest.mark.timeout(3000)
+def test_gpt2_size_async_run_survives_a_coordinator_kill(gpt2_data, tmp_path):
+    with Cluster(tmp_path, gpt2_data, REAL_SIZE_CONFIG) as c, MemoryWatch(c) as mem:
+        coord = c.start_coordinator()
+        early = c.start_worker("early")
+
+        # 1. the first worker rebuilds version 1 from the seed and merges alone for 3 versions
+        s = c.wait_status(lambda s: s["model_version"] >= 4, 600, "version 4 from the first worker",
+                          fail_if_dead=[coord, early])
+        assert s["params"] == PARAMS, s["params"]
+        assert "initial model rebuilt from the seed (checksum verified)" in early.log(), early.tail()
+
+        # 2. a late joiner: the updates since version 1 are no longer kept, so it downloads the model
+        late = c.start_worker("late")
+        s = c.wait_status(lambda s: (r := worker_row(s, "late")) is not None and r["merged_tokens"] > 0,
+                          900, "a merged delta from the late worker", fail_if_dead=[coord, early, late])
+        late_join = [v for name, _, v in joins(coord.log()) if name == "late"]
+        assert late_join and late_join[0] >= 4, late_join
+        assert "initial model rebuilt" not in late.log(), late.tail()
+        row = worker_row(s, "late")
+        # the fp32 weights and the outer momentum arrived whole (then updates)
+        assert row["stats"]["received_bytes"] >= 2 * FP32_BYTES, row["stats"]
+
+        # 3. SIGKILL once a checkpoint exists: merges after it (the late worker's among them, when
+        # it came after the newest checkpoint) are lost with the crash, their ranges trained again
+        c.wait_for(lambda: newest_checkpoint_version(c.run_dir) >= 4, 600, "a checkpoint",
+                   fail_if_dead=[coord, early, late])
+        mem.sample()
+        coord.kill()
+        ckpt, path = checkpoint_state(c.run_dir)
+        assert 0 < ckpt["ledger"]["committed_total"] < BUDGET, "the budget was spent before the kill"
+        merged_before = merges(coord.log())
+        assert [v for v, _, _ in merged_before] == list(range(2, 2 + len(merged_before)))
+        assert ckpt["version"] <= merged_before[-1][0]
+
+        # 4. restart from that checkpoint; the same worker processes rejoin and train to the budget
+        coord2 = c.restart_coordinator()
+        c.wait_for(lambda: "resumed from" in coord2.log(), 300, "the restarted coordinator to resume",
+                   fail_if_dead=[coord2])
+        m = re.search(r"resumed from (ckpt-\d+) at version (\d+) \((\d+) tokens merged\)", coord2.log())
+        assert m and m.group(1) == path.name, coord2.tail()
+        resumed_version, resumed_tokens = int(m.group(2)), int(m.group(3))
+        assert resumed_tokens == ckpt["ledger"]["committed_total"]
+        # versions never go back nor repeat: the restored model is numbered after the last one published
+        last = merged_before[-1][0]
+        assert resumed_version == (ckpt["version"] if last == ckpt["version"] else last + 1), (resumed_version, ckpt["version"], last)
+        c.wait_for(lambda: (c.run_dir / "summary.json").exists(), 1500, "the run to reach its token budget",
+                   fail_if_dead=[coord2])
+        for w in (early, late):
+            assert c.wait_exit(w, 120) == 0, f"{w.name} exited with {w.returncode}"
+        assert c.wait_exit(coord2, 120) == 0
+
+        # versions went on from the checkpoint, one per merge, and the merges after the restart
+        # add exactly the tokens the checkpoint lacked
+        after = merges(coord2.log())
+        assert after and [v for v, _, _ in after] == list(range(resumed_version + 1, resumed_version + 1 + len(after)))
+        assert resumed_tokens + sum(t for _, _, t in after) == BUDGET
+        summary = c.summary()
+        assert summary["run_id"] == ckpt["run_id"] and summary["tokens"] == BUDGET
+        assert summary["model_version"] == after[-1][0]
+        assert {name for name, _, _ in joins(coord2.log())} == {"early", "late"}
+        for w in (early, late):
+            log = w.log()
+            assert "rejoined as" in log, f"{w.name} never rejoined"
+            assert "checksum" not in log.split("rejoined as", 1)[1], log[-3000:]  # every version verified
+        # the final checkpoint's ledger: the budget committed once, one prefix per unit, nothing held
+        final, _ = checkpoint_state(c.run_dir)
+        assert final["version"] == summary["model_version"]
+        ledger = final["ledger"]
+        assert ledger["committed_total"] == BUDGET and ledger["epoch"] == 0
+        assert sum(u["committed"] - u["start"] for u in ledger["units"]) == BUDGET
+        assert not any(u["holder"] for u in ledger["units"])
+
+    peaks = mem.peaks()
+    report = {name: {"peak_rss_bytes": v, "x_fp32_weights": v / FP32_BYTES} for name, v in sorted(peaks.items())}
+    (tmp_path / "memory.json").write_text(json.dumps({"params": PARAMS, "fp32_bytes": FP32_BYTES,
+                                                      "processes": report}, indent=2))
+    print(f"\npeak resident set (VmHWM), {PARAMS / 1e6:.1f}M parameters, fp32 weights {FP32_BYTES / MB:.0f} MB")
+    print(f"{'process':<16}{'peak MB':>10}{'x fp32':>9}")
+    for name, r in report.items():
+        print(f"{name:<16}{r['peak_rss_bytes'] / MB:>10.0f}{r['x_fp32_weights']:>9.2f}")
+    print(f"written to {tmp_path / 'memory.json'}")
+    assert {"coordinator", "coordinator.1", "early", "late"} <= set(peaks), peaks
