@@ -25,7 +25,6 @@ import re
 
 import pytest
 
-from geotrain.common.checkpoint import list_checkpoints
 from geotrain.common.data import prepare
 from procs import Cluster, MemoryWatch, checkpoint_state, english_like_text, joins, merges
 
@@ -41,6 +40,9 @@ BUDGET = 20 * UNIT  # 5120 tokens
 PARAMS = 123_702_528  # gpt2 preset, vocab 50257, block 64 (tied embedding counted once)
 FP32_BYTES = 4 * PARAMS
 MB = 1e6
+# Peak resident sets measured on CPU: the coordinator and each worker reach ~12x the fp32 weights
+# (6 GB each): the run needs ~18 GB free and skips on a machine with less.
+NEEDED_BYTES = 36 * FP32_BYTES
 
 REAL_SIZE_CONFIG = {
     "model": {"preset": "gpt2", "block_size": BLOCK},
@@ -68,22 +70,35 @@ def gpt2_data(tmp_path_factory):
     return root / "tokens"
 
 
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 where there is no /proc)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def worker_row(status: dict, name: str) -> dict | None:
     return next((w for w in status["worker_list"] if w["name"] == name), None)
 
 
 def newest_checkpoint_version(run_dir) -> int:
     """Version of the newest checkpoint directory that has been committed (`latest` names it)."""
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.exists():
+    try:
+        return int(json.loads((run_dir / "checkpoints" / "latest").read_text())["step"])
+    except (OSError, ValueError, KeyError):  # none yet, or being replaced
         return 0
-    name = latest.read_text().strip()
-    return max((step for step, p in list_checkpoints(run_dir / "checkpoints") if p.name == name), default=0)
 
 
 @pytest.mark.slow  # 10-15 minutes on 2 cores shared with other work (load average ~16)
 @pytest.mark.timeout(3000)
 def test_gpt2_size_async_run_survives_a_coordinator_kill(gpt2_data, tmp_path):
+    if available_memory() < NEEDED_BYTES:
+        pytest.skip(f"a 124M-parameter run needs {NEEDED_BYTES / 1e9:.1f} GB of available memory "
+                    f"(3 processes of ~12x the fp32 weights), this machine has {available_memory() / 1e9:.1f} GB")
     with Cluster(tmp_path, gpt2_data, REAL_SIZE_CONFIG) as c, MemoryWatch(c) as mem:
         coord = c.start_coordinator()
         early = c.start_worker("early")
@@ -102,8 +117,9 @@ def test_gpt2_size_async_run_survives_a_coordinator_kill(gpt2_data, tmp_path):
         assert late_join and late_join[0] >= 4, late_join
         assert "initial model rebuilt" not in late.log(), late.tail()
         row = worker_row(s, "late")
-        # the fp32 weights and the outer momentum arrived whole (then updates)
-        assert row["stats"]["received_bytes"] >= 2 * FP32_BYTES, row["stats"]
+        # the whole model arrived: zstd-compressed fp32 weights take ~3.7 bytes a parameter (with the
+        # outer momentum after them), where the 1-bit updates since version 1 would be ~0.13 each
+        assert row["stats"]["received_bytes"] >= 0.8 * FP32_BYTES, row["stats"]
 
         # 3. SIGKILL once a checkpoint exists: merges after it (the late worker's among them, when
         # it came after the newest checkpoint) are lost with the crash, their ranges trained again
