@@ -2,14 +2,15 @@
 
 The model is the `gpt2` preset (12 layers, 12 heads, 768 wide) over a byte-tokenized corpus whose
 vocabulary is padded to GPT-2's 50257 ids, so the tied embedding has GPT-2's size: 123.7M
-parameters with a 64-token context (GPT-2's 1024 positions would add 0.74M). Workers train batches
+parameters with a 64-token context (GPT-2's 1024 positions would add 0.74M); a second case keeps
+only its first 2 blocks (52.8M) for machines with less memory. Workers train batches
 of 1 x 64 tokens, 2 steps a round, and push 1-bit (sign) deltas; merges are async, the outer
 optimizer is the default Nesterov (the coordinator and every worker hold its momentum), and the
 coordinator checkpoints every 3 versions.
 
 The run: a first worker rebuilds version 1 from the seed; a late one joins at version >= 4, when
-the coordinator keeps too few updates to catch it up, so it downloads the global model (fp32
-weights and outer momentum, ~990 MB); once its delta has merged, the coordinator is SIGKILLed,
+the coordinator keeps too few updates to catch it up, so it downloads the global model (the
+fp32 weights, zstd-compressed, and the outer momentum); once its delta has merged, the coordinator is SIGKILLed,
 restarted from its newest checkpoint (the merges after it are lost with the crash), the same
 worker processes rejoin, download the restored model and train to the token budget: the ranges
 of the lost merges are trained again, every token of the budget is merged exactly once.
@@ -37,12 +38,14 @@ UNIT = 4 * ROUND_TOKENS  # 512 tokens per lease
 # tokens) and ~3000 tokens are merged before the late worker's first delta: the budget leaves
 # room for that and for several merges after the restart.
 BUDGET = 14 * UNIT  # 7168 tokens
-PARAMS = 123_702_528  # gpt2 preset, vocab 50257, block 64 (tied embedding counted once)
-FP32_BYTES = 4 * PARAMS
 MB = 1e6
-# Peak resident sets measured on CPU: the coordinator and each worker reach ~12x the fp32 weights
-# (6 GB each): the run needs ~18 GB free and skips on a machine with less.
-NEEDED_BYTES = 36 * FP32_BYTES
+# (n_layer, parameters with vocab 50257 and block 64, the tied embedding counted once): GPT-2
+# small, and its first 2 blocks (the same embedding, width and per-block shapes) for machines with
+# less memory.
+SHAPES = {"124M": (12, 123_702_528), "53M-2-layers": (2, 52_823_808)}
+# Peak resident sets measured on CPU: the coordinator and each worker reach 12-16x the fp32 weights
+# (~6 GB each at 124M): a run needs ~36x free and skips on a machine with less.
+NEEDED_X_FP32 = 36
 
 REAL_SIZE_CONFIG = {
     "model": {"preset": "gpt2", "block_size": BLOCK},
@@ -95,18 +98,22 @@ def newest_checkpoint_version(run_dir) -> int:
 
 @pytest.mark.slow  # 10-15 minutes on 2 cores shared with other work (load average ~16)
 @pytest.mark.timeout(3000)
-def test_gpt2_size_async_run_survives_a_coordinator_kill(gpt2_data, tmp_path):
-    if available_memory() < NEEDED_BYTES:
-        pytest.skip(f"a 124M-parameter run needs {NEEDED_BYTES / 1e9:.1f} GB of available memory "
-                    f"(3 processes of ~12x the fp32 weights), this machine has {available_memory() / 1e9:.1f} GB")
-    with Cluster(tmp_path, gpt2_data, REAL_SIZE_CONFIG) as c, MemoryWatch(c) as mem:
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gpt2_size_async_run_survives_a_coordinator_kill(gpt2_data, tmp_path, shape):
+    n_layer, params = SHAPES[shape]
+    fp32_bytes = 4 * params
+    if available_memory() < NEEDED_X_FP32 * fp32_bytes:
+        pytest.skip(f"a {shape} run needs {NEEDED_X_FP32 * fp32_bytes / 1e9:.1f} GB of available memory "
+                    f"(3 processes of 12-16x the fp32 weights), this machine has {available_memory() / 1e9:.1f} GB")
+    config = {**REAL_SIZE_CONFIG, "model": {**REAL_SIZE_CONFIG["model"], "n_layer": n_layer}}
+    with Cluster(tmp_path, gpt2_data, config) as c, MemoryWatch(c) as mem:
         coord = c.start_coordinator()
         early = c.start_worker("early")
 
         # 1. the first worker rebuilds version 1 from the seed and merges alone for 3 versions
         s = c.wait_status(lambda s: s["model_version"] >= 4, 600, "version 4 from the first worker",
                           fail_if_dead=[coord, early])
-        assert s["params"] == PARAMS, s["params"]
+        assert s["params"] == params, s["params"]
         assert "initial model rebuilt from the seed (checksum verified)" in early.log(), early.tail()
 
         # 2. a late joiner: the updates since version 1 are no longer kept, so it downloads the model
@@ -119,7 +126,7 @@ def test_gpt2_size_async_run_survives_a_coordinator_kill(gpt2_data, tmp_path):
         row = worker_row(s, "late")
         # the whole model arrived: zstd-compressed fp32 weights take ~3.7 bytes a parameter (with the
         # outer momentum after them), where the 1-bit updates since version 1 would be ~0.13 each
-        assert row["stats"]["received_bytes"] >= 0.8 * FP32_BYTES, row["stats"]
+        assert row["stats"]["received_bytes"] >= 0.8 * fp32_bytes, row["stats"]
 
         # 3. SIGKILL once a checkpoint exists: merges after it (the late worker's among them, when
         # it came after the newest checkpoint) are lost with the crash, their ranges trained again
@@ -174,10 +181,10 @@ def test_gpt2_size_async_run_survives_a_coordinator_kill(gpt2_data, tmp_path):
         assert not any(u["holder"] for u in ledger["units"])
 
     peaks = mem.peaks()
-    report = {name: {"peak_rss_bytes": v, "x_fp32_weights": v / FP32_BYTES} for name, v in sorted(peaks.items())}
-    (tmp_path / "memory.json").write_text(json.dumps({"params": PARAMS, "fp32_bytes": FP32_BYTES,
+    report = {name: {"peak_rss_bytes": v, "x_fp32_weights": v / fp32_bytes} for name, v in sorted(peaks.items())}
+    (tmp_path / "memory.json").write_text(json.dumps({"shape": shape, "params": params, "fp32_bytes": fp32_bytes,
                                                       "processes": report}, indent=2))
-    print(f"\npeak resident set (VmHWM), {PARAMS / 1e6:.1f}M parameters, fp32 weights {FP32_BYTES / MB:.0f} MB")
+    print(f"\npeak resident set (VmHWM), {params / 1e6:.1f}M parameters, fp32 weights {fp32_bytes / MB:.0f} MB")
     print(f"{'process':<16}{'peak MB':>10}{'x fp32':>9}")
     for name, r in report.items():
         print(f"{name:<16}{r['peak_rss_bytes'] / MB:>10.0f}{r['x_fp32_weights']:>9.2f}")
