@@ -44,7 +44,7 @@ MB = 1e6
 # less memory.
 SHAPES = {"124M": (12, 123_702_528), "53M-2-layers": (2, 52_823_808)}
 # Peak resident sets measured on CPU (README, Real sizes): each worker ~16x the fp32 weights, the
-# restarted coordinator ~18x, at the same time: a run needs 48x free (23.7 GB at 124M, 10.1 GB for
+# restarted coordinator ~18x, at the same time: a run needs 48x free (23.8 GB at 124M, 10.1 GB for
 # 2 blocks) and skips on a machine with less.
 NEEDED_X_FP32 = 48
 
