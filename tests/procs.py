@@ -385,3 +385,69 @@ def checkpoint_state(run_dir: Path) -> tuple[dict, Path]:
     assert loaded is not None, f"no checkpoint under {run_dir}"
     _, state, path = loaded
     return state, path
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def proc_memory(pid: int) -> dict[str, int] | None:
+    """{"VmHWM": bytes, "VmRSS": bytes} of a live process from /proc/PID/status (Linux); None once
+    it has exited or where /proc has no such fields. VmHWM is the peak resident set so far."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            out[key] = int(value.split()[0]) * 1024  # reported in kB
+    return out if len(out) == 2 else None
+
+
+class MemoryWatch:
+    """Samples VmHWM of every process of a Cluster every `interval` seconds on a background thread,
+    keeping each process's last reading (its peak resident set up to that moment). A process's
+    final peak is missed only for what it allocates in its last `interval` before it exits; call
+    `sample()` right before killing one to read it at the end.
+
+        with Cluster(...) as c, MemoryWatch(c) as mem:
+            ...
+        mem.peaks()  # {"coordinator": bytes, "coordinator.1": bytes, "w0": bytes, ...}
+    """
+
+    def __init__(self, cluster: Cluster, interval: float = 0.2):
+        import threading
+
+        self.cluster = cluster
+        self.interval = interval
+        self._peak: dict[Proc, int] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="memory-watch", daemon=True)
+
+    def __enter__(self) -> "MemoryWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        for p in list(self.cluster.procs):
+            if p.stopped or not p.alive():
+                continue
+            mem = proc_memory(p.pid)
+            if mem is not None:
+                with self._lock:
+                    self._peak[p] = max(self._peak.get(p, 0), mem["VmHWM"])
+
+    def peaks(self) -> dict[str, int]:
+        """Peak resident bytes per process, named by its log file (coordinator, coordinator.1, w0...)."""
+        with self._lock:
+            return {p.log_path.stem: v for p, v in self._peak.items()}
