@@ -827,6 +827,7 @@ class WorkerRunner:
     def _train_step(self, lease: _Lease) -> None:
         from geotrain.common.model import autocast_context
         from geotrain.common.train import lr_at
+        from geotrain.worker.throttle import stretch_step
 
         T = self.model_cfg.block_size
         x, y, n = self._lease_batch(lease)
@@ -847,6 +848,7 @@ class WorkerRunner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = float(loss.item())
+        stretch_step(t0, self.config.speed)  # worker/throttle.py: --speed below 1 sleeps here
         dt = time.monotonic() - t0
         start = lease.pos
         lease.pos += n * T
