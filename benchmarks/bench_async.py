@@ -199,6 +199,7 @@ def run_demo(n: int, h: int | str, scheme: str, steps: int, runs: Path, force: b
     probes = [json.loads(f.read_text()) for f in sorted((run_dir / "wait_probe").glob("worker-*.json"))]
     if probes:
         summary["wait_probe"] = probe_breakdown(probes)
+        attach_training_seconds(summary.get("worker_list") or [], probes)
     return {"dir": str(run_dir.relative_to(ROOT)), "summary": summary,
             "command": " ".join(c if not c.startswith(str(ROOT)) else os.path.relpath(c, ROOT) for c in cmd)}
 
@@ -219,6 +220,24 @@ def probe_breakdown(probes: list[dict]) -> dict:
                 out[key][name] = out[key].get(name, 0.0) + row["seconds"] / wall
                 out["calls"][name] = out["calls"].get(name, 0) + row["calls"]
     return out
+
+
+def attach_training_seconds(rows: list[dict], probes: list[dict]) -> None:
+    """Each worker row gets the probe's seconds in _train_step (training, a --speed sleep included)
+    and tokens_per_second = its steps x 12 x 64 / those seconds: its own speed, whatever it waited.
+    A probe is matched by worker name, or (probes without one) by the nearest number of steps."""
+    free = list(probes)
+    for row in rows:
+        steps = row["tokens"] // (BATCH * BLOCK)
+        named = [p for p in free if p.get("name") == row["name"]]
+        pool = named or [p for p in free if "name" not in p and "_train_step" in p["training_thread"]]
+        if not pool:
+            continue
+        p = min(pool, key=lambda q: abs(q["training_thread"]["_train_step"]["calls"] - steps))
+        free.remove(p)
+        step = p["training_thread"]["_train_step"]
+        row["train_seconds"] = step["seconds"]
+        row["tokens_per_second"] = step["calls"] * BATCH * BLOCK / step["seconds"]
 
 
 def speed_figures(summary: dict) -> dict:

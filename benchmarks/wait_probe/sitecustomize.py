@@ -11,6 +11,7 @@ when WorkerRunner.run returns:
   training_thread seconds and calls of _train_step (incl. a --speed sleep), _make_push (encoding
                   the delta), _drain_inbox (decoding updates and rebasing), _start_push
   wall_seconds    from the first training step to the end of WorkerRunner.run
+  name            the worker's --name
 
 Used by `benchmarks/bench_async.py --wait-probe`; has no effect without GEOTRAIN_WAIT_PROBE.
 """
@@ -38,6 +39,7 @@ def _install(out_dir: str) -> None:
         def wrapper(self, *args, **kwargs):
             if started[0] is None and name == "_train_step":
                 started[0] = time.monotonic()
+                figures["name"] = self.config.name
             t0 = time.monotonic()
             try:
                 return inner(self, *args, **kwargs)
