@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from click.testing import CliRunner
 
@@ -113,20 +111,3 @@ def test_worker_refuses_a_speed_outside_0_1():
         result = CliRunner().invoke(main, ["--coordinator", "127.0.0.1:1", "--speed", bad])
         assert result.exit_code == 2, result.output
         assert "--speed" in result.output and "Traceback" not in result.output
-
-
-@pytest.mark.slow
-def test_a_throttled_demo_worker_trains_fewer_tokens(tmp_path):
-    """geotrain demo --speeds 1,0.25: both workers share one token budget, so the one that
-    sleeps 3x its step time after every step gets through far fewer of its tokens."""
-    from geotrain.common.config import DemoConfig
-    from geotrain.demo import run_demo
-
-    summary = run_demo(DemoConfig(workers=2, steps=120, speeds="1,0.25", run_dir=str(tmp_path / "run"),
-                                  quiet=True, extra_coordinator_args=["--compression", "none"]))
-    status = json.loads((tmp_path / "run" / "summary.json").read_text())
-    per_worker = {w["name"]: w for w in status["worker_list"]}
-    assert summary["tokens"] > 0
-    assert summary["speeds"] == [1.0, 0.25]
-    fast, slow = per_worker["demo-0"], per_worker["demo-1"]
-    assert slow["tokens"] < 0.6 * fast["tokens"]

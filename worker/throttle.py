@@ -6,8 +6,11 @@ S = 0.25 trains a quarter as many tokens per second as it could: a stand-in for 
 every worker shares one machine. The sleep counts as step time (the worker's tokens/s falls with
 S), not as waiting on the network. S = 1 (the default) never sleeps.
 
-On a shared CPU the sleeping worker also gives its cores to the others, so the run's workers do
-not keep the ratios of S exactly; benchmarks compare the tokens/s each worker reports.
+On a shared CPU the sleeping worker also gives its cores to the others, and the scheduler favours
+a process that wakes from a sleep, so the run's workers keep the ratios of S only roughly (4 workers
+at 1, 1, 0.5, 0.25 on 2 busy cores: 763, 874, 401, 207 tokens/s of training), and not at all on a
+badly oversubscribed machine (a worker at 0.25 beside one at 1 once trained more tokens than it);
+benchmarks report each worker's own tokens/s rather than assume S.
 """
 
 from __future__ import annotations
