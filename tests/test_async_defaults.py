@@ -48,6 +48,18 @@ def test_the_coordinator_cli_defaults_and_compression_none():
         run_for(["--compression", "sign", "--downlink", "count"])
 
 
+def test_a_run_file_choosing_a_scheme_gets_its_downlink(tmp_path):
+    from geotrain.common.config import load_run_config
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('[compression]\nscheme = "none"\n')
+    run = load_run_config(toml)
+    run.compression.scheme = "int8"  # a flag may still change it: nothing is resolved yet
+    assert run.validate().compression.downlink == "relay"
+    toml.write_text('[round]\nsteps = 20\n')
+    assert load_run_config(toml).validate().compression.downlink == "count"
+
+
 # --------------------------------------------------------------------------- throttle
 
 
