@@ -14,6 +14,10 @@ Examples (each part can be run separately; results merge into benchmarks/results
   .venv/bin/python benchmarks/bench_async.py --baselines 1,2,4 --workers ''          # baselines only
   .venv/bin/python benchmarks/bench_async.py --workers 2 --round-steps 50 --compression none,sign
   .venv/bin/python benchmarks/bench_async.py --table-only                             # print the table
+Mixed speeds (`--speeds 1,1,0.5,0.25`, run names ..._sp1-1-0.5-0.25): every run with per-worker
+figures also lands in a second table: the run's tokens/s against the sum of its workers' own
+(speed_figures), the tokens each worker trained, loss and waiting. Compare with the equal-speed
+run of the same H (same token budget: loss at equal tokens) and with --round-seconds.
 Finished runs are reused (their run dir holds the model) unless --force.
 """
 
@@ -159,9 +163,11 @@ def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 
 
 def run_demo(n: int, h: int | str, scheme: str, steps: int, runs: Path, force: bool, outer: dict, chunk: int | None,
              tag: str, unit_tokens: int = 0, downlink: str = "", merge_weights: str = "",
-             round_seconds: float = 0.0, max_lag: int = 0, last_scheme: str = "") -> dict:
-    """h: inner steps per round, or the label of a time-based round (round_seconds > 0)."""
-    name = f"demo_n{n}_h{h}_{scheme}_s{steps}" + (f"_{tag}" if tag else "")
+             round_seconds: float = 0.0, max_lag: int = 0, last_scheme: str = "", speeds: str = "",
+             wait_probe: bool = False) -> dict:
+    """h: inner steps per round, or the label of a time-based round (round_seconds > 0); speeds:
+    the demo's --speeds (each worker's relative speed, "" = all 1)."""
+    name = demo_name(n, h, scheme, steps, tag, speeds)
     run_dir = runs / name
     cmd = [
         *_geotrain(), "demo", "--workers", str(n), "--steps", str(steps),
@@ -171,6 +177,8 @@ def run_demo(n: int, h: int | str, scheme: str, steps: int, runs: Path, force: b
         cmd += ["--round-steps", str(h)]
     if DATA_DIR:
         cmd += ["--data", DATA_DIR]
+    if speeds:
+        cmd += ["--speeds", speeds]
     if outer or chunk or unit_tokens or downlink or merge_weights or round_seconds or max_lag or last_scheme:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = runs / f"{name}.toml"
@@ -181,11 +189,85 @@ def run_demo(n: int, h: int | str, scheme: str, steps: int, runs: Path, force: b
         if run_dir.exists():  # a coordinator would resume the run found there
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        if wait_probe:  # benchmarks/wait_probe/sitecustomize.py times the workers from inside
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "benchmarks" / "wait_probe"),
+                                                              env.get("PYTHONPATH", "")]))
+            env["GEOTRAIN_WAIT_PROBE"] = str(run_dir / "wait_probe")
         with open(runs / f"{name}.log", "w") as log:
-            subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     summary = json.loads((run_dir / "summary.json").read_text())
+    probes = [json.loads(f.read_text()) for f in sorted((run_dir / "wait_probe").glob("worker-*.json"))]
+    if probes:
+        summary["wait_probe"] = probe_breakdown(probes)
+        attach_training_seconds(summary.get("worker_list") or [], probes)
     return {"dir": str(run_dir.relative_to(ROOT)), "summary": summary,
             "command": " ".join(c if not c.startswith(str(ROOT)) else os.path.relpath(c, ROOT) for c in cmd)}
+
+
+def demo_name(n: int, h, scheme: str, steps: int, tag: str, speeds: str = "") -> str:
+    sp = "_sp" + "-".join(f"{float(x):g}" for x in speeds.split(",")) if speeds else ""
+    return f"demo_n{n}_h{h}_{scheme}_s{steps}{sp}" + (f"_{tag}" if tag else "")
+
+
+def probe_breakdown(probes: list[dict]) -> dict:
+    """The workers' probe files summed: {"wall_seconds", "wait": {caller: share of wall},
+    "thread": {method: share of wall}} (shares of the summed wall time of all workers)."""
+    wall = sum(p["wall_seconds"] for p in probes) or 1.0
+    out = {"wall_seconds": wall, "wait": {}, "thread": {}, "calls": {}}
+    for p in probes:
+        for group, key in (("wait_by_caller", "wait"), ("training_thread", "thread")):
+            for name, row in p[group].items():
+                out[key][name] = out[key].get(name, 0.0) + row["seconds"] / wall
+                out["calls"][name] = out["calls"].get(name, 0) + row["calls"]
+    return out
+
+
+def attach_training_seconds(rows: list[dict], probes: list[dict]) -> None:
+    """Each worker row gets the probe's seconds in _train_step (training, a --speed sleep included)
+    and tokens_per_second = its steps x 12 x 64 / those seconds: its own speed, whatever it waited.
+    A probe is matched by worker name, or (probes without one) by the nearest number of steps."""
+    free = list(probes)
+    for row in rows:
+        steps = row["tokens"] // (BATCH * BLOCK)
+        named = [p for p in free if p.get("name") == row["name"]]
+        pool = named or [p for p in free if "name" not in p and "_train_step" in p["training_thread"]]
+        if not pool:
+            continue
+        p = min(pool, key=lambda q: abs(q["training_thread"]["_train_step"]["calls"] - steps))
+        free.remove(p)
+        step = p["training_thread"]["_train_step"]
+        row["train_seconds"] = step["seconds"]
+        row["tokens_per_second"] = step["calls"] * BATCH * BLOCK / step["seconds"]
+
+
+def speed_figures(summary: dict) -> dict:
+    """Throughput of a demo run against its workers' own: the run's tokens per second of training
+    (tokens trained by all workers / the longest worker's wall seconds) and the sum over workers of
+    tokens / (wall - waiting) seconds, each from the worker's last heartbeat (geotrain/demo.py)."""
+    rows = summary.get("worker_list") or []
+    if not rows:
+        return {}
+    wall = max(r["wall_seconds"] for r in rows)
+    run_tps = sum(r["tokens"] for r in rows) / wall if wall else 0.0
+    own = sum(r["tokens_per_second"] for r in rows)
+    return {"worker_list": rows, "run_tokens_per_second": run_tps, "sum_own_tokens_per_second": own,
+            "throughput_ratio": run_tps / own if own else None}
+
+
+def speed_table(res: dict) -> str:
+    """The runs with per-worker figures: throughput against the workers' own, loss, waiting."""
+    rows = ["| run | speeds | run tokens/s | sum of workers' own tokens/s | ratio | tokens per worker | "
+            "fixed-val loss | wait % |", "|---|---|---|---|---|---|---|---|"]
+    for key in sorted(res["runs"]):
+        r = res["runs"][key]
+        if not r.get("sum_own_tokens_per_second"):
+            continue
+        share = " / ".join(f"{w['tokens'] / 1e3:.0f}k" for w in r["worker_list"])
+        rows.append(f"| {key} | {r.get('speeds') or 'equal'} | {r['run_tokens_per_second']:.0f} | "
+                    f"{r['sum_own_tokens_per_second']:.0f} | {r['throughput_ratio']:.2f} | {share} | "
+                    f"{r['val']:.4f} | {100 * r['wait_fraction']:.2f} |")
+    return "\n".join(rows)
 
 
 # --------------------------------------------------------------------------- table
@@ -259,6 +341,9 @@ def main() -> None:
     p.add_argument("--round-seconds", type=float, default=0.0,
                    help="time-based rounds of this many seconds instead of --round-steps (run label tS)")
     p.add_argument("--compression", default="none,sign")
+    p.add_argument("--wait-probe", action="store_true",
+                   help="time the workers from inside (benchmarks/wait_probe): where they wait, what the training thread does")
+    p.add_argument("--speeds", default="", help="the demo's --speeds: relative speed per worker (1,1,0.5,0.25)")
     p.add_argument("--steps", type=int, default=2000, help="inner steps per worker")
     p.add_argument("--baselines", default="", help="N values whose train baselines to run (batch 12 x N)")
     p.add_argument("--outer-kind", default="")
@@ -289,6 +374,7 @@ def main() -> None:
         args.table_only = True
     if args.table_only:
         print(table(res))
+        print(speed_table(res))
         return
     runs = ROOT / args.runs_dir
     runs.mkdir(parents=True, exist_ok=True)
@@ -319,7 +405,7 @@ def main() -> None:
                 t0 = time.monotonic()
                 info = run_demo(n, h, scheme, args.steps, runs, args.force, outer, args.chunk or None, args.tag,
                                 args.unit_tokens, args.downlink, args.merge_weights, args.round_seconds,
-                                args.max_lag_steps, args.last_scheme)
+                                args.max_lag_steps, args.last_scheme, args.speeds, args.wait_probe)
                 s = info["summary"]
                 model = load_coordinator_model(ROOT / info["dir"])
                 params = sum(p.numel() for p in model.parameters())
@@ -327,7 +413,7 @@ def main() -> None:
                 per_worker = (s["sent_bytes"] + s["received_bytes"]) / n
                 steps_per_worker = tokens / (n * BATCH * BLOCK)
                 ddp = 2 * 2 * (n - 1) / n * 4 * params * steps_per_worker  # sent + received per worker
-                key = f"demo_n{n}_h{h}_{scheme}_s{args.steps}" + (f"_{args.tag}" if args.tag else "")
+                key = demo_name(n, h, scheme, args.steps, args.tag, args.speeds)
                 desc = ",".join(f"{k}={v}" for k, v in outer.items()) or "default"
                 overrides = (("chunk", args.chunk), ("unit_tokens", args.unit_tokens), ("downlink", args.downlink),
                              ("weights", args.merge_weights), ("max_lag_steps", args.max_lag_steps),
@@ -342,12 +428,14 @@ def main() -> None:
                     bytes_per_worker=per_worker, bytes_per_worker_per_token=per_worker / max(1, tokens / n),
                     ddp_bytes_per_worker=ddp, ddp_ratio=(ddp / per_worker) if per_worker and n > 1 else None,
                     wait_fraction=s.get("wait_fraction", 0.0), seconds=s.get("seconds", time.monotonic() - t0),
-                    model_version=s.get("model_version"),
+                    model_version=s.get("model_version"), speeds=args.speeds or None, **speed_figures(s),
+                    wait_probe=s.get("wait_probe"),
                 )
                 save_results(res)
                 print(f"{key}: fixed-val {res['runs'][key]['val']:.4f} MB/worker {per_worker / 1e6:.2f} "
                       f"wait {100 * s.get('wait_fraction', 0):.2f}%", flush=True)
     print(table(res))
+    print(speed_table(res))
     save_results(res)
 
 

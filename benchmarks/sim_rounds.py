@@ -70,6 +70,9 @@ class SimConfig:
     #                          pushes carry no scales and the exact merge is a count of signs per value;
     #                          downlink bytes are then those of each replica's zstd-coded count of the
     #                          others' + signs (lossless), whatever --down-scheme says
+    shared_from: str = "round"  # --up-shared scales: "round" = the mean of this round's own scales (as
+    #                             coordinator/state.py's count merge), "previous" = the previous round's
+    last_scheme: str = ""  # the final partial round's scheme ("" = the run's; the workers send int8 or int4)
     data_order: str = "random"  # random: get_batch windows; units: contiguous rows inside shuffled leases
     unit_tokens: int = 65536
     seed: int = 1337
@@ -98,7 +101,9 @@ class SimConfig:
         if self.up_keep < 1.0:
             s += f"_keep{self.up_keep:g}g{self.up_group}"
         if self.up_shared:
-            s += f"_upshared{self.up_shared}"
+            s += f"_upshared{self.up_shared}" + ("_prevscales" if self.shared_from == "previous" else "")
+        if self.last_scheme:
+            s += f"_last{self.last_scheme}"
         if self.eager != "off":
             s += f"_eager{self.eager}"
         if self.data_order != "random":
@@ -303,17 +308,28 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
         prev_down: dict = {}  # the last decoded downlink update (--down-predict)
         shared_scales: dict = {}  # --up-shared: this round's row scales, known to every replica
 
-        def push_and_merge(step: int) -> tuple:
+        def push_and_merge(step: int, final: bool = False) -> tuple:
             nonlocal up_bytes, down_bytes, rounds
             scheme = cfg.warmup_scheme if rounds < cfg.warmup_rounds else cfg.compression
+            if final and cfg.last_scheme:
+                scheme = cfg.last_scheme
+            shared = cfg.up_shared and rounds >= cfg.warmup_rounds and not (final and cfg.last_scheme)
             contribs, decs, all_signs, row_scales = [], [], [], []
+            up_before = up_bytes
+            deltas = [{n: (params[i][n].detach().float().cpu() - base[n]).contiguous() for n in glob}
+                      for i in range(n_rep)]
+            round_scales: dict = {}
+            if shared and cfg.shared_from == "round":  # every delta at the mean of this round's own scales
+                own = [own_row_scales(d, cfg.up_shared) for d in deltas]
+                round_scales = {n: sum(o[n] for o in own) / n_rep for n in own[0]}
             for i in range(n_rep):
-                delta = {n: (params[i][n].detach().float().cpu() - base[n]).contiguous() for n in glob}
-                if cfg.up_shared and rounds >= cfg.warmup_rounds:
+                delta = deltas[i]
+                if shared:
                     row_scales.append(own_row_scales(delta, cfg.up_shared))
-                    use = shared_scales or row_scales[-1]
+                    use = round_scales or shared_scales or row_scales[-1]
                     nbytes, dec, sg = shared_sign(delta, use, cfg.up_shared)
-                    up_bytes += nbytes + (0 if shared_scales else 4 * sum(v.numel() for v in use.values()))
+                    own_scale_bytes = 4 * sum(v.numel() for v in use.values())
+                    up_bytes += nbytes + (own_scale_bytes if round_scales or not shared_scales else 0)
                     all_signs.append(sg)
                 elif cfg.up_keep < 1.0 and rounds >= cfg.warmup_rounds:
                     nbytes, dec = sparse_sign(delta, cfg.up_keep, cfg.up_group, seed=rounds * 1000 + i)
@@ -352,6 +368,13 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
             last_mean.clear()
             last_mean.update({n: t.clone() for n, t in D.items()})
             U = outer.update(D)
+            if final and cfg.last_scheme and cfg.up_shared:  # relayed, as the count downlink does
+                down_bytes += (up_bytes - up_before) * (n_rep - 1)
+                U_dec = {n: t.clone() for n, t in U.items()}
+                for n in glob:
+                    glob[n].add_(U_dec[n])
+                rounds += 1
+                return U_dec, decs, step + cfg.delay
             fb = feedback.get(down)
             if fb is None:
                 fb = feedback[down] = ErrorFeedback(get_codec(down, cfg.chunk, cfg.sign_scale))
@@ -428,7 +451,7 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
                 pending = None
             if step >= cfg.steps:
                 if last_push < step:  # the final (possibly partial) round
-                    apply(push_and_merge(step))
+                    apply(push_and_merge(step, final=True))
                 break
             for i in range(n_rep):
                 train_step(i, step)
@@ -540,6 +563,9 @@ def main() -> None:
     p.add_argument("--up-group", type=int, default=512, help="uplink with --up-keep: kept values per scale")
     p.add_argument("--up-shared", default="", choices=["", "row", "tensor"],
                    help="uplink signs with shared scales per row or tensor; count-code downlink")
+    p.add_argument("--shared-from", default="round", choices=["round", "previous"],
+                   help="--up-shared scales: this round's mean (as the count merge) or the previous round's")
+    p.add_argument("--last-scheme", default="", help="the final partial round's scheme (int8, int4)")
     p.add_argument("--data-order", default="random", choices=["random", "units", "units-shuffled"])
     p.add_argument("--unit-tokens", type=int, default=65536)
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
@@ -559,7 +585,7 @@ def main() -> None:
                           args.sign_scale, args.outer_kind, args.outer_lr, args.outer_momentum, args.warmup_rounds,
                           args.warmup_scheme, args.delay, down_scheme=args.down_scheme, down_predict=args.down_predict, down_mode=args.down_mode, eager=args.eager,
                           up_keep=args.up_keep, up_group=args.up_group, up_shared=args.up_shared,
-                          data_order=args.data_order, unit_tokens=args.unit_tokens,
+                          shared_from=args.shared_from, last_scheme=args.last_scheme, data_order=args.data_order, unit_tokens=args.unit_tokens,
                           eval_batches=args.eval_batches)]
     existing = {}
     if args.out and Path(args.out).exists():

@@ -37,6 +37,7 @@ Unknown tables or keys raise ValueError naming them, so a typo never passes sile
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from dataclasses import MISSING, dataclass, field, fields
@@ -173,7 +174,7 @@ def model_config(preset: str = "nano", vocab_size: int | None = None, **override
 # --------------------------------------------------------------------------- sections
 
 DELTA_SCHEMES = ("none", "bf16", "int8", "int4", "sign", "ternary", "tsign")  # == common.compression.SCHEMES
-DOWNLINKS = ("relay", "combine", "recode", "count")
+DOWNLINKS = ("auto", "relay", "combine", "recode", "count")  # "auto": count for tsign, else relay
 REPLAYED_DOWNLINKS = ("relay", "combine", "count")  # workers keep an outer-momentum replica and replay versions
 SYNC_SCHEDULES = ("auto", "doubling", "halving", "allgather", "scatter", "count")  # worker/allreduce.py ALGORITHMS
 
@@ -325,7 +326,7 @@ class RoundConfig:
     GPU does more steps than a slow one.
     """
 
-    steps: int = opt(50, flag="--round-steps", low=0, help="Inner steps per local round (0: time-based, see --round-seconds).")
+    steps: int = opt(30, flag="--round-steps", low=0, help="Inner steps per local round (0: time-based, see --round-seconds).")
     seconds: float = opt(0.0, flag="--round-seconds", low=0.0,
                          help="Seconds per local round, used when round steps are 0 (a flag alone implies it).")
     # Inner steps a worker may train past its push before it waits for that push's merge (0: no
@@ -384,12 +385,15 @@ class MergeConfig:
 class CompressionConfig:
     """Codec for deltas in both directions (see common/compression.py)."""
 
-    scheme: str = opt("none", flag="--compression", choices=DELTA_SCHEMES, help="Delta codec (common/compression.py).")
+    # Default tsign + downlink count, 30-step rounds, last deltas int4 (benchmarks/README.md, "The
+    # compressed default"): 4 workers exchange about 1000x less than fp32 data parallelism.
+    scheme: str = opt("tsign", flag="--compression", choices=DELTA_SCHEMES, help="Delta codec (common/compression.py).")
     # values per scale of the chunked schemes: async workers' deltas, the coordinator's downlink
     # and sync groups' all-reduce buffers
     chunk: int = 256
     zstd_level: int = 3
-    # How a merged version reaches the workers:
+    # How a merged version reaches the workers ("auto", the default: count with scheme tsign,
+    # relay with any other; validate() resolves it, so the run spec names the one in use):
     #   relay:  the merged workers' compressed deltas as they were pushed, with their merge weights;
     #           every worker replays the coordinator's combine + outer step on them bit-exactly (it
     #           keeps a copy of the outer momentum). Lossless: no downlink compression error. Costs
@@ -409,13 +413,14 @@ class CompressionConfig:
     #   recode: the outer update itself, compressed with `scheme` and error feedback on the
     #           coordinator: one payload per version, whatever the merge's size; the workers'
     #           basepoints lag the coordinator's exact update by the feedback residual.
-    downlink: str = opt("relay", choices=DOWNLINKS, help="How merged versions reach the workers (README: How it works, 5).")
+    downlink: str = opt("auto", choices=DOWNLINKS, help="How merged versions reach the workers (README: How it works, 5).")
     # Scheme of the coordinator's payload under "combine" and "recode" ("" = `scheme`).
     downlink_scheme: str = ""
     # Scheme of a worker's last delta of the run (its final partial round, sent when its data runs
     # out) under the coarse schemes sign, tsign, ternary and int4: the error-feedback residual left
-    # in its weights goes out with it, so it must not be 1-bit. int8 (default) or int4.
-    last_scheme: str = opt("int8", choices=("int8", "int4"), help="Scheme of a worker's last delta of the run.")
+    # in its weights goes out with it, so it must not be 1-bit. int4 (default; 4 workers: the same
+    # loss as int8 within noise at 6% fewer bytes per run) or int8.
+    last_scheme: str = opt("int4", choices=("int8", "int4"), help="Scheme of a worker's last delta of the run.")
     # Sync groups' all-reduce schedule (worker/allreduce.py), the same for every member of the run:
     # auto (doubling for 2, count from 4; halving from 4 without compression) | doubling | halving
     # | allgather | scatter | count (1-bit only). halving and scatter re-quantize means, which costs
@@ -440,6 +445,8 @@ class CompressionConfig:
             raise ValueError(f"compression.downlink_scheme must be '' or one of {DELTA_SCHEMES}, got {self.downlink_scheme!r}")
         if self.downlink not in DOWNLINKS:
             raise ValueError(f"compression.downlink must be one of {DOWNLINKS}, got {self.downlink!r}")
+        if self.downlink == "auto":
+            self.downlink = "count" if self.scheme == "tsign" else "relay"
         if self.downlink == "count" and self.scheme != "tsign":
             raise ValueError(f"compression.downlink 'count' needs compression.scheme 'tsign', got {self.scheme!r}")
         if self.sync_schedule not in SYNC_SCHEDULES:
@@ -643,6 +650,10 @@ class WorkerConfig:
     sync_compression: str = opt("", choices=("", "none", "sign"),
                                 help="Sync-group all-reduce compression ('' = sign: 1 bit + error feedback after an int8 warmup; none = fp32).")
     log_level: str = opt("info", choices=LOG_LEVELS, case_sensitive=False, help="Logging level.")
+    # Relative speed in (0, 1]: every inner step is stretched to 1/speed of its duration by a sleep
+    # (worker/throttle.py), a stand-in for a slower GPU in demos and benchmarks.
+    speed: float = opt(1.0, low=0.0, low_open=True, high=1.0,
+                       help="Train at this fraction of the host's speed (demo and benchmarks: sleeps after each step).")
     tls_ca: bytes | None = None  # the PEM of tls_ca_file, read by the CLI
     tls_cert: bytes | None = None  # the PEMs of tls_cert_file / tls_key_file: serve --port (and peers) over TLS
     tls_key: bytes | None = None
@@ -671,6 +682,8 @@ class DemoConfig:
     seed: int = opt(TrainConfig.seed, help="Seed of the run.")
     batch_size: int = TrainConfig.batch_size  # per worker
     sync: bool = opt(False, help="Train the workers as one sync group (--workers a power of two).")
+    speeds: str = opt("", metavar="S1,S2,...",
+                      help="Relative speed of each worker in (0, 1], e.g. 1,1,0.5,0.25 (a sleep stretches each step; default all 1).")
     json: bool = opt(False, help="Print the summary as JSON.")
     quiet: bool = False  # no progress lines
     extra_coordinator_args: list[str] = field(default_factory=list)
@@ -767,7 +780,9 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def load_run_config(path: str | Path | None, recipe: str | None = None) -> RunConfig:
-    """Read a run TOML file into a RunConfig (defaults when path is None), on top of a recipe."""
+    """Read a run TOML file into a RunConfig (defaults when path is None), on top of a recipe,
+    checked on a copy: what depends on other fields (compression.downlink "auto") is resolved by
+    the validate() that follows the caller's flags, which may still change them (--compression none)."""
     if recipe and recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
     values: dict[str, Any] = {k: dict(v) for k, v in RECIPES[recipe].items()} if recipe else {}
@@ -784,7 +799,9 @@ def load_run_config(path: str | Path | None, recipe: str | None = None) -> RunCo
                 values[key].update(value)
             else:
                 values[key] = value
-    return run_config_from_dict(values)
+    run = _fill(RunConfig, values, "")
+    copy.deepcopy(run).validate()
+    return run
 
 
 def apply_overrides(config: Any, overrides: Mapping[str, Any]) -> Any:

@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 
 from geotrain.common.config import DemoConfig
+from geotrain.worker.throttle import parse_speeds
 from geotrain.protos.rpc import make_channel
 from geotrain.protos import geotrain_pb2 as pb
 from geotrain.protos import geotrain_pb2_grpc as pb_grpc
@@ -96,6 +97,7 @@ def run_demo(opts: DemoConfig) -> dict:
         raise ValueError(f"config file not found: {opts.config}")
     if opts.sync and (opts.workers < 2 or opts.workers & (opts.workers - 1)):
         raise ValueError(f"--sync needs a power of two >= 2 of --workers (2, 4, 8, ...), got {opts.workers}")
+    speeds = parse_speeds(opts.speeds, opts.workers)  # worker i trains at speeds[i] (worker/throttle.py)
     data_dir = resolve_data_dir(opts.data or None)  # prepares the embedded corpus once, here
     data = TokenData(data_dir)
     block = model_config(opts.model, vocab_size=data.vocab_size).block_size
@@ -131,6 +133,7 @@ def run_demo(opts: DemoConfig) -> dict:
     if opts.sync and opts.compression == "none":
         sync_args += ["--sync-compression", "none"]  # fp32 all-reduce (the default is 1 bit)
     procs: list[subprocess.Popen] = []
+    worker_rows: dict[str, dict] = {}
     started = time.monotonic()
     try:
         with open(logs / "coordinator.log", "w") as out:
@@ -146,11 +149,12 @@ def run_demo(opts: DemoConfig) -> dict:
                             sys.executable, "-m", "geotrain.worker.cli", "--port", "0", "--coordinator", target,
                             "--name", f"demo-{i}", "--threads", str(threads), "--metrics-port", "0",
                             "--cache-dir", str(run_dir / "cache"), "--device", "cpu", *sync_args,
+                            "--speed", repr(speeds[i]),
                         ],
                         stdout=out, stderr=subprocess.STDOUT, env=env,
                     )
                 )
-        _watch(coordinator, procs, target, budget, opts, started)
+        _watch(coordinator, procs, target, budget, opts, started, worker_rows)
     finally:
         stop_children(procs)
     summary_path = run_dir / "summary.json"
@@ -158,11 +162,26 @@ def run_demo(opts: DemoConfig) -> dict:
         raise RuntimeError(f"the run did not finish; see the logs in {logs}")
     summary = json.loads(summary_path.read_text())
     summary["seconds"] = time.monotonic() - started
+    summary["speeds"] = speeds
+    summary["worker_list"] = [worker_rows[k] for k in sorted(worker_rows)]  # as last seen, 5 s or less before the end
     summary_path.write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _watch(coordinator, procs, target, budget, opts: DemoConfig, started: float) -> None:
+def worker_row(w: dict) -> dict:
+    """One worker of a Status reply as the summary's "worker_list" keeps it: its name, figures from
+    its last heartbeat (tokens trained, wall and waiting seconds) and its own training throughput,
+    tokens / (wall - wait) seconds."""
+    st = w["stats"]
+    tokens, wall, wait = int(st.get("tokens", 0)), float(st.get("wall_seconds", 0.0)), float(st.get("wait_seconds", 0.0))
+    return {"name": w["name"], "tokens": tokens, "merged_tokens": int(w.get("merged_tokens", 0)),
+            "wall_seconds": wall, "wait_seconds": wait,
+            "tokens_per_second": tokens / (wall - wait) if wall > wait else 0.0}
+
+
+def _watch(coordinator, procs, target, budget, opts: DemoConfig, started: float, worker_rows: dict) -> None:
+    """Poll the coordinator every 5 s until it exits (progress lines unless quiet); the workers'
+    last heartbeat figures go into `worker_rows` by name."""
     channel = make_channel(target)
     stub = pb_grpc.CoordinatorStub(channel)
     last_print = 0.0
@@ -176,10 +195,12 @@ def _watch(coordinator, procs, target, budget, opts: DemoConfig, started: float)
             dead = [p for p in procs[1:] if p.poll() not in (None, 0)]
             if len(dead) == len(procs) - 1:
                 raise RuntimeError("every worker exited with an error; see the logs in the run directory")
-            if time.monotonic() - last_print >= 5.0 and not opts.quiet:
+            if time.monotonic() - last_print >= 5.0:
                 status = fetch_status(stub)
                 if status is not None:
-                    print(progress_line(status, budget), flush=True)
+                    worker_rows.update({w["name"]: worker_row(w) for w in status["worker_list"] if w.get("stats")})
+                    if not opts.quiet:
+                        print(progress_line(status, budget), flush=True)
                 last_print = time.monotonic()
         coordinator.wait()
     finally:

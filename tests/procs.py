@@ -97,6 +97,9 @@ TINY_CONFIG: dict[str, dict[str, Any]] = {
     "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_iters": 10},
     "train": {"batch_size": 4, "max_iters": 400, "seed": 1337},
     "round": {"steps": 5},
+    # what these tests were written for: uncompressed relayed deltas, 8-bit last deltas (the run
+    # defaults are 1-bit with count merges and int4 last deltas; tests name those when they test them)
+    "compression": {"scheme": "none", "last_scheme": "int8"},
     "merge": {"policy": "semi-sync", "semi_sync_timeout": 3.0},
     "outer": {"kind": "average", "lr": 1.0},
     "plan": {"unit_tokens": 2048, "max_tokens": 40_960},

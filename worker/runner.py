@@ -440,16 +440,21 @@ class WorkerRunner:
             x, y, n = self.batches.next(lease, self.batch_size)
         else:
             x, y, n = self.shards.lease_batch(lease, self.batch_size)
+        from geotrain.worker.throttle import stretch_step
+
         rounds = self.rounds
+        t0 = time.monotonic()
         if self.host is not None:  # the host's devices train on shares of the batch (worker/host_group.py)
             from geotrain.common.train import lr_at
 
-            t0 = time.monotonic()
             lr = lr_at(self.step_offset + rounds.local_step, self.run_cfg.optim, self.run_cfg.train.max_iters)
             loss = self.host.train_step(x, y, lr)
             seconds = time.monotonic() - t0
         else:
             loss, seconds = self.trainer.step(x, y, self.step_offset + rounds.local_step)
+        if self.config.speed < 1.0:  # worker/throttle.py: --speed below 1 stretches the step (demo, benchmarks)
+            stretch_step(t0, self.config.speed)
+            seconds = time.monotonic() - t0
         start = lease.pos
         lease.pos += n * T
         self.count_step(lease, start, loss, seconds, n * T)
