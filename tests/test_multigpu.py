@@ -287,7 +287,7 @@ def test_a_sync_group_runner_refuses_several_devices():
     from geotrain.worker.group_runner import GroupWorkerRunner
     from geotrain.common.config import WorkerConfig
 
-    runner = GroupWorkerRunner(WorkerConfig(coordinator="127.0.0.1:1", device="cpu", sync_group="auto",
+    runner = GroupWorkerRunner(WorkerConfig(coordinator="127.0.0.1:1", device="cpu", sync_group="auto", metrics_port=0,
                                             nproc_per_node=2, serve=False), "")
     with pytest.raises(ValueError, match="sync-group member trains on one device"):
         runner.run()

@@ -39,10 +39,10 @@ UNIT = 4 * ROUND_TOKENS  # 512 tokens per lease
 # room for that and for several merges after the restart.
 BUDGET = 14 * UNIT  # 7168 tokens
 MB = 1e6
-# (n_layer, parameters with vocab 50257 and block 64, the tied embedding counted once): GPT-2
+# (n_layer, parameters with vocab 50257 padded to 50304 and block 64, the tied embedding counted once): GPT-2
 # small, and its first 2 blocks (the same embedding, width and per-block shapes) for machines with
 # less memory.
-SHAPES = {"124M": (12, 123_702_528), "53M-2-layers": (2, 52_823_808)}
+SHAPES = {"124M": (12, 123_738_624), "53M-2-layers": (2, 52_859_904)}
 # Peak resident sets measured on CPU (README, Real sizes): each worker ~16x the fp32 weights, the
 # restarted coordinator ~18x, at the same time: a run needs 48x free (23.8 GB at 124M, 10.1 GB for
 # 2 blocks) and skips on a machine with less.

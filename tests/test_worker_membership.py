@@ -49,7 +49,7 @@ def test_a_worker_preparing_longer_than_its_lease_stays_a_member(data_dir, tmp_p
     with Cluster(tmp_path, data_dir, cfg) as c:
         c.start_coordinator()
         hooks = SlowSetup(seconds=3 * lease)
-        runner = WorkerRunner(WorkerConfig(coordinator=c.target, name="slow", device="cpu", threads=1,
+        runner = WorkerRunner(WorkerConfig(coordinator=c.target, name="slow", device="cpu", threads=1, metrics_port=0,
                                            cache_dir=str(tmp_path / "cache"), serve=False, summary_seconds=1.0,
                                            finish_patience=10.0), hooks=hooks)
         result: list = []

@@ -25,7 +25,7 @@ def test_a_worker_with_batch_prefetch_trains_every_token_of_its_leases_once(tmp_
     torch.set_num_threads(1)
     with Cluster(tmp_path, data_dir, cfg) as c, caplog.at_level(logging.INFO, logger="geotrain.worker"):
         c.start_coordinator()
-        runner = WorkerRunner(WorkerConfig(coordinator=c.target, name="pf", device="cpu", threads=1,
+        runner = WorkerRunner(WorkerConfig(coordinator=c.target, name="pf", device="cpu", threads=1, metrics_port=0,
                                            cache_dir=str(tmp_path / "cache"), serve=False, summary_seconds=1.0,
                                            finish_patience=20.0))
         runner.prefetch_batches = True
