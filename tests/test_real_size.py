@@ -43,8 +43,8 @@ MB = 1e6
 # small, and its first 2 blocks (the same embedding, width and per-block shapes) for machines with
 # less memory.
 SHAPES = {"124M": (12, 123_738_624), "53M-2-layers": (2, 52_859_904)}
-# Peak resident sets measured on CPU (README, Real sizes): each worker ~16x the fp32 weights, the
-# restarted coordinator ~18x, at the same time: a run needs 48x free (23.8 GB at 124M, 10.1 GB for
+# Peak resident sets measured on CPU (README, Real sizes): each worker 12-14x the fp32 weights, the
+# restarted coordinator ~8x, at the same time: a run needs 30x free (14.8 GB at 124M, 6.3 GB for
 # 2 blocks) and skips on a machine with less.
 NEEDED_X_FP32 = 30
 
