@@ -5,7 +5,6 @@ bit-exact, fine-tuning from imported weights in the reference trainer and in a 2
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from geotrain.cli import cli  # noqa: E402
 from geotrain.common.checkpoint import load_latest_checkpoint, save_checkpoint  # noqa: E402
 from geotrain.common.config import ModelConfig, RunConfig, apply_overrides, load_run_config  # noqa: E402
-from geotrain.common.prepare import prepare  # noqa: E402
 from geotrain.common.reader import TokenData  # noqa: E402
 from geotrain.common.hf import load_hf_gpt2, model_config_from_hf  # noqa: E402
 from geotrain.common.model import GPT  # noqa: E402
@@ -27,16 +25,6 @@ from geotrain.common.tokenizer import ByteTokenizer  # noqa: E402
 
 BLOCK = 32
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home", "to"]
-    text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(3000))
-    (root / "text.txt").write_text(text)
-    prepare([root / "text.txt"], root / "data", progress=False)
-    return root / "data"
 
 
 def random_hf_model(vocab_size: int = 257, n_positions: int = BLOCK, activation: str = "gelu", seed: int = 0) -> GPT2LMHeadModel:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from click.testing import CliRunner
 from geotrain.common.checkpoint import load_latest_checkpoint
 from geotrain.cli import cli
 from geotrain.common.config import OptimConfig, RunConfig, apply_overrides
-from geotrain.common.prepare import prepare
 from geotrain.common.reader import TokenData
 from geotrain.common.sampling import evaluate, load_model_from_checkpoint, sample, sample_tokens
 from geotrain.common.train import check_model_config, lr_at, train
@@ -26,16 +24,6 @@ from geotrain.common.train import check_model_config, lr_at, train
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16"]
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home", "to"]
-    text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(3000))
-    (root / "text.txt").write_text(text)
-    prepare([root / "text.txt"], root / "data", progress=False)
-    return root / "data"
 
 
 def _run(corpus: Path, **overrides) -> RunConfig:
