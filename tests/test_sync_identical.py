@@ -66,7 +66,9 @@ def _assert_identical(results: list[tuple[int, str]], min_checks: int) -> None:
 
 @pytest.mark.slow
 def test_two_members_fp32_stay_identical(data_dir, tmp_path):
-    results = _run_group(data_dir, tmp_path, 2, 98_304, ["--sync-compression", "none"])
+    # The group forms a few heartbeats after the joins; an idle machine trains ~75k tokens async by
+    # then, so the budget leaves the group a few hundred steps whatever the load.
+    results = _run_group(data_dir, tmp_path, 2, 196_608, ["--sync-compression", "none"])
     _assert_identical(results, min_checks=12)
     assert all("compression none" in log for _, log in results)
 
