@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geotrain.common.fsutil import fsync_dir
+from geotrain.common.fsutil import file_sha256, fsync_dir
 
 SHARD_MAGIC = b"GEOTOKS\x00"
 SHARD_VERSION = 1
@@ -101,11 +101,7 @@ def write_shard(path: Path, tokens: np.ndarray, dtype: str) -> str:
 
 def shard_sha256(path: Path) -> str:
     """sha256 of the whole shard file (header included)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def read_shard(path: Path, expected: "ShardInfo | None" = None, verify_sha: bool = True) -> np.ndarray:

@@ -36,6 +36,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from geotrain.common.fsutil import file_sha256
+
 EOT_TEXT = "<|endoftext|>"
 BPE_FILE = "tokenizer.json"
 MIN_BPE_VOCAB = 257  # the 256 byte symbols plus end-of-text
@@ -119,14 +121,6 @@ def _import_tokenizers():
     return tokenizers
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class BPETokenizer(Tokenizer):
     """Byte-level BPE from a ``tokenizer.json`` written by ``train_bpe``."""
 
@@ -169,7 +163,7 @@ class BPETokenizer(Tokenizer):
             "vocab_size": self.vocab_size,
             "eot_id": self.eot_id,
             "file": self.path.name,
-            "sha256": _file_sha256(self.path),
+            "sha256": file_sha256(self.path),
         }
 
 
@@ -488,7 +482,7 @@ def load_tokenizer(
         path = Path(data_dir) / spec.get("file", BPE_FILE)
         tok = BPETokenizer(path)
         want = spec.get("sha256")
-        if want and _file_sha256(path) != want:
+        if want and file_sha256(path) != want:
             raise ValueError(f"{path}: sha256 does not match the manifest's tokenizer spec")
         return tok
     if name == "char":
