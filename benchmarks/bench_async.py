@@ -123,9 +123,9 @@ def run_train(batch: int, steps: int, runs: Path, force: bool, threads: int) -> 
         (out / "bench_seconds.txt").write_text(f"{time.monotonic() - t0:.1f}\n")
     summary = json.loads((out / "summary.json").read_text())
     secs = out / "bench_seconds.txt"
-    return {"dir": str(out.relative_to(ROOT)), "own_val_loss": summary.get("val_loss"),
+    return {"dir": os.path.relpath(out, ROOT), "own_val_loss": summary.get("val_loss"),
             "seconds": float(secs.read_text()) if secs.exists() else None,
-            "command": f"geotrain train --model nano --max-iters {steps} --batch-size {batch} --out {out.relative_to(ROOT)}"}
+            "command": f"geotrain train --model nano --max-iters {steps} --batch-size {batch} --out {os.path.relpath(out, ROOT)}"}
 
 
 def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 0, downlink: str = "",
@@ -164,15 +164,17 @@ def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 
 def run_demo(n: int, h: int | str, scheme: str, steps: int, runs: Path, force: bool, outer: dict, chunk: int | None,
              tag: str, unit_tokens: int = 0, downlink: str = "", merge_weights: str = "",
              round_seconds: float = 0.0, max_lag: int = 0, last_scheme: str = "", speeds: str = "",
-             wait_probe: bool = False) -> dict:
+             wait_probe: bool = False, sync: bool = False) -> dict:
     """h: inner steps per round, or the label of a time-based round (round_seconds > 0); speeds:
-    the demo's --speeds (each worker's relative speed, "" = all 1)."""
-    name = demo_name(n, h, scheme, steps, tag, speeds)
+    the demo's --speeds (each worker's relative speed, "" = all 1); scheme "default": no
+    --compression flag (the run config's); sync: the demo's --sync (one sync group)."""
+    name = demo_name(n, h, scheme, steps, tag, speeds, sync)
     run_dir = runs / name
-    cmd = [
-        *_geotrain(), "demo", "--workers", str(n), "--steps", str(steps),
-        "--compression", scheme, "--run-dir", str(run_dir), "--json",
-    ]
+    cmd = [*_geotrain(), "demo", "--workers", str(n), "--steps", str(steps), "--run-dir", str(run_dir), "--json"]
+    if scheme != "default":
+        cmd += ["--compression", scheme]
+    if sync:
+        cmd += ["--sync"]
     if not round_seconds:
         cmd += ["--round-steps", str(h)]
     if DATA_DIR:
@@ -201,13 +203,13 @@ def run_demo(n: int, h: int | str, scheme: str, steps: int, runs: Path, force: b
     if probes:
         summary["wait_probe"] = probe_breakdown(probes)
         attach_training_seconds(summary.get("worker_list") or [], probes)
-    return {"dir": str(run_dir.relative_to(ROOT)), "summary": summary,
+    return {"dir": os.path.relpath(run_dir, ROOT), "summary": summary,
             "command": " ".join(c if not c.startswith(str(ROOT)) else os.path.relpath(c, ROOT) for c in cmd)}
 
 
-def demo_name(n: int, h, scheme: str, steps: int, tag: str, speeds: str = "") -> str:
+def demo_name(n: int, h, scheme: str, steps: int, tag: str, speeds: str = "", sync: bool = False) -> str:
     sp = "_sp" + "-".join(f"{float(x):g}" for x in speeds.split(",")) if speeds else ""
-    return f"demo_n{n}_h{h}_{scheme}_s{steps}{sp}" + (f"_{tag}" if tag else "")
+    return f"demo_n{n}_h{h}_{scheme}_s{steps}{sp}" + ("_sync" if sync else "") + (f"_{tag}" if tag else "")
 
 
 def probe_breakdown(probes: list[dict]) -> dict:
@@ -224,19 +226,19 @@ def probe_breakdown(probes: list[dict]) -> dict:
 
 
 def attach_training_seconds(rows: list[dict], probes: list[dict]) -> None:
-    """Each worker row gets the probe's seconds in _train_step (training, a --speed sleep included)
+    """Each worker row gets the probe's seconds in train_step (training, a --speed sleep included)
     and tokens_per_second = its steps x 12 x 64 / those seconds: its own speed, whatever it waited.
     A probe is matched by worker name, or (probes without one) by the nearest number of steps."""
     free = list(probes)
     for row in rows:
         steps = row["tokens"] // (BATCH * BLOCK)
         named = [p for p in free if p.get("name") == row["name"]]
-        pool = named or [p for p in free if "name" not in p and "_train_step" in p["training_thread"]]
+        pool = named or [p for p in free if "name" not in p and "train_step" in p["training_thread"]]
         if not pool:
             continue
-        p = min(pool, key=lambda q: abs(q["training_thread"]["_train_step"]["calls"] - steps))
+        p = min(pool, key=lambda q: abs(q["training_thread"]["train_step"]["calls"] - steps))
         free.remove(p)
-        step = p["training_thread"]["_train_step"]
+        step = p["training_thread"]["train_step"]
         row["train_seconds"] = step["seconds"]
         row["tokens_per_second"] = step["calls"] * BATCH * BLOCK / step["seconds"]
 
@@ -343,6 +345,7 @@ def main() -> None:
     p.add_argument("--compression", default="none,sign")
     p.add_argument("--wait-probe", action="store_true",
                    help="time the workers from inside (benchmarks/wait_probe): where they wait, what the training thread does")
+    p.add_argument("--sync", action="store_true", help="the demo's --sync: the workers train as one sync group")
     p.add_argument("--speeds", default="", help="the demo's --speeds: relative speed per worker (1,1,0.5,0.25)")
     p.add_argument("--steps", type=int, default=2000, help="inner steps per worker")
     p.add_argument("--baselines", default="", help="N values whose train baselines to run (batch 12 x N)")
@@ -405,7 +408,7 @@ def main() -> None:
                 t0 = time.monotonic()
                 info = run_demo(n, h, scheme, args.steps, runs, args.force, outer, args.chunk or None, args.tag,
                                 args.unit_tokens, args.downlink, args.merge_weights, args.round_seconds,
-                                args.max_lag_steps, args.last_scheme, args.speeds, args.wait_probe)
+                                args.max_lag_steps, args.last_scheme, args.speeds, args.wait_probe, args.sync)
                 s = info["summary"]
                 model = load_coordinator_model(ROOT / info["dir"])
                 params = sum(p.numel() for p in model.parameters())
@@ -413,7 +416,7 @@ def main() -> None:
                 per_worker = (s["sent_bytes"] + s["received_bytes"]) / n
                 steps_per_worker = tokens / (n * BATCH * BLOCK)
                 ddp = 2 * 2 * (n - 1) / n * 4 * params * steps_per_worker  # sent + received per worker
-                key = demo_name(n, h, scheme, args.steps, args.tag, args.speeds)
+                key = demo_name(n, h, scheme, args.steps, args.tag, args.speeds, args.sync)
                 desc = ",".join(f"{k}={v}" for k, v in outer.items()) or "default"
                 overrides = (("chunk", args.chunk), ("unit_tokens", args.unit_tokens), ("downlink", args.downlink),
                              ("weights", args.merge_weights), ("max_lag_steps", args.max_lag_steps),

@@ -333,12 +333,20 @@ class RoundConfig:
     # limit, the worker never waits). The steps trained on the old basepoint while a merge is in
     # flight cost quality (README: merge lag); a small bound trades a little waiting for it.
     max_lag_steps: int = opt(0, low=0, help="Steps a worker may train past its push before it waits for the merge (0 = never waits).")
+    # A round of `steps` also ends after time_cap x steps x the fastest worker's step time, so a
+    # slower worker pushes with the fastest instead of holding up the semi-sync merge
+    # (coordinator/pacing.py; 0 = rounds of steps only). Equal speeds: the cap is never reached.
+    time_cap: float = opt(1.25, low=0.0, help="A round of steps also ends after this many times its steps at the fastest worker's step time (0 = never).")
 
     def validate(self) -> "RoundConfig":
         if self.steps <= 0 and self.seconds <= 0:
             raise ValueError("round needs steps > 0 or seconds > 0")
         if not isinstance(self.max_lag_steps, int) or self.max_lag_steps < 0:
             raise ValueError(f"round.max_lag_steps must be an int >= 0, got {self.max_lag_steps!r}")
+        if not 0.0 <= self.time_cap or self.time_cap != self.time_cap:
+            raise ValueError(f"round.time_cap must be >= 0, got {self.time_cap!r}")
+        if 0.0 < self.time_cap < 1.0:
+            raise ValueError(f"round.time_cap must be 0 (off) or >= 1 (the fastest worker's full round), got {self.time_cap!r}")
         return self
 
 
@@ -487,6 +495,9 @@ class DataPlanConfig:
     """How the training stream is cut into leasable work units."""
 
     unit_tokens: int = 65536  # tokens per work unit (one lease)
+    # Near the end of max_tokens, leases shrink with each worker's share of what is left, so slow
+    # and fast workers run out of data together (coordinator/pacing.py lease_cap).
+    guided_leases: bool = True
     max_tokens: int = opt(0, low=0, help="Training tokens for the whole run (0 = no limit: until stopped).")
 
 

@@ -108,6 +108,10 @@ class Ledger:
             return None
         return max(0, self.max_tokens - self.leased_total)
 
+    def outstanding(self) -> int:
+        """Tokens leased and not committed yet (trained or not)."""
+        return sum(u.lease_end - u.committed for u in self.units if u.holder)
+
     def counts(self) -> dict[str, int]:
         """Units by state: pending (free, not done), leased, done."""
         out = {"pending": 0, "leased": 0, "done": 0}
@@ -125,9 +129,11 @@ class Ledger:
 
     # ------------------------------------------------------------------ changes
 
-    def lease(self, worker_id: str) -> TrainedRange | None:
+    def lease(self, worker_id: str, cap: int = 0) -> TrainedRange | None:
         """Lease the next free range to `worker_id`; None when the token budget is spent.
-        Starts a new epoch when every unit of this one is done."""
+        Starts a new epoch when every unit of this one is done. cap > 0: the range holds at most
+        that many tokens (rounded down to whole blocks, at least one); the rest of the unit is
+        leased again once this range is committed."""
         budget = self.remaining_budget()
         if budget == 0:
             return None
@@ -144,10 +150,23 @@ class Ledger:
             if room <= 0:
                 return None
             end = min(end, unit.committed + room)
+        if cap > 0 and unit.committed + max(self.block_size, cap - cap % self.block_size) < end:
+            end = unit.committed + max(self.block_size, cap - cap % self.block_size)
+            self._split(unit, end)  # the rest is a free unit of its own: another worker may take it now
         unit.holder = worker_id
         unit.lease_end = end
         self.leased_total += end - unit.committed
         return TrainedRange(unit.unit_id, unit.committed, end, self.epoch)
+
+    def _split(self, unit: Unit, at: int) -> None:
+        """Cut `unit` at token `at` (a block boundary inside its uncommitted part): [at, end)
+        becomes a new free unit, visited right after it in this epoch's order. The units still
+        tile the shards, so every token is committed exactly once per epoch as before."""
+        assert unit.committed <= at < unit.end and (at - unit.start) % self.block_size == 0
+        tail = Unit(len(self.units), unit.shard, at, unit.end, at)
+        unit.end = at
+        self.units.append(tail)
+        self.order.insert(self.order.index(unit.unit_id) + 1, tail.unit_id)
 
     def _next_free(self) -> Unit | None:
         for idx in self.order:
@@ -218,6 +237,7 @@ class Ledger:
         return {
             "units": [asdict(u) for u in self.units],
             "epoch": self.epoch,
+            "order": list(self.order),
             "seed": self.seed,
             "unit_tokens": self.unit_tokens,
             "block_size": self.block_size,
@@ -228,11 +248,22 @@ class Ledger:
 
     def load_state_dict(self, state: dict) -> None:
         units = [Unit(**u) for u in state["units"]]
-        plan = [(u.shard, u.start, u.end) for u in units]
-        if plan != [(u.shard, u.start, u.end) for u in self.units]:
+        if _coverage(units) != _coverage(self.units) or any(u.unit_id != i for i, u in enumerate(units)):
             raise ValueError("checkpointed ledger was cut from different data (shards or unit size differ)")
         self.units = units
         self.epoch = int(state["epoch"])
-        self.order = self._order(self.epoch)
+        self.order = state.get("order") or self._order(self.epoch)
         self.committed_total = int(state["committed_total"])
         self.leased_total = int(state["leased_total"])
+
+
+def _coverage(units: Sequence[Unit]) -> list[tuple[str, int, int]]:
+    """The token ranges the units cover, adjacent ones joined: (shard, start, end) sorted. Equal
+    for a ledger as cut and the same ledger after any splits."""
+    out: list[tuple[str, int, int]] = []
+    for shard, start, end in sorted((u.shard, u.start, u.end) for u in units):
+        if out and out[-1][0] == shard and out[-1][2] == start:
+            out[-1] = (shard, out[-1][1], end)
+        else:
+            out.append((shard, start, end))
+    return out

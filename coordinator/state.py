@@ -73,6 +73,7 @@ from geotrain.coordinator.ledger import Ledger, LedgerError, TrainedRange
 from geotrain.coordinator.membership import NAME_RE, Membership
 from geotrain.coordinator.memory import check_fits, count_params
 from geotrain.coordinator.merger import Merger, MergeResult
+from geotrain.coordinator.pacing import Rates, lease_cap, round_time_cap
 from geotrain.coordinator.persistence import Persistence
 from geotrain.coordinator.records import (  # noqa: F401 - re-exported: the errors and records callers name
     AlreadyExists,
@@ -139,6 +140,7 @@ class CoordinatorState:
         self.spec = self.merger.spec
         self.groups = GroupFormation(clock=self.clock)  # sync groups (coordinator/groups.py)
         self.membership = Membership(run.workers, clock)
+        self.rates = Rates()  # each worker's smoothed speed (coordinator/pacing.py)
         train_shards = [(s.name, s.tokens) for s in data.manifest.shards if s.split == "train"]
         self.ledger = Ledger(
             train_shards,
@@ -303,12 +305,20 @@ class CoordinatorState:
         with self.lock:
             record = self._session(worker_id, session_id)
             record.stats = stats
+            self.rates.observe(worker_id, stats.get("step_seconds", 0.0), stats.get("tokens_per_second", 0.0))
             if self.metrics is not None:
                 self.metrics.observe_worker(record.name, stats, record.merged_tokens)
             # Only a finished run stops workers: while finishing, an idle worker stays (its lease
             # requests get "ask again soon") so it can retrain tokens a dying worker gives back.
             stop = self.state == "finished"
             return ("STOP" if stop else "CONTINUE"), self.version
+
+    def round_seconds_cap(self) -> float:
+        """Seconds after which a step-based round ends anyway (HeartbeatReply.round_seconds_cap;
+        coordinator/pacing.py round_time_cap over the live workers; 0 = none)."""
+        with self.lock:
+            steps = [self.rates.step_seconds.get(w.worker_id, 0.0) for w in self.membership.live()]
+            return round_time_cap(steps, self.run.round.steps, self.run.round.time_cap)
 
     def group_assignment(self, worker_id: str, active_group_id: str = "") -> Assignment | None:
         """The worker's sync group now (None: train async). Forms pending groups first.
@@ -338,6 +348,7 @@ class CoordinatorState:
     def _drop(self, worker_id: str, why: str) -> None:
         """Forget a worker: discard its pending delta, return its leased tokens. Caller holds the lock."""
         record = self.membership.remove(worker_id)
+        self.rates.forget(worker_id)
         self.groups.remove(worker_id, why)
         self.pending = [c for c in self.pending if c.worker_id != worker_id]
         returned = self.ledger.release(worker_id)
@@ -368,7 +379,7 @@ class CoordinatorState:
     def _lease_locked(self, worker_id: str) -> tuple[bool, TrainedRange | None]:
         if self.state == "finished":
             return True, None
-        r = self.ledger.lease(worker_id)
+        r = self.ledger.lease(worker_id, self._lease_cap(worker_id))
         if r is None and self.ledger.finished():
             return True, None  # budget spent and every leased token committed
         if r is not None and self.state == "finishing":
@@ -377,6 +388,17 @@ class CoordinatorState:
             self.state = "training"
         self._update_shard_gauge()
         return False, r
+
+    def _lease_cap(self, worker_id: str) -> int:
+        """Tokens a lease to `worker_id` may hold now (0 = a unit's whole free range): smaller
+        leases near the end of the budget (coordinator/pacing.py lease_cap)."""
+        if not self.run.plan.guided_leases:
+            return 0
+        rates = self.rates.tokens_per_second
+        live = [rates.get(w.worker_id, 0.0) for w in self.membership.live()] or [0.0]
+        step_tokens = self.run.train.batch_size * self.model_config.block_size
+        return lease_cap(rates.get(worker_id, 0.0), live, self.ledger.remaining_budget(), self.ledger.outstanding(),
+                         step_tokens, self.run.round.steps)
 
     def shard_path(self, worker_id: str, session_id: str, shard: str) -> tuple[Path, str]:
         """Path and sha256 of a shard named in the manifest; NotFound for anything else."""

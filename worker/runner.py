@@ -128,6 +128,10 @@ class WorkerRunner:
         self.downlink: Downlink | None = None
         self.device: torch.device | None = None
         self.next_lease: Future | None = None  # the prefetched lease after the current one
+        # Seconds after which a step-based round ends anyway, from the last heartbeat reply
+        # (coordinator/pacing.py round_time_cap; 0 = rounds of steps only). Written by the
+        # heartbeat thread, read by the training thread (a float: no lock needed).
+        self.round_seconds_cap = 0.0
         # The current lease's next batches made on a background thread (worker/shards.py
         # LeaseBatches); None: on CUDA without a host group (whose devices take CPU batches).
         self.prefetch_batches: bool | None = None
@@ -237,6 +241,11 @@ class WorkerRunner:
             sync_group=self.config.sync_group,
         )
 
+    def _on_heartbeat_reply(self, reply: pb.HeartbeatReply) -> None:
+        """Heartbeat thread: every reply. The round's time cap (coordinator/pacing.py), then the hooks."""
+        self.round_seconds_cap = reply.round_seconds_cap
+        self.hooks.on_heartbeat_reply(reply)
+
     def _join(self, run_ended: threading.Event) -> pb.JoinReply:
         """Join and start heartbeating at once: everything after this (model setup) may take
         longer than the coordinator's lease."""
@@ -244,7 +253,7 @@ class WorkerRunner:
         self.heartbeats = Heartbeats(
             self.client, reply.heartbeat_seconds or WorkersConfig.heartbeat_seconds, self.stats, run_ended, self.finish_event, self.inbox,
             metrics=self.metrics, device=lambda: self.device, extras=self.hooks.heartbeat_extras,
-            on_reply=self.hooks.on_heartbeat_reply,
+            on_reply=self._on_heartbeat_reply,
         )
         self.heartbeats.start()
         return reply
@@ -413,7 +422,7 @@ class WorkerRunner:
                 if time.monotonic() - last_summary >= self.config.summary_seconds:
                     last_summary = time.monotonic()
                     self._summary(bar)
-                if rounds.round_over(self.run_cfg.round) and rounds.inflight is None:
+                if rounds.round_over(self.run_cfg.round, self.round_seconds_cap) and rounds.inflight is None:
                     self.start_push()
         finally:
             if self.batches is not None:

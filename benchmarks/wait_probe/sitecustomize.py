@@ -5,11 +5,11 @@ started so (the demo's workers inherit both) imports this module at start-up; in
 wraps methods of geotrain.worker.runner.WorkerRunner with timers and writes DIR/worker-<pid>.json
 when WorkerRunner.run returns:
 
-  wait_by_caller  seconds passed to WorkerRunner._add_wait, by the calling function: `_setup`
-                  (the first model), `_run_once` (the next lease and its data not prefetched
-                  yet), `_wait_for_merge` (round.max_lag_steps), others (the way out)
-  training_thread seconds and calls of _train_step (incl. a --speed sleep), _make_push (encoding
-                  the delta), _drain_inbox (decoding updates and rebasing), _start_push
+  wait_by_caller  seconds the worker books as waiting (StatsBook.add(wait_seconds=...)), by the
+                  calling function: `_setup` (the first model), `_train_run` (the next lease and
+                  its data not prefetched yet), `_wait_for_merge` (round.max_lag_steps)
+  training_thread seconds and calls of train_step (incl. a --speed sleep), start_push (the delta
+                  snapshot; the comm thread encodes it), apply_inbox (decoding updates, rebasing)
   wall_seconds    from the first training step to the end of WorkerRunner.run
   name            the worker's --name
 
@@ -27,6 +27,7 @@ _OUT = os.environ.get("GEOTRAIN_WAIT_PROBE")
 
 
 def _install(out_dir: str) -> None:
+    from geotrain.worker import metrics as metrics_mod
     from geotrain.worker import runner as runner_mod
 
     cls = runner_mod.WorkerRunner
@@ -37,7 +38,7 @@ def _install(out_dir: str) -> None:
         inner = getattr(cls, name)
 
         def wrapper(self, *args, **kwargs):
-            if started[0] is None and name == "_train_step":
+            if started[0] is None and name == "train_step":
                 started[0] = time.monotonic()
                 figures["name"] = self.config.name
             t0 = time.monotonic()
@@ -50,19 +51,22 @@ def _install(out_dir: str) -> None:
 
         setattr(cls, name, wrapper)
 
-    for name in ("_train_step", "_make_push", "_drain_inbox", "_start_push"):
+    for name in ("train_step", "start_push", "apply_inbox"):
         timed(name)
 
-    add_wait = cls._add_wait
+    book = metrics_mod.StatsBook
+    add = book.add
 
-    def _add_wait(self, seconds: float) -> None:
-        caller = sys._getframe(1).f_code.co_name
-        row = figures["wait_by_caller"].setdefault(caller, {"seconds": 0.0, "calls": 0})
-        row["seconds"] += seconds
-        row["calls"] += 1
-        add_wait(self, seconds)
+    def add_and_record(self, **values) -> None:
+        seconds = values.get("wait_seconds")
+        if seconds:
+            caller = sys._getframe(1).f_code.co_name
+            row = figures["wait_by_caller"].setdefault(caller, {"seconds": 0.0, "calls": 0})
+            row["seconds"] += seconds
+            row["calls"] += 1
+        add(self, **values)
 
-    cls._add_wait = _add_wait
+    book.add = add_and_record
 
     def dump() -> None:
         figures["wall_seconds"] = time.monotonic() - started[0] if started[0] else 0.0
