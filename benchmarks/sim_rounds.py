@@ -74,6 +74,10 @@ class SimConfig:
     #                             coordinator/state.py's count merge), "previous" = the previous round's
     last_scheme: str = ""  # the final partial round's scheme ("" = the run's; the workers send int8 or int4)
     data_order: str = "random"  # random: get_batch windows; units: contiguous rows inside shuffled leases
+    round_schedule: str = "steps"  # steps: every round_steps steps; lr: a round ends when its summed
+    #                                learning rate (warmup steps counted at the peak) reaches
+    #                                round_steps x the schedule's mean: short rounds at a high lr,
+    #                                long ones as it decays, about as many rounds in all
     unit_tokens: int = 65536
     seed: int = 1337
     eval_batches: int = 200
@@ -104,6 +108,8 @@ class SimConfig:
             s += f"_upshared{self.up_shared}" + ("_prevscales" if self.shared_from == "previous" else "")
         if self.last_scheme:
             s += f"_last{self.last_scheme}"
+        if self.round_schedule != "steps":
+            s += f"_rs{self.round_schedule}"
         if self.eager != "off":
             s += f"_eager{self.eager}"
         if self.data_order != "random":
@@ -445,6 +451,12 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
         pending = None  # (update, each replica's own decoded push, step at which it lands)
         last_push = 0
         step = 0
+
+        def weight(t: int) -> float:  # --round-schedule lr: a step's share of a round
+            return optim.lr if t < optim.warmup_iters else lr_at(t, optim, cfg.steps)
+
+        mean_w = sum(weight(t) for t in range(cfg.steps)) / cfg.steps
+        acc = 0.0
         while True:
             if pending is not None and (step >= pending[2] or step >= cfg.steps):
                 apply(pending)
@@ -455,8 +467,14 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
                 break
             for i in range(n_rep):
                 train_step(i, step)
+            acc += weight(step)
             step += 1
-            if step % H == 0 and step < cfg.steps:
+            if cfg.round_schedule == "lr":
+                due = acc >= H * mean_w
+            else:
+                due = step % H == 0
+            if due and step < cfg.steps:
+                acc = 0.0
                 if pending is not None:  # the worker pushes only once its last push is merged
                     apply(pending)
                 pending = push_and_move(step)
@@ -566,6 +584,8 @@ def main() -> None:
     p.add_argument("--shared-from", default="round", choices=["round", "previous"],
                    help="--up-shared scales: this round's mean (as the count merge) or the previous round's")
     p.add_argument("--last-scheme", default="", help="the final partial round's scheme (int8, int4)")
+    p.add_argument("--round-schedule", default="steps", choices=["steps", "lr"],
+                   help="lr: rounds of equal summed learning rate (short at the peak, long as it decays)")
     p.add_argument("--data-order", default="random", choices=["random", "units", "units-shuffled"])
     p.add_argument("--unit-tokens", type=int, default=65536)
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
@@ -586,7 +606,7 @@ def main() -> None:
                           args.warmup_scheme, args.delay, down_scheme=args.down_scheme, down_predict=args.down_predict, down_mode=args.down_mode, eager=args.eager,
                           up_keep=args.up_keep, up_group=args.up_group, up_shared=args.up_shared,
                           shared_from=args.shared_from, last_scheme=args.last_scheme, data_order=args.data_order, unit_tokens=args.unit_tokens,
-                          eval_batches=args.eval_batches)]
+                          round_schedule=args.round_schedule, eval_batches=args.eval_batches)]
     existing = {}
     if args.out and Path(args.out).exists():
         existing = {r["name"]: r for r in json.loads(Path(args.out).read_text())["runs"]}

@@ -335,8 +335,9 @@ class RoundConfig:
     max_lag_steps: int = opt(0, low=0, help="Steps a worker may train past its push before it waits for the merge (0 = never waits).")
     # A round of `steps` also ends after time_cap x steps x the fastest worker's step time, so a
     # slower worker pushes with the fastest instead of holding up the semi-sync merge
-    # (coordinator/pacing.py; 0 = rounds of steps only). Equal speeds: the cap is never reached.
-    time_cap: float = opt(1.25, low=0.0, help="A round of steps also ends after this many times its steps at the fastest worker's step time (0 = never).")
+    # (coordinator/pacing.py; 0 = rounds of steps only). At equal speeds a worker a little slower
+    # than the fastest pushes a step or two early, at the same moment as the others.
+    time_cap: float = opt(1.0, low=0.0, help="A round of steps also ends after this many times its steps at the fastest worker's step time (0 = never).")
 
     def validate(self) -> "RoundConfig":
         if self.steps <= 0 and self.seconds <= 0:

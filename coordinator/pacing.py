@@ -6,14 +6,15 @@ tokens_per_second, smoothed per worker by `Rates`):
 - **Rounds end together** (`round_time_cap`). A round of `round.steps` inner steps also ends
   after `round.time_cap` x round.steps x the fastest worker's step time (seconds, sent in every
   HeartbeatReply as `round_seconds_cap`). The fastest worker still trains its round.steps; a worker
-  at half its speed pushes after about 1/2 x time_cap of them, at the same moment, so a semi-sync
+  at half its speed pushes after about half of them, at the same moment, so a semi-sync
   merge does not wait for the slowest and nobody's update lands tens of steps late (the dynamic
-  local updates of Async Local-SGD; the merge weighs each delta by its tokens). At equal speeds the
-  cap (1.25 x by default) stays above every worker's round and changes nothing.
+  local updates of Async Local-SGD). At equal speeds a worker a little slower than the fastest
+  pushes a step or two early, with the others. The merges and their count stay paced by the
+  fastest worker's round.steps, so the traffic does not change.
 - **Leases sized by speed** (`lease_cap`). A lease holds what the worker trains in `LEASE_ROUNDS`
   rounds of the fastest worker (one round of steps until its speed is known), and near the end of
-  a token budget at most what it trains in half the time everyone needs for what is left (guided
-  self-scheduling), never less than `MIN_LEASE_STEPS` steps of the run's batch. A capped lease
+  a token budget at most what it trains in a quarter of the time everyone needs for what is left
+  (guided self-scheduling), never less than `MIN_LEASE_STEPS` steps of the run's batch. A capped lease
   splits its unit (coordinator/ledger.py), so the rest is free for anyone at once. Slow and fast
   workers then run out of data at about the same time, instead of the others idling while the
   slowest finishes a whole unit it leased early.
@@ -26,8 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MIN_LEASE_STEPS = 4  # the smallest lease, in steps of the run's batch (batch_size x block_size tokens)
-LEASE_ROUNDS = 4  # a lease holds at most this many rounds of training at the fastest worker's speed
+LEASE_ROUNDS = 2  # a lease holds at most this many rounds of training at the fastest worker's speed
 DEFAULT_ROUND_STEPS = 30  # rounds of steps assumed for leases when rounds are time-based
+# Near the end a lease holds at most 1/END_SHARE of the time everyone needs for what is left: a
+# worker holds two leases (the one it trains and the one it fetched ahead), so together at most
+# half of it, and the leases shrink geometrically as the budget runs out.
+END_SHARE = 4
 SMOOTHING = 0.3  # weight of the newest heartbeat figure in a worker's running estimate
 
 
@@ -71,9 +76,9 @@ def lease_cap(worker_rate: float, rates: list[float], unleased: int | None, outs
     rounds: counted as DEFAULT_ROUND_STEPS). The cap is a multiple of step_tokens:
 
     - a worker whose speed is not known yet: one round of steps;
-    - else its tokens/s x the shorter of LEASE_ROUNDS rounds of the fastest worker and half the
-      time the whole run needs to finish what is left ((unleased + outstanding) / everyone's
-      tokens/s): a slower worker holds proportionally less, and near the end every lease halves.
+    - else its tokens/s x the shorter of LEASE_ROUNDS rounds of the fastest worker and 1/END_SHARE
+      of the time the whole run needs to finish what is left ((unleased + outstanding) / everyone's
+      tokens/s): a slower worker holds proportionally less, and near the end the leases shrink.
     """
     if step_tokens <= 0:
         return 0
@@ -88,6 +93,6 @@ def lease_cap(worker_rate: float, rates: list[float], unleased: int | None, outs
     total = sum(r if r > 0 else mean for r in rates)
     seconds = LEASE_ROUNDS * steps * step_tokens / max(known)  # LEASE_ROUNDS rounds of the fastest
     if unleased is not None:
-        seconds = min(seconds, (unleased + outstanding) / total / 2)
+        seconds = min(seconds, (unleased + outstanding) / total / END_SHARE)
     cap = int(worker_rate * seconds) // step_tokens * step_tokens
     return max(floor, cap)

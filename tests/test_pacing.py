@@ -9,7 +9,7 @@ import pytest
 
 from geotrain.common.config import RoundConfig
 from geotrain.coordinator.ledger import Ledger
-from geotrain.coordinator.pacing import LEASE_ROUNDS, MIN_LEASE_STEPS, Rates, lease_cap, round_time_cap
+from geotrain.coordinator.pacing import END_SHARE, LEASE_ROUNDS, MIN_LEASE_STEPS, Rates, lease_cap, round_time_cap
 from geotrain.coordinator.state import CoordinatorState
 from geotrain.protos.rpc import PROTOCOL_VERSION
 from geotrain.worker.rebase import RoundState
@@ -36,7 +36,7 @@ def test_lease_cap_follows_each_workers_speed_and_halves_near_the_end():
     # near the end: half the time everyone needs for what is left (leased tokens included)
     left = 200_000
     near = lease_cap(1000.0, rates, left - 50_000, 50_000, step, H)
-    assert near == int(1000.0 * left / 2750 / 2) // step * step < fast
+    assert near == int(1000.0 * left / 2750 / END_SHARE) // step * step < fast
     assert near % step == 0
     # never below MIN_LEASE_STEPS steps
     assert lease_cap(250.0, rates, 1000, 0, step, H) == MIN_LEASE_STEPS * step
@@ -133,15 +133,16 @@ def test_the_coordinator_paces_rounds_and_shrinks_the_last_leases(data, tmp_path
     assert state.round_seconds_cap() == 0.0  # no step times yet
     state.heartbeat(fast.worker_id, fast.session_id, {"step_seconds": 0.1, "tokens_per_second": 4 * step_tokens})
     state.heartbeat(slow.worker_id, slow.session_id, {"step_seconds": 0.4, "tokens_per_second": step_tokens})
-    assert state.round_seconds_cap() == pytest.approx(1.25 * 30 * 0.1)
-    # the budget is one unit: uncapped, the fast worker would take all of it; it gets half the
-    # time everyone needs for the budget at its speed, the slow one a quarter of that
+    assert state.round_seconds_cap() == pytest.approx(run.round.time_cap * 30 * 0.1)
+    # the budget is one unit: uncapped, the fast worker would take all of it; it gets 1/END_SHARE
+    # of the time everyone needs for the budget at its speed, the slow one a quarter of that
     budget = 64 * step_tokens
     _, r = state.lease(fast.worker_id, fast.session_id)
-    assert r.end - r.start == int(4 * step_tokens * budget / (5 * step_tokens) / 2) // step_tokens * step_tokens
+    assert r.end - r.start == int(4 * step_tokens * budget / (5 * step_tokens) / END_SHARE) // step_tokens * step_tokens
     _, r_slow = state.lease(slow.worker_id, slow.session_id)  # the rest of the split unit, at its speed
     assert r_slow.start == r.end and r_slow.unit_id != r.unit_id
-    assert r_slow.end - r_slow.start == int(step_tokens * budget / (5 * step_tokens) / 2) // step_tokens * step_tokens
+    assert r_slow.end - r_slow.start == max(MIN_LEASE_STEPS * step_tokens,
+                                            int(step_tokens * budget / (5 * step_tokens) / END_SHARE) // step_tokens * step_tokens)
     state.leave(slow.worker_id, slow.session_id, "test")
     assert state.round_seconds_cap() == 0.0  # alone again
 
