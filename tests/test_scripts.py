@@ -53,3 +53,21 @@ def test_chaos_smoke(tmp_path, data_dir):
     assert report["ok"], report["checks"]
     assert sum(report["kills"].values()) > 0
     assert report["ledger"]["committed_total"] > 0
+
+
+def test_the_wait_probe_times_the_runner_methods_it_names(tmp_path):
+    """benchmarks/wait_probe wraps WorkerRunner and StatsBook methods by name: a renamed method
+    must fail here, not stop every worker of a benchmark at start-up."""
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks/wait_probe'); import sitecustomize as probe\n"
+        f"probe._install({str(tmp_path)!r})\n"
+        "from geotrain.worker.runner import WorkerRunner\n"
+        "from geotrain.worker.metrics import StatsBook\n"
+        "names = ('train_step', 'start_push', 'apply_inbox', 'run')\n"
+        "assert all(getattr(WorkerRunner, n).__name__ != n for n in names), 'not wrapped'\n"
+        "book = StatsBook(); book.add(wait_seconds=0.5)\n"
+        "print(book.snapshot().wait_seconds)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "0.5"
