@@ -207,6 +207,23 @@ def run_demo(n: int, h: int | str, scheme: str, steps: int, runs: Path, force: b
             "command": " ".join(c if not c.startswith(str(ROOT)) else os.path.relpath(c, ROOT) for c in cmd)}
 
 
+def sync_checks(run_dir: Path) -> dict:
+    """A sync demo's checksum rounds and repairs, from its worker logs: each member logs
+    "(C checks, R repairs)" while identical and "... R repairs); training async" when it leaves
+    its group; every repair also logs a line naming it."""
+    import re
+
+    checks = repairs = 0
+    for log in sorted((run_dir / "logs").glob("worker-*.log")):
+        text = log.read_text(errors="replace")
+        found = [(int(c), int(r)) for c, r in re.findall(r"\((\d+) checks, (\d+) repairs\)", text)]
+        found += [(int(c), int(r)) for c, r in re.findall(r"(\d+) checksum rounds, (\d+) repairs\)", text)]
+        if found:
+            c, r = max(found)
+            checks, repairs = checks + c, repairs + r
+    return {"sync_checks": checks, "sync_repairs": repairs}
+
+
 def demo_name(n: int, h, scheme: str, steps: int, tag: str, speeds: str = "", sync: bool = False) -> str:
     sp = "_sp" + "-".join(f"{float(x):g}" for x in speeds.split(",")) if speeds else ""
     return f"demo_n{n}_h{h}_{scheme}_s{steps}{sp}" + ("_sync" if sync else "") + (f"_{tag}" if tag else "")
@@ -432,7 +449,8 @@ def main() -> None:
                     ddp_bytes_per_worker=ddp, ddp_ratio=(ddp / per_worker) if per_worker and n > 1 else None,
                     wait_fraction=s.get("wait_fraction", 0.0), seconds=s.get("seconds", time.monotonic() - t0),
                     model_version=s.get("model_version"), speeds=args.speeds or None, **speed_figures(s),
-                    wait_probe=s.get("wait_probe"),
+                    wait_probe=s.get("wait_probe"), sync=args.sync or None,
+                    **(sync_checks(ROOT / info["dir"]) if args.sync else {}),
                 )
                 save_results(res)
                 print(f"{key}: fixed-val {res['runs'][key]['val']:.4f} MB/worker {per_worker / 1e6:.2f} "

@@ -10,7 +10,10 @@ of a unit, trains it in order, and reports the trained sub-ranges with its delta
 - a unit's committed part is always a prefix [start, committed);
 - when a worker dies or leaves, its units are released and the next lease resumes at the committed
   cursor: tokens whose delta was lost are trained again, merged tokens are never handed out twice;
-- every token of the split is committed exactly once per epoch (test_ledger.py checks it).
+- every token of the split is committed exactly once per epoch (test_ledger.py checks it);
+- when every unit of an epoch is done or held, the next epoch starts at once: a held unit keeps
+  its epoch (`Unit.epoch`) until its lease ends, then joins the new one, so workers never wait at
+  an epoch's border; at most two epochs are in flight.
 
 `max_tokens` (0 = no limit) caps the tokens leased over the run; once it is spent, `lease` returns
 None and the run finishes when every leased token is committed or released.
@@ -34,6 +37,7 @@ class Unit:
     committed: int  # tokens [start, committed) are merged this epoch
     holder: str = ""  # worker id holding the lease, "" when free
     lease_end: int = 0  # end of the leased range (<= end) while held
+    epoch: int = 0  # the epoch `committed` counts in: the ledger's, or the one before while held
 
     @property
     def done(self) -> bool:
@@ -139,11 +143,14 @@ class Ledger:
             return None
         unit = self._next_free()
         if unit is None:
-            if any(u.holder for u in self.units):
-                return None  # the rest of this epoch is held by others; caller retries later
+            if any(u.epoch < self.epoch for u in self.units):
+                return None  # two epochs in flight already: the older one's last units are held
+            # Every unit of this epoch is done or held: start the next one now, and the held
+            # units join it when their leases end (`_catch_up`), so no worker waits at the border.
             self._new_epoch()
             unit = self._next_free()
-            assert unit is not None
+            if unit is None:
+                return None  # every unit is held; caller retries later
         end = unit.end
         if budget is not None:
             room = budget - budget % self.block_size
@@ -156,22 +163,27 @@ class Ledger:
         unit.holder = worker_id
         unit.lease_end = end
         self.leased_total += end - unit.committed
-        return TrainedRange(unit.unit_id, unit.committed, end, self.epoch)
+        return TrainedRange(unit.unit_id, unit.committed, end, unit.epoch)
 
     def _split(self, unit: Unit, at: int) -> None:
         """Cut `unit` at token `at` (a block boundary inside its uncommitted part): [at, end)
         becomes a new free unit, visited right after it in this epoch's order. The units still
         tile the shards, so every token is committed exactly once per epoch as before."""
         assert unit.committed <= at < unit.end and (at - unit.start) % self.block_size == 0
-        tail = Unit(len(self.units), unit.shard, at, unit.end, at)
+        tail = Unit(len(self.units), unit.shard, at, unit.end, at, epoch=unit.epoch)
         unit.end = at
         self.units.append(tail)
         self.order.insert(self.order.index(unit.unit_id) + 1, tail.unit_id)
 
     def _next_free(self) -> Unit | None:
+        """A free unit with tokens left in its epoch: the previous epoch's first (a range a
+        dead worker gave back), then this epoch's in its order."""
+        for u in self.units:
+            if not u.holder and u.epoch < self.epoch and not u.done:
+                return u
         for idx in self.order:
             u = self.units[idx]
-            if not u.holder and not u.done:
+            if not u.holder and u.epoch == self.epoch and not u.done:
                 return u
         return None
 
@@ -179,7 +191,13 @@ class Ledger:
         self.epoch += 1
         self.order = self._order(self.epoch)
         for u in self.units:
-            u.committed = u.start
+            if not u.holder:
+                u.committed, u.epoch = u.start, self.epoch
+
+    def _catch_up(self, u: Unit) -> None:
+        """A unit of the previous epoch whose lease ended done joins the current epoch."""
+        if not u.holder and u.epoch < self.epoch and u.done:
+            u.committed, u.epoch = u.start, self.epoch
 
     def check(self, worker_id: str, ranges: Iterable[TrainedRange]) -> None:
         """Raise LedgerError unless `ranges` extend the committed prefixes of units `worker_id`
@@ -191,8 +209,8 @@ class Ledger:
             u = self.units[r.unit_id]
             if u.holder != worker_id:
                 raise LedgerError(f"unit {r.unit_id} is not leased to this worker")
-            if r.epoch != self.epoch:
-                raise LedgerError(f"unit {r.unit_id}: range from epoch {r.epoch}, ledger is at {self.epoch}")
+            if r.epoch != u.epoch:
+                raise LedgerError(f"unit {r.unit_id}: range from epoch {r.epoch}, the unit is at {u.epoch}")
             cursor = cursors.get(r.unit_id, u.committed)
             if r.start != cursor or not r.start < r.end <= u.lease_end:
                 raise LedgerError(
@@ -212,6 +230,7 @@ class Ledger:
             total += r.end - r.start
             if u.committed >= u.lease_end:
                 u.holder, u.lease_end = "", 0
+                self._catch_up(u)
         self.committed_total += total
         return total
 
@@ -247,7 +266,8 @@ class Ledger:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        units = [Unit(**u) for u in state["units"]]
+        # a checkpoint written before units kept their own epoch: all were at the ledger's
+        units = [Unit(**{"epoch": int(state["epoch"]), **u}) for u in state["units"]]
         if _coverage(units) != _coverage(self.units) or any(u.unit_id != i for i, u in enumerate(units)):
             raise ValueError("checkpointed ledger was cut from different data (shards or unit size differ)")
         self.units = units

@@ -124,3 +124,53 @@ def test_state_round_trip_and_mismatch():
     other = Ledger([("z", 500)], unit_tokens=64, block_size=16)
     with pytest.raises(ValueError, match="different data"):
         other.load_state_dict(state)
+
+
+def test_the_next_epoch_starts_while_the_last_units_of_this_one_are_held():
+    ledger = Ledger([("a", 1000)], unit_tokens=256, block_size=16)
+    held = []
+    while (r := ledger.lease("slow")) is not None and r.epoch == 0:
+        held.append(r)
+    # every unit of epoch 0 is held by "slow": another worker gets epoch 1 at once
+    assert r is None  # all units held, none free in either epoch
+    ledger.commit("slow", [held[0]])
+    nxt = ledger.lease("fast")
+    assert nxt is not None and nxt.epoch == 1 and nxt.unit_id == held[0].unit_id
+    # the held units finish epoch 0, then join epoch 1
+    ledger.commit("slow", held[1:])
+    assert all(u.epoch == 1 for u in ledger.units)
+    with pytest.raises(LedgerError, match="epoch"):
+        ledger.check("fast", [TrainedRange(nxt.unit_id, nxt.start, nxt.end, 0)])
+
+
+def test_every_token_once_per_epoch_across_epoch_borders_with_split_leases_and_failures():
+    rng = random.Random(7)
+    ledger = Ledger(SHARDS, unit_tokens=100, block_size=16)
+    usable = {name: (n - 1) - (n - 1) % 16 for name, n in SHARDS}
+    commits: dict[int, list[tuple[str, int, int]]] = {}
+    held: dict[str, list[TrainedRange]] = {"w1": [], "w2": [], "w3": []}
+    for _ in range(3000):
+        w = rng.choice(list(held))
+        roll = rng.random()
+        if held[w] and roll < 0.45:
+            r = held[w].pop(0)
+            cut = r.start + rng.randrange(1, (r.end - r.start) // 16 + 1) * 16  # trains a prefix, or all
+            part = TrainedRange(r.unit_id, r.start, cut, r.epoch)
+            ledger.commit(w, [part])
+            commits.setdefault(r.epoch, []).append((ledger.units[r.unit_id].shard, r.start, cut))
+            if cut < r.end:
+                held[w].insert(0, TrainedRange(r.unit_id, cut, r.end, r.epoch))
+        elif roll < 0.5:  # the worker dies: its leases go back at their committed cursors
+            ledger.release(w)
+            held[w] = []
+        else:
+            r = ledger.lease(w, cap=rng.choice([0, 16, 48, 160]))
+            if r is not None:
+                held[w].append(r)
+    assert ledger.epoch >= 3
+    for epoch in range(ledger.epoch - 1):  # the finished epochs: each token once
+        ends: dict[str, int] = {}
+        for shard, start, end in sorted(commits[epoch]):
+            assert ends.get(shard, 0) == start, (epoch, shard, start)
+            ends[shard] = end
+        assert ends == usable, epoch
