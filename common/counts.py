@@ -12,8 +12,8 @@ worker, instead of the other deltas' sign bits (N - 1 bits per value), one count
   k = 2c - N.
 
 Layout: the counts of every value of every tensor, in the model's tensor order, packed
-little-endian into bytes at `bits_per_count(maxval)` bits each (2 for maxval <= 3, 4 for <= 15,
-else 8; padding counts are 0), in ONE zstd frame with its content size and a checksum. With 4
+little-endian into bytes at `bits_per_count(maxval)` bits each (1 for maxval 1, the agree bits of
+2 workers; 2 for maxval <= 3, 4 for <= 15, else 8; padding counts are 0), in ONE zstd frame with its content size and a checksum. With 4
 workers an agree count is 2 bits before zstd (about 1.85 after) where relaying the others' sign bits
 costs 3. Decoding checks the frame's declared size before decompressing, every count against
 maxval and the padding, and raises ValueError on anything else.
@@ -37,7 +37,7 @@ MAX_COUNT = 255
 def bits_per_count(maxval: int) -> int:
     if not isinstance(maxval, int) or not 1 <= maxval <= MAX_COUNT:
         raise ValueError(f"maxval must be an int in [1, {MAX_COUNT}], got {maxval!r}")
-    return 2 if maxval <= 3 else 4 if maxval <= 15 else 8
+    return 1 if maxval == 1 else 2 if maxval <= 3 else 4 if maxval <= 15 else 8
 
 
 def packed_size(n: int, maxval: int) -> int:
@@ -56,6 +56,8 @@ def encode_counts(counts: np.ndarray, maxval: int, zstd_level: int = 3) -> bytes
     padded[: counts.size] = counts
     if per == 1:
         packed = padded
+    elif bits == 1:  # count j of each byte at bit j
+        packed = np.packbits(padded, bitorder="little")
     else:  # lanes of `per` counts read as one little-endian word; count j moves to bits j*bits
         word = padded.view("<u4" if per == 4 else "<u2")
         acc = word.copy()
@@ -101,7 +103,10 @@ def decode_counts(payload: bytes, n: int, maxval: int) -> np.ndarray:
     if len(packed) != expected:
         raise ValueError(f"count payload holds {len(packed)} bytes, expected {expected}")
     raw = np.frombuffer(packed, dtype=np.uint8)
-    counts = np.take(_unpack_table(bits), raw).view(np.uint8) if bits < 8 else raw.copy()
+    if bits == 1:
+        counts = np.unpackbits(raw, bitorder="little")
+    else:
+        counts = np.take(_unpack_table(bits), raw).view(np.uint8) if bits < 8 else raw.copy()
     if counts[n:].any():
         raise ValueError("count payload has nonzero padding")
     counts = counts[:n]

@@ -206,6 +206,12 @@ def test_count_payloads_round_trip_and_refuse_garbage():
         payload = encode_counts(counts, maxval)
         assert np.array_equal(decode_counts(payload, n, maxval), counts)
     assert packed_size(1001, 3) == 251 and packed_size(1001, 4) == 501 and packed_size(5, 200) == 5
+    # 2 workers: each agree count is one bit, so random agreement costs about a bit per value
+    assert packed_size(1001, 1) == 126
+    bits = rng.integers(0, 2, 100_000).astype(np.uint8)
+    assert len(encode_counts(bits, 1)) < 100_000 / 8 * 1.01
+    with pytest.raises(ValueError, match="padding"):
+        decode_counts(encode_counts(np.ones(16, np.uint8), 1), 9, 1)  # bits 9-15 are padding
     payload = encode_counts(np.array([3, 1, 2], np.uint8), 3)
     with pytest.raises(ValueError, match="declares"):
         decode_counts(payload, 9, 3)  # another length
