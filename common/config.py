@@ -326,7 +326,7 @@ class RoundConfig:
     GPU does more steps than a slow one.
     """
 
-    steps: int = opt(30, flag="--round-steps", low=0, help="Inner steps per local round (0: time-based, see --round-seconds).")
+    steps: int = opt(32, flag="--round-steps", low=0, help="Inner steps per local round (0: time-based, see --round-seconds).")
     seconds: float = opt(0.0, flag="--round-seconds", low=0.0,
                          help="Seconds per local round, used when round steps are 0 (a flag alone implies it).")
     # Inner steps a worker may train past its push before it waits for that push's merge (0: no

@@ -19,7 +19,7 @@ def test_an_async_run_compresses_both_directions_by_default():
     assert c.scheme == "tsign"  # 1 bit per value and one scale per tensor up
     assert c.downlink == "count"  # "auto" resolved: per-value counts down, replayed bit-identically
     assert c.last_scheme == "int4"
-    assert run.round.steps == 30
+    assert run.round.steps == 32
 
 
 def test_uncompressed_runs_stay_available_and_relay_their_deltas():
