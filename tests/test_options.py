@@ -179,7 +179,7 @@ def test_precedence_flag_then_environment_then_file_then_default(tmp_path, monke
         monkeypatch.delenv(name, raising=False)
     toml = tmp_path / "run.toml"
     toml.write_text("[round]\nsteps = 7\n[outer]\nlr = 0.5\n")
-    assert coordinator_run([]).round.steps == C.RoundConfig().steps == 30  # default
+    assert coordinator_run([]).round.steps == C.RoundConfig().steps == 32  # default
     run = coordinator_run(["--config", str(toml)])
     assert (run.round.steps, run.outer.lr) == (7, 0.5)  # file over default
     monkeypatch.setenv("GEOTRAIN_ROUND_STEPS", "9")
