@@ -344,9 +344,7 @@ class RoundConfig:
             raise ValueError("round needs steps > 0 or seconds > 0")
         if not isinstance(self.max_lag_steps, int) or self.max_lag_steps < 0:
             raise ValueError(f"round.max_lag_steps must be an int >= 0, got {self.max_lag_steps!r}")
-        if not 0.0 <= self.time_cap or self.time_cap != self.time_cap:
-            raise ValueError(f"round.time_cap must be >= 0, got {self.time_cap!r}")
-        if 0.0 < self.time_cap < 1.0:
+        if not (self.time_cap == 0.0 or self.time_cap >= 1.0):  # NaN fails both
             raise ValueError(f"round.time_cap must be 0 (off) or >= 1 (the fastest worker's full round), got {self.time_cap!r}")
         return self
 
