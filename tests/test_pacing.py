@@ -169,6 +169,7 @@ def test_heartbeat_reply_carries_the_round_cap(data, tmp_path):
 
 
 def test_a_time_cap_between_zero_and_one_is_refused():
-    with pytest.raises(ValueError, match="round.time_cap"):
-        RoundConfig(time_cap=0.5).validate()
+    for bad in (0.5, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="round.time_cap"):
+            RoundConfig(time_cap=bad).validate()
     RoundConfig(time_cap=0.0).validate()
