@@ -79,6 +79,7 @@ class SimConfig:
     #                                round_steps x the schedule's mean: short rounds at a high lr,
     #                                long ones as it decays, about as many rounds in all
     unit_tokens: int = 65536
+    count_scaling: bool = True  # --up-shared merges take common/merge.py count_step's outer step (as the coordinator)
     seed: int = 1337
     eval_batches: int = 200
 
@@ -96,6 +97,8 @@ class SimConfig:
             s += f"_wu{self.warmup_rounds}{self.warmup_scheme}"
         if self.delay:
             s += f"_d{self.delay}"
+        if self.up_shared and not self.count_scaling:
+            s += "_nocs"
         if self.down_scheme:
             s += f"_down{self.down_scheme}"
         if self.down_mode != "update":
@@ -306,7 +309,8 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
         final = models[0]
     else:
         shapes = {n: tuple(t.shape) for n, t in glob.items()}
-        outer = OuterOptimizer(OuterConfig(cfg.outer_kind, cfg.outer_lr, cfg.outer_momentum), shapes)
+        outer = OuterOptimizer(OuterConfig(cfg.outer_kind, cfg.outer_lr, cfg.outer_momentum,
+                                           count_scaling=cfg.count_scaling), shapes)
         feedback: dict[str, ErrorFeedback] = {}
         base = {n: t.clone() for n, t in glob.items()}
         H = cfg.round_steps
@@ -353,7 +357,7 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
                 D = combine(contribs, rounds, 0.5)
                 last_mean.clear()
                 last_mean.update({n: t.clone() for n, t in D.items()})
-                U_dec = {n: t.clone() for n, t in outer.update(D).items()}
+                U_dec = {n: t.clone() for n, t in outer.update(D, counted=n_rep).items()}
                 for n in glob:
                     glob[n].add_(U_dec[n])
                 rounds += 1
@@ -588,6 +592,8 @@ def main() -> None:
                    help="lr: rounds of equal summed learning rate (short at the peak, long as it decays)")
     p.add_argument("--data-order", default="random", choices=["random", "units", "units-shuffled"])
     p.add_argument("--unit-tokens", type=int, default=65536)
+    p.add_argument("--no-count-scaling", dest="count_scaling", action="store_false",
+                   help="--up-shared merges at --outer-lr / --outer-momentum whatever their size")
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
     p.add_argument("--sweep", default="", help="default | outer | compress | signfix (comma separated)")
     p.add_argument("--device", default="cpu")
@@ -606,7 +612,8 @@ def main() -> None:
                           args.warmup_scheme, args.delay, down_scheme=args.down_scheme, down_predict=args.down_predict, down_mode=args.down_mode, eager=args.eager,
                           up_keep=args.up_keep, up_group=args.up_group, up_shared=args.up_shared,
                           shared_from=args.shared_from, last_scheme=args.last_scheme, data_order=args.data_order, unit_tokens=args.unit_tokens,
-                          round_schedule=args.round_schedule, eval_batches=args.eval_batches)]
+                          round_schedule=args.round_schedule, count_scaling=args.count_scaling,
+                          eval_batches=args.eval_batches)]
     existing = {}
     if args.out and Path(args.out).exists():
         existing = {r["name"]: r for r in json.loads(Path(args.out).read_text())["runs"]}

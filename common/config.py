@@ -309,6 +309,10 @@ class OuterConfig:
     kind: str = opt("nesterov", flag="--outer-kind", choices=("nesterov", "average"), help="Outer optimizer.")
     lr: float = opt(0.8, flag="--outer-lr", low=0.0, low_open=True, help="Outer learning rate.")
     momentum: float = opt(0.8, flag="--outer-momentum", low=0.0, high=1.0, help="Outer Nesterov momentum.")
+    # Count merges (downlink "count") of N > 2 one-bit deltas: a larger immediate step
+    # lr x (1 + momentum), growing with sqrt(N / 2), at the same total lr / (1 - momentum); see
+    # common/merge.py count_step. lr and momentum above are the step of 2 (and of 1) deltas.
+    count_scaling: bool = opt(True, help="Count merges of more than 2 deltas take a larger immediate outer step.")
 
     def validate(self) -> "OuterConfig":
         if self.kind not in ("nesterov", "average"):

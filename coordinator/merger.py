@@ -120,13 +120,14 @@ class Merger:
         factors = [c.factor for c in batch]
         updates: dict[str, torch.Tensor] = {}  # "recode" only: the whole update, encoded at the end
         first = True
+        n_counted = len(batch) if counted is not None else 0  # its outer step: merge.count_step
         for name in self.spec:
             mean = {name: self._merged_tensor(name, streams, factors, weights, counted, scales)}
             if first:
-                update = self.outer.update(mean, tokens=tokens)
+                update = self.outer.update(mean, tokens=tokens, counted=n_counted)
                 first = False
             else:
-                update = self.outer.update(mean, fraction=self.outer.last_fraction)
+                update = self.outer.update(mean, fraction=self.outer.last_fraction, counted=n_counted)
             if downlink in ("relay", "count"):
                 self.global_params[name].add_(update[name])  # one IEEE add each: what workers do too
             else:

@@ -26,7 +26,7 @@ import grpc
 # (UpdateInfo.counted, next_scales; DeltaHeader.own_scales) and combined deltas; 4: count merges
 # take the mean of the deltas' own scales (next_scales and own_scales retired); 5: counts of 2
 # workers packed at 1 bit (common/counts.py), HeartbeatReply.round_seconds_cap.
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = CHUNK_BYTES + (1 << 20)
 KEEPALIVE_MS = 20_000

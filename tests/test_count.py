@@ -284,3 +284,36 @@ def test_scale_codes_round_trip_within_a_quarter_octave():
     for bad in ([-1.0], [float("nan")], [float("inf")]):
         with pytest.raises(ValueError, match="scales"):
             scale_codes(np.array(bad))
+
+
+def test_count_step_grows_the_immediate_step_with_the_merge_and_keeps_the_total():
+    from geotrain.common.config import OuterConfig
+    from geotrain.common.merge import count_step
+
+    cfg = OuterConfig()  # 0.8 / 0.8: total lr / (1 - mu) = 4, immediate lr x (1 + mu) = 1.44
+    assert count_step(cfg, 0) == count_step(cfg, 1) == count_step(cfg, 2) == (0.8, 0.8)
+    lr4, mu4 = count_step(cfg, 4)
+    assert lr4 == pytest.approx(1.2, abs=0.01) and mu4 == pytest.approx(0.7, abs=0.01)
+    for n in (3, 4, 6, 8):
+        lr, mu = count_step(cfg, n)
+        assert lr / (1 - mu) == pytest.approx(4.0)
+        assert lr * (1 + mu) == pytest.approx(1.44 * (n / 2) ** 0.5)
+    assert count_step(cfg, 64) == count_step(cfg, 8)  # measured up to 8 deltas
+    assert count_step(OuterConfig(count_scaling=False), 4) == (0.8, 0.8)
+    assert count_step(OuterConfig(kind="average", lr=1.0), 4) == (1.0, 0.8)
+
+
+@pytest.mark.parametrize("scaling", [True, False])
+def test_a_count_merge_of_four_moves_the_model_by_its_count_step(data, tmp_path, scaling):  # noqa: F811
+    from geotrain.common.merge import count_step
+
+    state = CoordinatorState(count_run(outer__lr=0.8, outer__momentum=0.8, outer__count_scaling=scaling), data, tmp_path)
+    before = clone_tensors(state.global_params)
+    blobs = Workers(state, 4).rounds(1)
+    scales = state.history[-1].counted.scales
+    lr, mu = count_step(state.run.outer, 4)
+    assert (lr, mu) == (pytest.approx(1.2, abs=0.01), pytest.approx(0.7, abs=0.01)) if scaling else (0.8, 0.8)
+    for (name, t), scale in zip(state.global_params.items(), scales):
+        k = sum(1 - 2 * torch.signbit(decode_tensors(blobs[f"p0-{i}"], state.spec)[name]).float() for i in range(4))
+        mean = k * scale / 4  # first merge: m = D, update = lr x (1 + mu) x D
+        torch.testing.assert_close(t - before[name], mean * lr * (1 + mu), rtol=1e-4, atol=1e-7)
