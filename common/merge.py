@@ -181,20 +181,21 @@ def combine(
     return weighted_sum([c.tensors for c in contributions], [c.factor for c in contributions], weights)
 
 
-COUNT_SCALING_MAX_DELTAS = 8  # count_step grows the step up to merges of this many deltas (measured: 2, 4, 8)
+COUNT_SCALING_MAX_DELTAS = 4  # count_step grows the step up to merges of this many deltas (measured: 2, 4, 8)
 
 
 def count_step(config: OuterConfig, deltas: int) -> tuple[float, float]:
     """(lr, momentum) of the outer Nesterov step for a count merge of `deltas` 1-bit deltas.
 
-    The mean of N deltas' signs shrinks as they disagree, and the larger N, the more of what it
-    keeps is the shared direction: the best immediate step lr x (1 + mu) grows with N while the
-    best total step lr / (1 - mu) of a steady direction stays (benchmarks/README.md: 2 deltas
-    0.8 / 0.8, 4 deltas 1.2 / 0.7, 8 deltas larger still). For N > 2 (at most
-    COUNT_SCALING_MAX_DELTAS) the immediate step is config's x sqrt(N / 2) and
-    mu = sqrt(1 - immediate / total), so that lr = total x (1 - mu); with the defaults: N = 4 ->
-    1.2 / 0.7, N = 8 -> 1.88 / 0.53. N <= 2, config.count_scaling False or kind "average": config's.
-    Plain Python floats: the coordinator and every replaying worker get the same two numbers."""
+    The mean of N deltas' signs shrinks where they disagree, more than the mean of the deltas
+    themselves: the best immediate step lr x (1 + mu) of a count merge is larger for 4 deltas than
+    for 2, at the same total step lr / (1 - mu) of a steady direction (benchmarks/README.md,
+    "The outer step of a count merge": 2 deltas 0.8 / 0.8, 4 deltas 1.2 / 0.7; 8 deltas also
+    1.2 / 0.7, larger immediate steps were worse there). For N > 2 the immediate step is config's
+    x sqrt(min(N, COUNT_SCALING_MAX_DELTAS) / 2) and mu = sqrt(1 - immediate / total), so that
+    lr = total x (1 - mu); with the defaults: N = 3 -> 1.01 / 0.75, N >= 4 -> 1.2 / 0.7.
+    N <= 2, config.count_scaling False or kind "average": config's. Plain Python floats: the
+    coordinator and every replaying worker get the same two numbers."""
     lr, mu = config.lr, config.momentum
     if not config.count_scaling or config.kind != "nesterov" or deltas <= 2:
         return lr, mu

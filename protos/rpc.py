@@ -25,7 +25,8 @@ import grpc
 # 2: relayed updates (UpdateInfo.relayed, ModelHeader.momentum_bytes); 3: count merges
 # (UpdateInfo.counted, next_scales; DeltaHeader.own_scales) and combined deltas; 4: count merges
 # take the mean of the deltas' own scales (next_scales and own_scales retired); 5: counts of 2
-# workers packed at 1 bit (common/counts.py), HeartbeatReply.round_seconds_cap.
+# workers packed at 1 bit (common/counts.py), HeartbeatReply.round_seconds_cap; 6: the outer step
+# of a count merge depends on its number of deltas (common/merge.py count_step).
 PROTOCOL_VERSION = 6
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = CHUNK_BYTES + (1 << 20)
