@@ -307,7 +307,10 @@ def actual_outer(r: dict) -> str:
         o = json.loads((ROOT / r["dir"] / "run.json").read_text())["run"]["outer"]
     except (OSError, KeyError, ValueError):
         return r.get("outer_desc", "?")
-    return "average lr 1" if o["kind"] == "average" and o["lr"] == 1.0 else f"{o['kind']} lr {o['lr']:g} mom {o['momentum']:g}"
+    if o["kind"] == "average" and o["lr"] == 1.0:
+        return "average lr 1"
+    desc = f"{o['kind']} lr {o['lr']:g} mom {o['momentum']:g}"
+    return desc + " (count merges: count_step)" if o.get("count_scaling") and o["kind"] == "nesterov" else desc
 
 
 def table(res: dict) -> str:

@@ -187,9 +187,9 @@ COUNT_SCALING_MAX_DELTAS = 4  # count_step grows the step up to merges of this m
 def count_step(config: OuterConfig, deltas: int) -> tuple[float, float]:
     """(lr, momentum) of the outer Nesterov step for a count merge of `deltas` 1-bit deltas.
 
-    The mean of N deltas' signs shrinks where they disagree, more than the mean of the deltas
-    themselves: the best immediate step lr x (1 + mu) of a count merge is larger for 4 deltas than
-    for 2, at the same total step lr / (1 - mu) of a steady direction (benchmarks/README.md,
+    Measured, not derived: the best immediate step lr x (1 + mu) of a count merge is larger for 4
+    one-bit deltas than for 2, at the same total step lr / (1 - mu) of a steady direction, while 4
+    uncompressed deltas keep the smaller one (benchmarks/README.md,
     "The outer step of a count merge": 2 deltas 0.8 / 0.8, 4 deltas 1.2 / 0.7; 8 deltas also
     1.2 / 0.7, larger immediate steps were worse there). For N > 2 the immediate step is config's
     x sqrt(min(N, COUNT_SCALING_MAX_DELTAS) / 2) and mu = sqrt(1 - immediate / total), so that
