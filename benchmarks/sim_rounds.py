@@ -23,6 +23,7 @@ replicas see). The final global model is evaluated on fixed val batches (--eval-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -79,6 +80,8 @@ class SimConfig:
     #                                round_steps x the schedule's mean: short rounds at a high lr,
     #                                long ones as it decays, about as many rounds in all
     unit_tokens: int = 65536
+    inner_lr_scale: float = 1.0  # the inner AdamW's lr and min_lr x this (1: the recipe's)
+    inner_beta1: float = 0.0  # the inner AdamW's beta1 (0: the recipe's)
     count_scaling: bool = True  # --up-shared merges take common/merge.py count_step's outer step (as the coordinator)
     seed: int = 1337
     eval_batches: int = 200
@@ -86,7 +89,8 @@ class SimConfig:
     def name(self) -> str:
         if self.mode != "diloco":
             u = f"_{self.data_order}{self.unit_tokens}" if self.data_order != "random" else ""
-            return f"{self.mode}_n{self.workers}{u}_s{self.steps}"
+            i = f"_ilr{self.inner_lr_scale:g}" if self.inner_lr_scale != 1.0 else ""
+            return f"{self.mode}_n{self.workers}{u}{i}_s{self.steps}"
         outer = "avg" if self.outer_kind == "average" else f"nest{self.outer_momentum:g}"
         s = f"n{self.workers}_h{self.round_steps}_{self.compression}_{outer}_lr{self.outer_lr:g}"
         if self.compression == "sign" and self.sign_scale != "mean_abs":
@@ -117,6 +121,10 @@ class SimConfig:
             s += f"_eager{self.eager}"
         if self.data_order != "random":
             s += f"_{self.data_order}{self.unit_tokens}"
+        if self.inner_lr_scale != 1.0:
+            s += f"_ilr{self.inner_lr_scale:g}"
+        if self.inner_beta1:
+            s += f"_ib{self.inner_beta1:g}"
         return s + f"_s{self.steps}"
 
 
@@ -264,6 +272,9 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
     dev = torch.device(device)
     mcfg = model_config("nano", vocab_size=data().vocab_size)
     optim = OptimConfig()
+    if cfg.inner_lr_scale != 1.0 or cfg.inner_beta1:
+        optim = dataclasses.replace(optim, lr=optim.lr * cfg.inner_lr_scale, min_lr=optim.min_lr * cfg.inner_lr_scale,
+                                    beta1=cfg.inner_beta1 or optim.beta1)
     torch.manual_seed(cfg.seed)
     init = GPT(mcfg)
     glob = {n: t.detach().clone().contiguous() for n, t in model_tensors(init).items()}  # CPU fp32
@@ -592,6 +603,8 @@ def main() -> None:
                    help="lr: rounds of equal summed learning rate (short at the peak, long as it decays)")
     p.add_argument("--data-order", default="random", choices=["random", "units", "units-shuffled"])
     p.add_argument("--unit-tokens", type=int, default=65536)
+    p.add_argument("--inner-lr-scale", type=float, default=1.0, help="the inner lr and min_lr x this")
+    p.add_argument("--inner-beta1", type=float, default=0.0, help="the inner AdamW's beta1 (0: the recipe's)")
     p.add_argument("--no-count-scaling", dest="count_scaling", action="store_false",
                    help="--up-shared merges at --outer-lr / --outer-momentum whatever their size")
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
@@ -613,6 +626,7 @@ def main() -> None:
                           up_keep=args.up_keep, up_group=args.up_group, up_shared=args.up_shared,
                           shared_from=args.shared_from, last_scheme=args.last_scheme, data_order=args.data_order, unit_tokens=args.unit_tokens,
                           round_schedule=args.round_schedule, count_scaling=args.count_scaling,
+                          inner_lr_scale=args.inner_lr_scale, inner_beta1=args.inner_beta1,
                           eval_batches=args.eval_batches)]
     existing = {}
     if args.out and Path(args.out).exists():

@@ -273,7 +273,13 @@ class OuterOptimizer:
         return {n: m * (lr * mu) for n, m in self.momentum.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"outer_momentum.{n}": m for n, m in self.momentum.items()}
+        """The momentum (`outer_momentum.<name>`) and what the next update and lookahead depend on
+        besides it: the last update's (lr, mu) (`outer_last_step`, float64 (2,)) and the recent
+        merges' tokens (`outer_recent_tokens`, int64 (k,), oldest first)."""
+        out = {f"outer_momentum.{n}": m for n, m in self.momentum.items()}
+        out["outer_last_step"] = torch.tensor(self.last_step, dtype=torch.float64)
+        out["outer_recent_tokens"] = torch.tensor(list(self.recent_tokens), dtype=torch.int64)
+        return out
 
     def load_momentum(self, momentum: Mapping[str, torch.Tensor]) -> None:
         """Replace the momentum (a relaying worker's replica, from a FULL model reply)."""
@@ -292,6 +298,15 @@ class OuterOptimizer:
             if key not in tensors:
                 raise ValueError(f"checkpoint lacks outer optimizer state {key!r}")
             self.momentum[n] = tensors[key].clone().float()
+        # Checkpoints written before these two were kept: the configured step, no token history.
+        if "outer_last_step" in tensors:
+            step = tensors["outer_last_step"]
+            if tuple(step.shape) != (2,):
+                raise ValueError(f"outer_last_step has shape {tuple(step.shape)}, expected (2,)")
+            self.last_step = (float(step[0]), float(step[1]))
+        if "outer_recent_tokens" in tensors:
+            self.recent_tokens.clear()
+            self.recent_tokens.extend(int(t) for t in tensors["outer_recent_tokens"].tolist())
 
 
 class NormGate:

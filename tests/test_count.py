@@ -317,3 +317,16 @@ def test_a_count_merge_of_four_moves_the_model_by_its_count_step(data, tmp_path,
         k = sum(1 - 2 * torch.signbit(decode_tensors(blobs[f"p0-{i}"], state.spec)[name]).float() for i in range(4))
         mean = k * scale / 4  # first merge: m = D, update = lr x (1 + mu) x D
         torch.testing.assert_close(t - before[name], mean * lr * (1 + mu), rtol=1e-4, atol=1e-7)
+
+
+def test_a_restarted_coordinator_keeps_the_last_merges_step_and_token_history(data, tmp_path):  # noqa: F811
+    state = CoordinatorState(count_run(), data, tmp_path)
+    Workers(state, 4).rounds(1)
+    step, tokens = state.outer.last_step, list(state.outer.recent_tokens)
+    assert step != (state.run.outer.lr, state.run.outer.momentum) and tokens  # a count merge's own step
+    look = state.outer.lookahead()
+    state.checkpoint()
+    again = CoordinatorState(count_run(), data, tmp_path)
+    assert again.outer.last_step == pytest.approx(step) and list(again.outer.recent_tokens) == tokens
+    for name, t in again.outer.lookahead().items():
+        torch.testing.assert_close(t, look[name])
