@@ -130,7 +130,7 @@ def run_train(batch: int, steps: int, runs: Path, force: bool, threads: int) -> 
 
 def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 0, downlink: str = "",
                  scheme: str = "", merge_weights: str = "", round_seconds: float = 0.0, max_lag: int = 0,
-                 last_scheme: str = "") -> None:
+                 last_scheme: str = "", count_rule: str = "") -> None:
     lines = []
     if round_seconds or max_lag:
         lines.append("[round]")
@@ -146,8 +146,10 @@ def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 
         lines.append("[outer]")
         for k, v in outer.items():
             lines.append(f"{k} = {json.dumps(v)}")
-    if chunk or downlink or last_scheme:
+    if chunk or downlink or last_scheme or count_rule:
         lines.append("[compression]")
+        if count_rule:
+            lines.append(f"count_rule = {json.dumps(count_rule)}")
         if last_scheme:
             lines.append(f"last_scheme = {json.dumps(last_scheme)}")
         if chunk:
@@ -164,7 +166,7 @@ def write_config(path: Path, outer: dict, chunk: int | None, unit_tokens: int = 
 def run_demo(n: int, h: int | str, scheme: str, steps: int, runs: Path, force: bool, outer: dict, chunk: int | None,
              tag: str, unit_tokens: int = 0, downlink: str = "", merge_weights: str = "",
              round_seconds: float = 0.0, max_lag: int = 0, last_scheme: str = "", speeds: str = "",
-             wait_probe: bool = False, sync: bool = False) -> dict:
+             wait_probe: bool = False, sync: bool = False, count_rule: str = "") -> dict:
     """h: inner steps per round, or the label of a time-based round (round_seconds > 0); speeds:
     the demo's --speeds (each worker's relative speed, "" = all 1); scheme "default": no
     --compression flag (the run config's); sync: the demo's --sync (one sync group)."""
@@ -181,11 +183,11 @@ def run_demo(n: int, h: int | str, scheme: str, steps: int, runs: Path, force: b
         cmd += ["--data", DATA_DIR]
     if speeds:
         cmd += ["--speeds", speeds]
-    if outer or chunk or unit_tokens or downlink or merge_weights or round_seconds or max_lag or last_scheme:
+    if outer or chunk or unit_tokens or downlink or merge_weights or round_seconds or max_lag or last_scheme or count_rule:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = runs / f"{name}.toml"
         write_config(cfg, outer, chunk, unit_tokens, downlink, scheme, merge_weights, round_seconds, max_lag,
-                     last_scheme)
+                     last_scheme, count_rule)
         cmd += ["--config", str(cfg)]
     if force or not (run_dir / "summary.json").exists():
         if run_dir.exists():  # a coordinator would resume the run found there
@@ -359,6 +361,7 @@ def main() -> None:
     p.add_argument("--workers", default="1,2,4", help="demo worker counts, comma separated ('' = none)")
     p.add_argument("--round-steps", default="50", help="H values, comma separated")
     p.add_argument("--last-scheme", default="", help="compression.last_scheme (int8, int4)")
+    p.add_argument("--count-rule", default="", help="compression.count_rule override (majority, mean)")
     p.add_argument("--max-lag-steps", type=int, default=0, help="round.max_lag_steps (0: no limit)")
     p.add_argument("--round-seconds", type=float, default=0.0,
                    help="time-based rounds of this many seconds instead of --round-steps (run label tS)")
@@ -428,7 +431,8 @@ def main() -> None:
                 t0 = time.monotonic()
                 info = run_demo(n, h, scheme, args.steps, runs, args.force, outer, args.chunk or None, args.tag,
                                 args.unit_tokens, args.downlink, args.merge_weights, args.round_seconds,
-                                args.max_lag_steps, args.last_scheme, args.speeds, args.wait_probe, args.sync)
+                                args.max_lag_steps, args.last_scheme, args.speeds, args.wait_probe, args.sync,
+                                args.count_rule)
                 s = info["summary"]
                 model = load_coordinator_model(ROOT / info["dir"])
                 params = sum(p.numel() for p in model.parameters())

@@ -80,7 +80,11 @@ class SimConfig:
     #                                round_steps x the schedule's mean: short rounds at a high lr,
     #                                long ones as it decays, about as many rounds in all
     unit_tokens: int = 65536
+    count_power: float = 1.0  # --up-shared tensor: a count k of N merges as scale x sign(k) x (|k| / N)**p
+    #                           (1: the exact mean; 0: the majority sign, ties 0, its downlink a ternary code)
+    sign_stats: str = ""  # --up-shared: append per-round statistics of replica 0's signs to this JSONL file
     inner_lr_scale: float = 1.0  # the inner AdamW's lr and min_lr x this (1: the recipe's)
+    inner_wd_scale: float = 1.0  # the inner AdamW's weight decay x this (1: the recipe's)
     inner_beta1: float = 0.0  # the inner AdamW's beta1 (0: the recipe's)
     count_scaling: bool = True  # --up-shared merges take common/merge.py count_step's outer step (as the coordinator)
     seed: int = 1337
@@ -121,8 +125,12 @@ class SimConfig:
             s += f"_eager{self.eager}"
         if self.data_order != "random":
             s += f"_{self.data_order}{self.unit_tokens}"
+        if self.count_power != 1.0:
+            s += f"_cp{self.count_power:g}"
         if self.inner_lr_scale != 1.0:
             s += f"_ilr{self.inner_lr_scale:g}"
+        if self.inner_wd_scale != 1.0:
+            s += f"_iwd{self.inner_wd_scale:g}"
         if self.inner_beta1:
             s += f"_ib{self.inner_beta1:g}"
         return s + f"_s{self.steps}"
@@ -217,8 +225,9 @@ def shared_sign(delta: dict, scales: dict, by: str) -> tuple[int, dict, dict]:
     return nbytes, dec, signs
 
 
-def count_code_bytes(signs: list, me: int) -> int:
-    """zstd bytes of the count of + signs among the others (values 0..N-1), 4 per byte when N <= 4."""
+def count_code_bytes(signs: list, me: int, majority: bool = False) -> int:
+    """zstd bytes of the count of + signs among the others (values 0..N-1), 4 per byte when N <= 4;
+    majority: of the merge's majority sign relative to this worker's own (agree / tie / disagree)."""
     import numpy as np
     import zstandard
 
@@ -227,12 +236,49 @@ def count_code_bytes(signs: list, me: int) -> int:
     for n in others[0]:
         # how many of the others agree with this worker's own sign (it knows its own)
         count = sum(((o[n] == signs[me][n]).to(torch.uint8)) for o in others).numpy().astype(np.uint8)
+        if majority:  # agree 0, tie 1, disagree 2: the sign of (1 + 2 x count - (N - 1)) relative to own
+            t = 1 + 2 * count.astype(np.int16) - len(others)
+            count = np.where(t > 0, 0, np.where(t == 0, 1, 2)).astype(np.uint8)
         if len(signs) <= 4:
             pad = (-count.size) % 4
             c = np.concatenate([count, np.zeros(pad, np.uint8)]).reshape(-1, 4)
             count = (c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)).astype(np.uint8)
         total += len(zstandard.ZstdCompressor(level=3).compress(count.tobytes()))
     return total
+
+
+def sign_stats(path: str, rnd: int, signs: list, prev_update: dict | None, base: dict) -> None:
+    """Append one JSON line: how predictable replica 0's uplink signs are (analysis only)."""
+    import numpy as np
+    import zstandard
+
+    z = zstandard.ZstdCompressor(level=3)
+    n_vals = sum(t.numel() for t in signs[0].values())
+    row = {"round": rnd, "values": n_vals, "raw": 0, "xor_prev": 0, "xor_wd": 0, "agree_prev": 0.0,
+           "agree_wd": 0.0, "agree_others": 0.0, "per_tensor": {}}
+    for n, sg in signs[0].items():
+        bits = (sg > 0).numpy()
+        raw = len(z.compress(np.packbits(bits).tobytes()))
+        wd = (base[n].reshape(-1) < 0).numpy()  # weight decay alone moves w toward 0: + where w < 0
+        xw = len(z.compress(np.packbits(bits ^ wd).tobytes()))
+        aw = float((bits == wd).mean())
+        if prev_update is not None:
+            pu = (prev_update[n].reshape(-1) >= 0).numpy()
+            xp = len(z.compress(np.packbits(bits ^ pu).tobytes()))
+            ap = float((bits == pu).mean())
+        else:
+            xp, ap = raw, 0.5
+        ao = float(np.mean([(s[n] == sg).float().mean().item() for s in signs[1:]]))
+        row["raw"] += raw
+        row["xor_prev"] += xp
+        row["xor_wd"] += xw
+        k = sg.numel() / n_vals
+        row["agree_prev"] += ap * k
+        row["agree_wd"] += aw * k
+        row["agree_others"] += ao * k
+        row["per_tensor"][n] = [sg.numel(), round(ap, 3), round(aw, 3), round(ao, 3)]
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def sparse_sign(delta: dict, keep: float, group: int, seed: int) -> tuple[int, dict]:
@@ -272,9 +318,10 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
     dev = torch.device(device)
     mcfg = model_config("nano", vocab_size=data().vocab_size)
     optim = OptimConfig()
-    if cfg.inner_lr_scale != 1.0 or cfg.inner_beta1:
+    if cfg.inner_lr_scale != 1.0 or cfg.inner_beta1 or cfg.inner_wd_scale != 1.0:
         optim = dataclasses.replace(optim, lr=optim.lr * cfg.inner_lr_scale, min_lr=optim.min_lr * cfg.inner_lr_scale,
-                                    beta1=cfg.inner_beta1 or optim.beta1)
+                                    beta1=cfg.inner_beta1 or optim.beta1,
+                                    weight_decay=optim.weight_decay * cfg.inner_wd_scale)
     torch.manual_seed(cfg.seed)
     init = GPT(mcfg)
     glob = {n: t.detach().clone().contiguous() for n, t in model_tensors(init).items()}  # CPU fp32
@@ -361,11 +408,20 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
                 decs.append({n: t.clone() for n, t in dec.items()})
                 contribs.append(Contribution(f"p{rounds}-{i}", f"w{i}", rounds, BATCH * BLOCK * H, H, 0.0, decs[-1]))
             down = cfg.down_scheme or scheme
+            if all_signs and cfg.sign_stats:
+                sign_stats(cfg.sign_stats, rounds, all_signs, last_update, base)
             if all_signs:  # the next round's shared scales; the exact merge as a count code
                 shared_scales.clear()
                 shared_scales.update({n: sum(r[n] for r in row_scales) / len(row_scales) for n in row_scales[0]})
-                down_bytes += count_code_bytes(all_signs, 0) * n_rep
+                down_bytes += count_code_bytes(all_signs, 0, majority=cfg.count_power == 0) * n_rep
                 D = combine(contribs, rounds, 0.5)
+                if cfg.count_power != 1.0:  # scale x sign(k) x (|k| / N)**p instead of scale x k / N
+                    use = round_scales or shared_scales
+                    for n in D:
+                        sc = use[n].reshape(-1)[0] if cfg.up_shared == "tensor" else None
+                        assert sc is not None, "--count-power needs --up-shared tensor"
+                        r = D[n] / sc
+                        D[n] = torch.sign(r) * r.abs().pow(cfg.count_power) * sc if cfg.count_power else torch.sign(r.round(decimals=6)) * sc
                 last_mean.clear()
                 last_mean.update({n: t.clone() for n, t in D.items()})
                 U_dec = {n: t.clone() for n, t in outer.update(D, counted=n_rep).items()}
@@ -603,7 +659,12 @@ def main() -> None:
                    help="lr: rounds of equal summed learning rate (short at the peak, long as it decays)")
     p.add_argument("--data-order", default="random", choices=["random", "units", "units-shuffled"])
     p.add_argument("--unit-tokens", type=int, default=65536)
+    p.add_argument("--count-power", type=float, default=1.0, help="--up-shared tensor: merge a count k of N as "
+                   "scale x sign(k) x (|k| / N)**p (0: the majority sign, ternary downlink)")
+    p.add_argument("--sign-stats", default="", help="--up-shared: per-round JSON lines on how predictable "
+                   "replica 0's signs are (agreement with the previous update, the weight-decay direction, the others)")
     p.add_argument("--inner-lr-scale", type=float, default=1.0, help="the inner lr and min_lr x this")
+    p.add_argument("--inner-wd-scale", type=float, default=1.0, help="the inner weight decay x this")
     p.add_argument("--inner-beta1", type=float, default=0.0, help="the inner AdamW's beta1 (0: the recipe's)")
     p.add_argument("--no-count-scaling", dest="count_scaling", action="store_false",
                    help="--up-shared merges at --outer-lr / --outer-momentum whatever their size")
@@ -626,7 +687,8 @@ def main() -> None:
                           up_keep=args.up_keep, up_group=args.up_group, up_shared=args.up_shared,
                           shared_from=args.shared_from, last_scheme=args.last_scheme, data_order=args.data_order, unit_tokens=args.unit_tokens,
                           round_schedule=args.round_schedule, count_scaling=args.count_scaling,
-                          inner_lr_scale=args.inner_lr_scale, inner_beta1=args.inner_beta1,
+                          inner_lr_scale=args.inner_lr_scale, sign_stats=args.sign_stats,
+                          count_power=args.count_power, inner_beta1=args.inner_beta1, inner_wd_scale=args.inner_wd_scale,
                           eval_batches=args.eval_batches)]
     existing = {}
     if args.out and Path(args.out).exists():

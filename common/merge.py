@@ -156,6 +156,32 @@ def sign_sum_from_plus(plus: torch.Tensor, n_deltas: int, shapes: Mapping[str, S
     return _split(2 * plus.to(torch.int16) - n_deltas, shapes)
 
 
+def majority_k(k: torch.Tensor, n_deltas: int) -> torch.Tensor:
+    """The k of a majority count merge (compression.count_rule "majority"): n x sign(k), 0 on a
+    tie; every value moves by the whole scale in the direction most of the n signs take. Integer
+    arithmetic (int16), the same everywhere; the coordinator and every replaying worker call it."""
+    return torch.sign(k).to(torch.int16) * n_deltas
+
+
+def vote_of(k: torch.Tensor, own_negative: torch.Tensor | None = None) -> torch.Tensor:
+    """The vote payload's values (common/counts.py, maxval 2) from the sum of signs k (flat):
+    1 + sign(k), or relative to a reference delta's signs 1 + s_own x sign(k) (2: the majority
+    shares its sign, 1: a tie, 0: against it)."""
+    v = torch.sign(k).to(torch.int16)
+    if own_negative is not None:
+        v = v * (1 - 2 * own_negative.to(torch.int16))
+    return (v + 1).to(torch.uint8)
+
+
+def majority_k_from_vote(vote: torch.Tensor, n_deltas: int, shapes: Mapping[str, Sequence[int]],
+                         own_negative: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Inverse of vote_of, as majority_k per tensor: n x (vote - 1) (x s_own with a reference)."""
+    v = vote.to(torch.int16) - 1
+    if own_negative is not None:
+        v = v * (1 - 2 * own_negative.to(torch.int16))
+    return _split(v * n_deltas, shapes)
+
+
 def _split(flat: torch.Tensor, shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
     out, pos = {}, 0
     for n, shape in shapes.items():
@@ -381,6 +407,7 @@ class CountedDeltas:
     scales: tuple[float, ...]  # per tensor, in the model's tensor order
     offset: int
     size: int
+    majority: bool = False  # vote payload; k = n x sign(sum of signs) (majority_k)
 
 
 @dataclass(frozen=True)
@@ -435,7 +462,8 @@ def replay_counted(
     shapes: Mapping[str, Sequence[int]],
 ) -> dict[str, torch.Tensor]:
     """The update U of a count merge (downlink "count"): rebuild k, the sum of the N deltas' signs
-    per value, from the count payload (and our own delta's signs when the counts refer to it), then
+    per value (a majority merge: majority_k of it), from the count or vote payload (and our own
+    delta's signs when the payload refers to it), then
     U = outer.update(counted_mean(k, scales, weight), fraction). Bit-identical to the
     coordinator's U when `outer` holds its momentum at version - 1. On ValueError (a bad payload,
     a missing delta) nothing has changed."""
@@ -452,14 +480,20 @@ def replay_counted(
         raise ValueError(f"update {v.version}: count payload outside the stream ({c.offset}+{c.size} > {len(stream)})")
     payload = stream[c.offset : c.offset + c.size]
     total = sum(math.prod(shape) for shape in shapes.values())
+    own_negative = None
     if c.reference_push_id:
         if c.reference_push_id not in c.push_ids:
             raise ValueError(f"update {v.version}: reference {c.reference_push_id} is not one of the merged deltas")
         own = held.get(c.reference_push_id)
         if own is None:
             raise ValueError(f"update {v.version} counts against push {c.reference_push_id}, which this worker does not hold")
+        own_negative = negative_signs(decode(own), names)
+    if c.majority:
+        vote = torch.from_numpy(decode_counts(payload, total, 2))
+        k = majority_k_from_vote(vote, c.deltas, shapes, own_negative)
+    elif own_negative is not None:
         agree = torch.from_numpy(decode_counts(payload, total, c.deltas - 1))
-        k = sign_sum_from_agree(negative_signs(decode(own), names), agree, c.deltas, shapes)
+        k = sign_sum_from_agree(own_negative, agree, c.deltas, shapes)
     else:
         plus = torch.from_numpy(decode_counts(payload, total, c.deltas))
         k = sign_sum_from_plus(plus, c.deltas, shapes)

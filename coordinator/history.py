@@ -24,6 +24,7 @@ import torch
 
 from geotrain.common.compression import iter_decode_tensors
 from geotrain.common.counts import encode_counts
+from geotrain.common.merge import vote_of
 from geotrain.coordinator.records import CountedRecord, ModelReply, UpdateRecord, UpdateSlice
 
 
@@ -108,8 +109,8 @@ class DownlinkHistory:
     def count_payload(self, counted: CountedRecord, reference: str) -> bytes:
         """The count payload of a count merge for a requester holding `reference` ("" = plus
         counts): per value, how many of the other deltas share the reference's sign (or how many
-        are positive); computed once per (record, reference), one tensor of every delta at a
-        time, into one uint8 per value."""
+        are positive), or for a majority merge the vote (common/merge.py vote_of); computed once
+        per (record, reference), one tensor of every delta at a time, into one uint8 per value."""
         with self.payload_lock:
             payload = counted.payloads.get(reference)
             if payload is not None:
@@ -125,7 +126,10 @@ class DownlinkHistory:
                     got, t = next(s)
                     assert got == name, (got, name)  # blobs were checked for the model's order at push
                     negative.append(torch.signbit(t.reshape(-1)))
-                if i >= 0:
+                if counted.majority:
+                    k = sum(1 - 2 * neg.to(torch.int16) for neg in negative)
+                    count = vote_of(k, negative[i] if i >= 0 else None)
+                elif i >= 0:
                     count = sum((negative[j] == negative[i]).to(torch.uint8) for j in range(n) if j != i)
                 else:
                     count = sum((~neg).to(torch.uint8) for neg in negative)
@@ -135,7 +139,7 @@ class DownlinkHistory:
                 pos += size
             for s in streams:  # completes each frame (its checksum)
                 next(s, None)
-            payload = encode_counts(out, n - 1 if i >= 0 else n, self.zstd_level)
+            payload = encode_counts(out, 2 if counted.majority else n - 1 if i >= 0 else n, self.zstd_level)
             counted.payloads[reference] = payload
             self.bytes += len(payload)
             return payload

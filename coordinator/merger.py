@@ -31,7 +31,7 @@ import torch
 
 from geotrain.common.compression import ErrorFeedback, encode_tensors, get_codec, iter_decode_tensors
 from geotrain.common.config import RunConfig
-from geotrain.common.merge import NormGate, OuterOptimizer, counted_mean, fold_into, weighted_sum
+from geotrain.common.merge import NormGate, OuterOptimizer, counted_mean, fold_into, majority_k, weighted_sum
 from geotrain.common.tensors import params_sha256, tensor_spec
 from geotrain.coordinator.records import CountedRecord, PendingDelta, RelayedDelta
 
@@ -105,7 +105,8 @@ class Merger:
         for i in range(len(self.spec)):
             own = [c.magnitudes[i] for c in batch]
             scales.append(float(np.float32(sum(own) / len(own))))
-        return CountedRecord([c.push_id for c in batch], [c.blob for c in batch], weights[0], scales)
+        majority = self.run.compression.count_rule == "majority" and len(batch) >= 3  # 2: the same k
+        return CountedRecord([c.push_id for c in batch], [c.blob for c in batch], weights[0], scales, majority)
 
     def apply(self, batch: Sequence[PendingDelta], weights: list[float], tokens: int, version: int,
               run_id: str) -> MergeResult:
@@ -167,6 +168,8 @@ class Merger:
                 fold_into(acc, t, factor, weight)
             del t
         if counted is not None:
+            if counted.majority:
+                k = majority_k(k, len(streams))
             return counted_mean({name: k}, {name: scales[name]}, counted.weight)[name]
         return acc
 

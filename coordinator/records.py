@@ -106,6 +106,7 @@ class CountedRecord:
     blobs: list[bytes]  # as pushed, in merge order (the count payloads are computed from them)
     weight: float
     scales: list[float]  # per tensor, the model's tensor order
+    majority: bool = False  # k = N x sign(sum of signs); payloads are votes (common/counts.py)
     payloads: dict[str, bytes] = field(default_factory=dict)  # reference push id ("" = plus counts) -> payload
 
 

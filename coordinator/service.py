@@ -270,6 +270,6 @@ def _update_info(u) -> pb.UpdateInfo:
         c = r.counted
         info.counted.CopyFrom(pb.CountedMerge(
             push_ids=c.push_ids, reference_push_id=u.reference, deltas=len(c.push_ids), weight=c.weight,
-            scales=c.scales, offset=u.offset, size=u.size,
+            scales=c.scales, offset=u.offset, size=u.size, majority=c.majority,
         ))
     return info

@@ -262,7 +262,7 @@ class UpdateInfo(_message.Message):
     def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., merged_push_ids: _Optional[_Iterable[str]] = ..., params_sha256: _Optional[str] = ..., relayed: _Optional[_Iterable[_Union[RelayedDelta, _Mapping]]] = ..., outer_fraction: _Optional[float] = ..., counted: _Optional[_Union[CountedMerge, _Mapping]] = ...) -> None: ...
 
 class CountedMerge(_message.Message):
-    __slots__ = ("push_ids", "reference_push_id", "deltas", "weight", "scales", "offset", "size")
+    __slots__ = ("push_ids", "reference_push_id", "deltas", "weight", "scales", "offset", "size", "majority")
     PUSH_IDS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_PUSH_ID_FIELD_NUMBER: _ClassVar[int]
     DELTAS_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +270,7 @@ class CountedMerge(_message.Message):
     SCALES_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAJORITY_FIELD_NUMBER: _ClassVar[int]
     push_ids: _containers.RepeatedScalarFieldContainer[str]
     reference_push_id: str
     deltas: int
@@ -277,7 +278,8 @@ class CountedMerge(_message.Message):
     scales: _containers.RepeatedScalarFieldContainer[float]
     offset: int
     size: int
-    def __init__(self, push_ids: _Optional[_Iterable[str]] = ..., reference_push_id: _Optional[str] = ..., deltas: _Optional[int] = ..., weight: _Optional[float] = ..., scales: _Optional[_Iterable[float]] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+    majority: bool
+    def __init__(self, push_ids: _Optional[_Iterable[str]] = ..., reference_push_id: _Optional[str] = ..., deltas: _Optional[int] = ..., weight: _Optional[float] = ..., scales: _Optional[_Iterable[float]] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., majority: _Optional[bool] = ...) -> None: ...
 
 class RelayedDelta(_message.Message):
     __slots__ = ("push_id", "offset", "size", "weight", "factor")

@@ -86,9 +86,10 @@ def replay_all(state, initial, infos, stream, held):
     return weights, outer
 
 
+@pytest.mark.parametrize("rule", ["majority", "mean"])
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_count_merges_replay_bit_identically_for_members_and_others(data, tmp_path, n):  # noqa: F811
-    state = CoordinatorState(count_run(), data, tmp_path)
+def test_count_merges_replay_bit_identically_for_members_and_others(data, tmp_path, n, rule):  # noqa: F811
+    state = CoordinatorState(count_run(compression__count_rule=rule), data, tmp_path)
     initial = clone_tensors(state.global_params)
     blobs = Workers(state, n).rounds(4)
     assert state.version == 5
@@ -105,6 +106,7 @@ def test_count_merges_replay_bit_identically_for_members_and_others(data, tmp_pa
         infos = [_update_info(u) for u in reply.updates]
         refs = [i.counted.reference_push_id for i in infos if i.HasField("counted")]
         assert refs == ([f"p{k}-0" for k in (0, 1, 2, 3)] if hold else ["", "", "", ""])
+        assert {i.counted.majority for i in infos} == {rule == "majority" and n >= 3}
         weights, outer = replay_all(state, initial, infos, reply.blob, hold)
         assert params_sha256(weights) == state.params_sha
         for name, m in outer.momentum.items():
@@ -303,11 +305,12 @@ def test_count_step_grows_the_immediate_step_with_the_merge_and_keeps_the_total(
     assert count_step(OuterConfig(kind="average", lr=1.0), 4) == (1.0, 0.8)
 
 
-@pytest.mark.parametrize("scaling", [True, False])
-def test_a_count_merge_of_four_moves_the_model_by_its_count_step(data, tmp_path, scaling):  # noqa: F811
+@pytest.mark.parametrize("scaling,rule", [(True, "majority"), (True, "mean"), (False, "mean")])
+def test_a_count_merge_of_four_moves_the_model_by_its_count_step(data, tmp_path, scaling, rule):  # noqa: F811
     from geotrain.common.merge import count_step
 
-    state = CoordinatorState(count_run(outer__lr=0.8, outer__momentum=0.8, outer__count_scaling=scaling), data, tmp_path)
+    state = CoordinatorState(count_run(outer__lr=0.8, outer__momentum=0.8, outer__count_scaling=scaling,
+                                       compression__count_rule=rule), data, tmp_path)
     before = clone_tensors(state.global_params)
     blobs = Workers(state, 4).rounds(1)
     scales = state.history[-1].counted.scales
@@ -315,6 +318,9 @@ def test_a_count_merge_of_four_moves_the_model_by_its_count_step(data, tmp_path,
     assert (lr, mu) == (pytest.approx(1.2, abs=0.01), pytest.approx(0.7, abs=0.01)) if scaling else (0.8, 0.8)
     for (name, t), scale in zip(state.global_params.items(), scales):
         k = sum(1 - 2 * torch.signbit(decode_tensors(blobs[f"p0-{i}"], state.spec)[name]).float() for i in range(4))
+        if rule == "majority":  # the whole scale in the direction most signs take, 0 on a tie
+            assert (k == 0).any() and (k.abs() == 2).any()
+            k = 4 * torch.sign(k)
         mean = k * scale / 4  # first merge: m = D, update = lr x (1 + mu) x D
         torch.testing.assert_close(t - before[name], mean * lr * (1 + mu), rtol=1e-4, atol=1e-7)
 
@@ -330,3 +336,30 @@ def test_a_restarted_coordinator_keeps_the_last_merges_step_and_token_history(da
     assert again.outer.last_step == pytest.approx(step) and list(again.outer.recent_tokens) == tokens
     for name, t in again.outer.lookahead().items():
         torch.testing.assert_close(t, look[name])
+
+
+def test_majority_votes_cost_fewer_bytes_than_counts_and_refuse_garbage(data, tmp_path):  # noqa: F811
+    sizes = {}
+    for rule in ("majority", "mean"):
+        state = CoordinatorState(count_run(compression__count_rule=rule), data, tmp_path / rule)
+        Workers(state, 4).rounds(1)
+        for held in ({"p0-0"}, set()):
+            (info,) = [_update_info(u) for u in state.model_reply(1, False, 0.0, held_push_ids=held).updates]
+            assert info.counted.majority == (rule == "majority")
+            sizes[rule, bool(held)] = info.counted.size
+    # independent signs: a vote is ~1.4 bits of entropy, the count of 3 others that agree ~1.8
+    assert sizes["majority", True] < 0.85 * sizes["mean", True], sizes
+    assert sizes["majority", False] < 0.85 * sizes["mean", False], sizes
+    # a vote payload is 0..2 per value: a 3 (what an agree count may hold) is refused
+    from geotrain.common.merge import majority_k_from_vote, vote_of
+
+    k = torch.tensor([4, 2, 0, -2, -4, 2], dtype=torch.int16)
+    own_negative = torch.tensor([False, True, False, False, True, False])
+    assert vote_of(k).tolist() == [2, 2, 1, 0, 0, 2]
+    assert vote_of(k, own_negative).tolist() == [2, 0, 1, 0, 2, 2]
+    shapes = {"a": (2, 3)}
+    for neg in (None, own_negative):
+        back = majority_k_from_vote(vote_of(k, neg), 4, shapes, neg)["a"].reshape(-1)
+        assert back.tolist() == [4, 4, 0, -4, -4, 4]
+    with pytest.raises(ValueError, match="above"):
+        decode_counts(encode_counts(np.array([3, 0, 1], np.uint8), 3), 3, 2)

@@ -38,6 +38,7 @@ def replayed_version(u: pb.UpdateInfo) -> ReplayedVersion:
         counted = CountedDeltas(
             push_ids=tuple(c.push_ids), reference_push_id=c.reference_push_id, deltas=int(c.deltas),
             weight=float(c.weight), scales=tuple(float(s) for s in c.scales), offset=int(c.offset), size=int(c.size),
+            majority=bool(c.majority),
         )
     relayed = tuple(RelayedDelta(d.push_id, int(d.offset), int(d.size), float(d.weight), float(d.factor))
                     for d in u.relayed)
