@@ -426,14 +426,14 @@ class CompressionConfig:
     #           coordinator: one payload per version, whatever the merge's size; the workers'
     #           basepoints lag the coordinator's exact update by the feedback residual.
     downlink: str = opt("auto", choices=DOWNLINKS, help="How merged versions reach the workers (README: How it works, 5).")
-    # How a count merge of N >= 3 deltas reads their signs (2 deltas: the two agree on both):
+    # How a count merge of N >= 3 deltas reads their signs (for 2 deltas both rules are the same):
     #   majority: each value moves by the merge's scale in the direction most of the N signs take,
     #             0 on a tie (k = N x sign(sum of signs)); a worker receives one vote per value,
-    #             with or against its own sign or a tie (about 1.15 bits after zstd for 4 workers
-    #             instead of about 1.7 for the count of the others that agree).
+    #             with or against its own sign or a tie (about 1.3 bits after zstd for 4 workers
+    #             instead of about 1.85 for the count of the others that agree).
     #   mean:     k = the sum of the signs (the exact mean of the N 1-bit deltas).
-    # Simulated (benchmarks/README.md, "Majority votes"): the same loss at 32-step rounds, 18% fewer
-    # bytes per round, which buys shorter rounds at the same traffic.
+    # Simulated (benchmarks/README.md, "Majority votes"): the same loss as mean at 32-step rounds
+    # with 18% fewer bytes per round.
     count_rule: str = opt("majority", choices=COUNT_RULES, help="How a count merge of 3 or more 1-bit deltas reads their signs.")
     # Scheme of the coordinator's payload under "combine" and "recode" ("" = `scheme`).
     downlink_scheme: str = ""

@@ -13,8 +13,8 @@ worker, instead of the other deltas' sign bits (N - 1 bits per value), one count
 - "vote" payloads, for a majority merge (compression.count_rule "majority", N >= 3, where the merge
   takes k = N x sign(sum of signs)): 1 + sign(sum), relative to the requester's own sign when its
   delta is in the merge (2: the majority shares it, 1: a tie, 0: against it), maxval 2
-  (common/merge.py vote_of / majority_k_from_vote). About 1.15 bits per value after zstd for 4
-  workers, where the agree count takes about 1.7.
+  (common/merge.py vote_of / majority_k_from_vote). About 1.3 bits per value after zstd for 4
+  workers, where the agree count takes about 1.85 (a 4-worker simulation, benchmarks/README.md).
 
 Layout: the counts of every value of every tensor, in the model's tensor order, packed
 little-endian into bytes at `bits_per_count(maxval)` bits each (1 for maxval 1, the agree bits of
