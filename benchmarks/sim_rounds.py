@@ -85,7 +85,6 @@ class SimConfig:
     sign_stats: str = ""  # --up-shared: append per-round statistics of replica 0's signs to this JSONL file
     inner_lr_scale: float = 1.0  # the inner AdamW's lr and min_lr x this (1: the recipe's)
     inner_wd_scale: float = 1.0  # the inner AdamW's weight decay x this (1: the recipe's)
-    inner_beta1: float = 0.0  # the inner AdamW's beta1 (0: the recipe's)
     count_scaling: bool = True  # --up-shared merges take common/merge.py count_step's outer step (as the coordinator)
     seed: int = 1337
     eval_batches: int = 200
@@ -131,8 +130,6 @@ class SimConfig:
             s += f"_ilr{self.inner_lr_scale:g}"
         if self.inner_wd_scale != 1.0:
             s += f"_iwd{self.inner_wd_scale:g}"
-        if self.inner_beta1:
-            s += f"_ib{self.inner_beta1:g}"
         return s + f"_s{self.steps}"
 
 
@@ -318,9 +315,8 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
     dev = torch.device(device)
     mcfg = model_config("nano", vocab_size=data().vocab_size)
     optim = OptimConfig()
-    if cfg.inner_lr_scale != 1.0 or cfg.inner_beta1 or cfg.inner_wd_scale != 1.0:
+    if cfg.inner_lr_scale != 1.0 or cfg.inner_wd_scale != 1.0:
         optim = dataclasses.replace(optim, lr=optim.lr * cfg.inner_lr_scale, min_lr=optim.min_lr * cfg.inner_lr_scale,
-                                    beta1=cfg.inner_beta1 or optim.beta1,
                                     weight_decay=optim.weight_decay * cfg.inner_wd_scale)
     torch.manual_seed(cfg.seed)
     init = GPT(mcfg)
@@ -665,7 +661,6 @@ def main() -> None:
                    "replica 0's signs are (agreement with the previous update, the weight-decay direction, the others)")
     p.add_argument("--inner-lr-scale", type=float, default=1.0, help="the inner lr and min_lr x this")
     p.add_argument("--inner-wd-scale", type=float, default=1.0, help="the inner weight decay x this")
-    p.add_argument("--inner-beta1", type=float, default=0.0, help="the inner AdamW's beta1 (0: the recipe's)")
     p.add_argument("--no-count-scaling", dest="count_scaling", action="store_false",
                    help="--up-shared merges at --outer-lr / --outer-momentum whatever their size")
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
@@ -688,7 +683,7 @@ def main() -> None:
                           shared_from=args.shared_from, last_scheme=args.last_scheme, data_order=args.data_order, unit_tokens=args.unit_tokens,
                           round_schedule=args.round_schedule, count_scaling=args.count_scaling,
                           inner_lr_scale=args.inner_lr_scale, sign_stats=args.sign_stats,
-                          count_power=args.count_power, inner_beta1=args.inner_beta1, inner_wd_scale=args.inner_wd_scale,
+                          count_power=args.count_power, inner_wd_scale=args.inner_wd_scale,
                           eval_batches=args.eval_batches)]
     existing = {}
     if args.out and Path(args.out).exists():
