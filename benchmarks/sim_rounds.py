@@ -79,6 +79,8 @@ class SimConfig:
     #                                learning rate (warmup steps counted at the peak) reaches
     #                                round_steps x the schedule's mean: short rounds at a high lr,
     #                                long ones as it decays, about as many rounds in all
+    early_steps: int = 0  # rounds pushed before this step last early_round_steps (post-local SGD:
+    early_round_steps: int = 0  #  short rounds while the loss falls fast, round_steps after)
     unit_tokens: int = 65536
     count_power: float = 1.0  # --up-shared tensor: a count k of N merges as scale x sign(k) x (|k| / N)**p
     #                           (1: the exact mean; 0: the majority sign, ties 0, its downlink a ternary code)
@@ -120,6 +122,8 @@ class SimConfig:
             s += f"_last{self.last_scheme}"
         if self.round_schedule != "steps":
             s += f"_rs{self.round_schedule}"
+        if self.early_steps:
+            s += f"_early{self.early_steps}h{self.early_round_steps}"
         if self.eager != "off":
             s += f"_eager{self.eager}"
         if self.data_order != "random":
@@ -420,7 +424,7 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
                         D[n] = torch.sign(r) * r.abs().pow(cfg.count_power) * sc if cfg.count_power else torch.sign(r.round(decimals=6)) * sc
                 last_mean.clear()
                 last_mean.update({n: t.clone() for n, t in D.items()})
-                U_dec = {n: t.clone() for n, t in outer.update(D, counted=n_rep).items()}
+                U_dec = {n: t.clone() for n, t in outer.update(D, counted=n_rep, majority=cfg.count_power == 0 and n_rep >= 3).items()}
                 for n in glob:
                     glob[n].add_(U_dec[n])
                 rounds += 1
@@ -538,6 +542,8 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
             step += 1
             if cfg.round_schedule == "lr":
                 due = acc >= H * mean_w
+            elif cfg.early_steps:
+                due = step - last_push >= (cfg.early_round_steps if last_push < cfg.early_steps else H)
             else:
                 due = step % H == 0
             if due and step < cfg.steps:
@@ -651,6 +657,9 @@ def main() -> None:
     p.add_argument("--shared-from", default="round", choices=["round", "previous"],
                    help="--up-shared scales: this round's mean (as the count merge) or the previous round's")
     p.add_argument("--last-scheme", default="", help="the final partial round's scheme (int8, int4)")
+    p.add_argument("--early-steps", type=int, default=0,
+                   help="rounds pushed before this step last --early-round-steps")
+    p.add_argument("--early-round-steps", type=int, default=0)
     p.add_argument("--round-schedule", default="steps", choices=["steps", "lr"],
                    help="lr: rounds of equal summed learning rate (short at the peak, long as it decays)")
     p.add_argument("--data-order", default="random", choices=["random", "units", "units-shuffled"])
@@ -681,7 +690,8 @@ def main() -> None:
                           args.warmup_scheme, args.delay, down_scheme=args.down_scheme, down_predict=args.down_predict, down_mode=args.down_mode, eager=args.eager,
                           up_keep=args.up_keep, up_group=args.up_group, up_shared=args.up_shared,
                           shared_from=args.shared_from, last_scheme=args.last_scheme, data_order=args.data_order, unit_tokens=args.unit_tokens,
-                          round_schedule=args.round_schedule, count_scaling=args.count_scaling,
+                          round_schedule=args.round_schedule, early_steps=args.early_steps,
+                          early_round_steps=args.early_round_steps, count_scaling=args.count_scaling,
                           inner_lr_scale=args.inner_lr_scale, sign_stats=args.sign_stats,
                           count_power=args.count_power, inner_wd_scale=args.inner_wd_scale,
                           eval_batches=args.eval_batches)]

@@ -312,8 +312,9 @@ class OuterConfig:
     momentum: float = opt(0.8, flag="--outer-momentum", low=0.0, high=1.0, help="Outer Nesterov momentum.")
     # Count merges (downlink "count") of N > 2 one-bit deltas: a larger immediate step
     # lr x (1 + momentum), x sqrt(min(N, 4) / 2), at the same total lr / (1 - momentum): 1.2 / 0.7
-    # from 4 deltas (common/merge.py count_step). lr and momentum above: merges of 1 or 2 deltas.
-    count_scaling: bool = opt(True, help="Count merges of more than 2 deltas take a larger immediate outer step.")
+    # from 4 deltas (common/merge.py count_step). lr and momentum above: merges of 1 or 2 deltas
+    # and majority merges (compression.count_rule "majority", the default), which need no scaling.
+    count_scaling: bool = opt(True, help="Exact-count merges of more than 2 deltas take a larger immediate outer step.")
 
     def validate(self) -> "OuterConfig":
         if self.kind not in ("nesterov", "average"):

@@ -122,13 +122,15 @@ class Merger:
         updates: dict[str, torch.Tensor] = {}  # "recode" only: the whole update, encoded at the end
         first = True
         n_counted = len(batch) if counted is not None else 0  # its outer step: merge.count_step
+        majority = counted is not None and counted.majority
         for name in self.spec:
             mean = {name: self._merged_tensor(name, streams, factors, weights, counted, scales)}
             if first:
-                update = self.outer.update(mean, tokens=tokens, counted=n_counted)
+                update = self.outer.update(mean, tokens=tokens, counted=n_counted, majority=majority)
                 first = False
             else:
-                update = self.outer.update(mean, fraction=self.outer.last_fraction, counted=n_counted)
+                update = self.outer.update(mean, fraction=self.outer.last_fraction, counted=n_counted,
+                                           majority=majority)
             if downlink in ("relay", "count"):
                 self.global_params[name].add_(update[name])  # one IEEE add each: what workers do too
             else:

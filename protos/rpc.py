@@ -27,8 +27,9 @@ import grpc
 # take the mean of the deltas' own scales (next_scales and own_scales retired); 5: counts of 2
 # workers packed at 1 bit (common/counts.py), HeartbeatReply.round_seconds_cap; 6: the outer step
 # of a count merge depends on its number of deltas (common/merge.py count_step); 7: majority count
-# merges and their vote payloads (CountedMerge.majority, compression.count_rule).
-PROTOCOL_VERSION = 7
+# merges and their vote payloads (CountedMerge.majority, compression.count_rule); 8: majority
+# merges take the configured outer step (count_step(majority=True)).
+PROTOCOL_VERSION = 8
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = CHUNK_BYTES + (1 << 20)
 KEEPALIVE_MS = 20_000

@@ -302,6 +302,7 @@ def test_count_step_grows_the_immediate_step_with_the_merge_and_keeps_the_total(
         assert lr * (1 + mu) == pytest.approx(1.44 * (n / 2) ** 0.5)
     assert count_step(cfg, 8) == count_step(cfg, 64) == (lr4, mu4)  # 8 deltas: larger steps were worse
     assert count_step(OuterConfig(count_scaling=False), 4) == (0.8, 0.8)
+    assert count_step(cfg, 3, majority=True) == count_step(cfg, 4, majority=True) == (0.8, 0.8)  # no scaling
     assert count_step(OuterConfig(kind="average", lr=1.0), 4) == (1.0, 0.8)
 
 
@@ -314,8 +315,10 @@ def test_a_count_merge_of_four_moves_the_model_by_its_count_step(data, tmp_path,
     before = clone_tensors(state.global_params)
     blobs = Workers(state, 4).rounds(1)
     scales = state.history[-1].counted.scales
-    lr, mu = count_step(state.run.outer, 4)
-    assert (lr, mu) == (pytest.approx(1.2, abs=0.01), pytest.approx(0.7, abs=0.01)) if scaling else (0.8, 0.8)
+    assert state.history[-1].counted.majority == (rule == "majority")
+    lr, mu = count_step(state.run.outer, 4, majority=rule == "majority")
+    scaled = scaling and rule == "mean"  # a majority merge takes the configured step
+    assert (lr, mu) == ((pytest.approx(1.2, abs=0.01), pytest.approx(0.7, abs=0.01)) if scaled else (0.8, 0.8))
     for (name, t), scale in zip(state.global_params.items(), scales):
         k = sum(1 - 2 * torch.signbit(decode_tensors(blobs[f"p0-{i}"], state.spec)[name]).float() for i in range(4))
         if rule == "majority":  # the whole scale in the direction most signs take, 0 on a tie
@@ -326,13 +329,14 @@ def test_a_count_merge_of_four_moves_the_model_by_its_count_step(data, tmp_path,
 
 
 def test_a_restarted_coordinator_keeps_the_last_merges_step_and_token_history(data, tmp_path):  # noqa: F811
-    state = CoordinatorState(count_run(), data, tmp_path)
+    run = count_run(compression__count_rule="mean")  # an exact-count merge of 4 takes its own step
+    state = CoordinatorState(run, data, tmp_path)
     Workers(state, 4).rounds(1)
     step, tokens = state.outer.last_step, list(state.outer.recent_tokens)
     assert step != (state.run.outer.lr, state.run.outer.momentum) and tokens  # a count merge's own step
     look = state.outer.lookahead()
     state.checkpoint()
-    again = CoordinatorState(count_run(), data, tmp_path)
+    again = CoordinatorState(run, data, tmp_path)
     assert again.outer.last_step == pytest.approx(step) and list(again.outer.recent_tokens) == tokens
     for name, t in again.outer.lookahead().items():
         torch.testing.assert_close(t, look[name])
