@@ -344,12 +344,28 @@ class RoundConfig:
     # (coordinator/pacing.py; 0 = rounds of steps only). At equal speeds a worker a little slower
     # than the fastest pushes a step or two early, at the same moment as the others.
     time_cap: float = opt(1.0, low=0.0, help="A round of steps also ends after this many times its steps at the fastest worker's step time (0 = never).")
+    # While 3 or more deltas merge per round (async workers and sync groups pushing now), rounds
+    # last round(steps x many_scale) steps: more workers average more noisy local trajectories,
+    # and their majority merges cost fewer bytes per worker against DDP's traffic than a pair's
+    # merge. Measured (benchmarks/README.md, "Rounds for 3 or more workers"): 4 workers at 26
+    # steps instead of 32 closed most of the gap to the DDP-equivalent; 2 workers keep 32.
+    many_scale: float = opt(0.8, low=0.0, low_open=True, high=1.0,
+                            help="Rounds while 3 or more workers push last round steps x this (1 = the same).")
+
+    def steps_for(self, pushers: int) -> int:
+        """Inner steps per round while `pushers` deltas merge per round (0 for time-based rounds).
+        The coordinator sends it in every HeartbeatReply (round_steps)."""
+        if self.steps <= 0 or pushers < 3:
+            return self.steps
+        return max(1, round(self.steps * self.many_scale))
 
     def validate(self) -> "RoundConfig":
         if self.steps <= 0 and self.seconds <= 0:
             raise ValueError("round needs steps > 0 or seconds > 0")
         if not isinstance(self.max_lag_steps, int) or self.max_lag_steps < 0:
             raise ValueError(f"round.max_lag_steps must be an int >= 0, got {self.max_lag_steps!r}")
+        if not 0.0 < self.many_scale <= 1.0:  # NaN fails too
+            raise ValueError(f"round.many_scale must be in (0, 1], got {self.many_scale!r}")
         if not (self.time_cap == 0.0 or self.time_cap >= 1.0):  # NaN fails both
             raise ValueError(f"round.time_cap must be 0 (off) or >= 1 (the fastest worker's full round), got {self.time_cap!r}")
         return self

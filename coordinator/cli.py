@@ -27,7 +27,7 @@ log = logging.getLogger("coordinator")
 # RunConfig fields with a flag here (the file given with --config sets any field)
 RUN_OPTIONS = (
     "data.dir", "model.preset", "compression.scheme", "compression.downlink", "compression.last_scheme", "compression.count_rule",
-    "round.steps", "round.seconds", "round.max_lag_steps", "merge.policy", "outer.kind", "outer.lr",
+    "round.steps", "round.seconds", "round.max_lag_steps", "round.many_scale", "merge.policy", "outer.kind", "outer.lr",
     "outer.momentum", "plan.max_tokens", "train.batch_size", "train.max_iters", "train.seed",
     "sync.compression_warmup", "sync.warmup_compression", "model.init_from", "eval.device",
 )

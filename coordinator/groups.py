@@ -175,6 +175,11 @@ class GroupFormation:
             tuple(self.members[w].advertise for w in group.members), group.secret,
         )
 
+    def group_of(self, worker_id: str) -> str | None:
+        """The group the worker is assigned to now (None: async)."""
+        member = self.members.get(worker_id)
+        return None if member is None else member.group
+
     def set_active(self, worker_id: str, group_id: str) -> None:
         member = self.members.get(worker_id)
         if member is not None:

@@ -3,7 +3,9 @@
 Two policies, both computed from the workers' own heartbeat figures (WorkerStats.step_seconds and
 tokens_per_second, smoothed per worker by `Rates`):
 
-- **Rounds end together** (`round_time_cap`). A round of `round.steps` inner steps also ends
+- **Rounds end together** (`round_time_cap`). A round of `round.steps` inner steps
+  (`RoundConfig.steps_for`: shorter while 3 or more deltas merge per round, sent in every
+  HeartbeatReply as `round_steps`; round.steps below means that length) also ends
   after `round.time_cap` x round.steps x the fastest worker's step time (seconds, sent in every
   HeartbeatReply as `round_seconds_cap`). The fastest worker still trains its round.steps; a worker
   at half its speed pushes after about half of them, at the same moment, so a semi-sync

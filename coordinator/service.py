@@ -111,6 +111,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             model_version=version,
             lease_seconds=self.state.run.workers.lease_seconds,
             round_seconds_cap=self.state.round_seconds_cap(),
+            round_steps=self.state.round_steps(),
             group=pb.GroupAssignment(
                 group_id=group.group_id, epoch=group.epoch, rank=group.rank, world_size=group.world_size, peers=list(group.peers),
                 peer_secret=group.secret,

@@ -313,12 +313,22 @@ class CoordinatorState:
             stop = self.state == "finished"
             return ("STOP" if stop else "CONTINUE"), self.version
 
+    def round_steps(self) -> int:
+        """Inner steps per round now (HeartbeatReply.round_steps): round.steps_for the number of
+        deltas a round merges, one per live async worker and one per sync group."""
+        with self.lock:
+            return self._round_steps()
+
+    def _round_steps(self) -> int:
+        units = {self.groups.group_of(w.worker_id) or f"worker:{w.worker_id}" for w in self.membership.live()}
+        return self.run.round.steps_for(len(units))
+
     def round_seconds_cap(self) -> float:
         """Seconds after which a step-based round ends anyway (HeartbeatReply.round_seconds_cap;
-        coordinator/pacing.py round_time_cap over the live workers; 0 = none)."""
+        coordinator/pacing.py round_time_cap over the live workers and round_steps; 0 = none)."""
         with self.lock:
             steps = [self.rates.step_seconds.get(w.worker_id, 0.0) for w in self.membership.live()]
-            return round_time_cap(steps, self.run.round.steps, self.run.round.time_cap)
+            return round_time_cap(steps, self._round_steps(), self.run.round.time_cap)
 
     def group_assignment(self, worker_id: str, active_group_id: str = "") -> Assignment | None:
         """The worker's sync group now (None: train async). Forms pending groups first.
@@ -398,7 +408,7 @@ class CoordinatorState:
         live = [rates.get(w.worker_id, 0.0) for w in self.membership.live()] or [0.0]
         step_tokens = self.run.train.batch_size * self.model_config.block_size
         return lease_cap(rates.get(worker_id, 0.0), live, self.ledger.remaining_budget(), self.ledger.outstanding(),
-                         step_tokens, self.run.round.steps)
+                         step_tokens, self._round_steps())
 
     def shard_path(self, worker_id: str, session_id: str, shard: str) -> tuple[Path, str]:
         """Path and sha256 of a shard named in the manifest; NotFound for anything else."""
@@ -949,7 +959,7 @@ class CoordinatorState:
                 "state": self.state,
                 "run_id": self.run_id,
                 "compression": self.run.compression.scheme,
-                "round_steps": self.run.round.steps,
+                "round_steps": self._round_steps(),
             }
 
     def status(self) -> dict:

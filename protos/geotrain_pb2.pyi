@@ -124,7 +124,7 @@ class GroupFailure(_message.Message):
     def __init__(self, group_id: _Optional[str] = ..., epoch: _Optional[int] = ..., survivor_ranks: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("action", "model_version", "lease_seconds", "group", "round_seconds_cap")
+    __slots__ = ("action", "model_version", "lease_seconds", "group", "round_seconds_cap", "round_steps")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         CONTINUE: _ClassVar[HeartbeatReply.Action]
@@ -136,12 +136,14 @@ class HeartbeatReply(_message.Message):
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     ROUND_SECONDS_CAP_FIELD_NUMBER: _ClassVar[int]
+    ROUND_STEPS_FIELD_NUMBER: _ClassVar[int]
     action: HeartbeatReply.Action
     model_version: int
     lease_seconds: float
     group: GroupAssignment
     round_seconds_cap: float
-    def __init__(self, action: _Optional[_Union[HeartbeatReply.Action, str]] = ..., model_version: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., group: _Optional[_Union[GroupAssignment, _Mapping]] = ..., round_seconds_cap: _Optional[float] = ...) -> None: ...
+    round_steps: int
+    def __init__(self, action: _Optional[_Union[HeartbeatReply.Action, str]] = ..., model_version: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., group: _Optional[_Union[GroupAssignment, _Mapping]] = ..., round_seconds_cap: _Optional[float] = ..., round_steps: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("worker_id", "session_id", "reason")

@@ -28,7 +28,8 @@ import grpc
 # workers packed at 1 bit (common/counts.py), HeartbeatReply.round_seconds_cap; 6: the outer step
 # of a count merge depends on its number of deltas (common/merge.py count_step); 7: majority count
 # merges and their vote payloads (CountedMerge.majority, compression.count_rule); 8: majority
-# merges take the configured outer step (count_step(majority=True)).
+# merges take the configured outer step (count_step(majority=True)); HeartbeatReply.round_steps
+# (round.many_scale).
 PROTOCOL_VERSION = 8
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = CHUNK_BYTES + (1 << 20)

@@ -117,6 +117,56 @@ def test_round_ends_at_its_steps_or_at_the_coordinators_time_cap():
     assert rounds.round_over(steps, 0.0)
 
 
+def test_the_coordinators_round_length_decides_when_a_round_ends():
+    rounds = RoundState.__new__(RoundState)
+    rounds.round_steps, rounds.round_start = 26, time.monotonic()
+    assert not rounds.round_over(RoundConfig(steps=32))  # the run's 32
+    assert rounds.round_over(RoundConfig(steps=32), 0.0, 26)  # HeartbeatReply.round_steps
+
+
+def test_rounds_shorten_from_three_merging_deltas_and_bad_scales_are_refused():
+    r = RoundConfig(steps=32)
+    assert [r.steps_for(n) for n in (0, 1, 2, 3, 4, 8)] == [32, 32, 32, 26, 26, 26]
+    assert RoundConfig(steps=50, many_scale=0.5).steps_for(4) == 25
+    assert RoundConfig(steps=32, many_scale=1.0).steps_for(4) == 32
+    assert RoundConfig(steps=0, seconds=5.0).steps_for(4) == 0  # time-based rounds
+    assert RoundConfig(steps=1, many_scale=0.1).steps_for(4) == 1
+    for bad in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="round.many_scale"):
+            RoundConfig(many_scale=bad).validate()
+
+
+def test_the_round_length_counts_async_workers_and_sync_groups(data, tmp_path):
+    from geotrain.coordinator.service import CoordinatorServicer
+    from geotrain.protos import geotrain_pb2 as pb
+
+    now = [0.0]
+    run = small_run(merge__policy="semi-sync")
+    run.round.steps = 30
+    state = CoordinatorState(run, data, tmp_path, clock=lambda: now[0])
+    service = CoordinatorServicer(state)
+
+    def reply(rec):
+        return service.Heartbeat(pb.HeartbeatRequest(worker_id=rec.worker_id, session_id=rec.session_id), None)
+
+    a, b = _join(state, "a"), _join(state, "b")
+    assert reply(a).round_steps == 30  # a pair merges 2 deltas
+    c = _join(state, "c")
+    assert reply(a).round_steps == reply(c).round_steps == 24  # 3 deltas: round(30 x 0.8)
+    state.leave(c.worker_id, c.session_id, "test")
+    assert reply(a).round_steps == 30
+    # four members of one sync group push one delta per round between them
+    grouped = tmp_path / "grouped"
+    state = CoordinatorState(run, data, grouped, clock=lambda: now[0])
+    service = CoordinatorServicer(state)
+    recs = [state.join(f"g{i}", "cpu", 0, "0", PROTOCOL_VERSION, "fp", f"127.0.0.1:{9000 + i}", "demo")[0]
+            for i in range(4)]
+    assert reply(recs[0]).round_steps == 24  # not formed yet: 4 async workers
+    now[0] += 5  # the settle time: the group forms
+    assert all(state.group_assignment(r.worker_id) is not None for r in recs)
+    assert reply(recs[0]).round_steps == 30
+
+
 def _join(state, name):
     record, _ = state.join(name, "cpu", 0, "0", PROTOCOL_VERSION, "fp", "", "")
     return record

@@ -253,12 +253,13 @@ class RoundState:
         out under the new session."""
         return min((p.session for p in self.pending), default=current)
 
-    def round_over(self, r: RoundConfig, seconds_cap: float = 0.0) -> bool:
-        """The round is over: r.steps steps trained, or (step-based rounds) seconds_cap > 0 seconds
-        passed with at least one step (the coordinator's HeartbeatReply.round_seconds_cap: a slower
-        worker pushes with the fastest), or (time-based rounds) r.seconds passed."""
+    def round_over(self, r: RoundConfig, seconds_cap: float = 0.0, steps: int = 0) -> bool:
+        """The round is over: `steps` steps trained (the coordinator's HeartbeatReply.round_steps;
+        0: r.steps), or (step-based rounds) seconds_cap > 0 seconds passed with at least one step
+        (the coordinator's HeartbeatReply.round_seconds_cap: a slower worker pushes with the
+        fastest), or (time-based rounds) r.seconds passed."""
         if r.steps > 0:
-            if self.round_steps >= r.steps:
+            if self.round_steps >= (steps or r.steps):
                 return True
             return seconds_cap > 0 and self.round_steps > 0 and time.monotonic() - self.round_start >= seconds_cap
         return time.monotonic() - self.round_start >= r.seconds

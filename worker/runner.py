@@ -132,6 +132,7 @@ class WorkerRunner:
         # (coordinator/pacing.py round_time_cap; 0 = rounds of steps only). Written by the
         # heartbeat thread, read by the training thread (a float: no lock needed).
         self.round_seconds_cap = 0.0
+        self.round_steps = 0  # HeartbeatReply.round_steps (0: the run's round.steps)
         # The current lease's next batches made on a background thread (worker/shards.py
         # LeaseBatches); None: on CUDA without a host group (whose devices take CPU batches).
         self.prefetch_batches: bool | None = None
@@ -242,8 +243,9 @@ class WorkerRunner:
         )
 
     def _on_heartbeat_reply(self, reply: pb.HeartbeatReply) -> None:
-        """Heartbeat thread: every reply. The round's time cap (coordinator/pacing.py), then the hooks."""
+        """Heartbeat thread: every reply. The round's length and time cap (coordinator/pacing.py), then the hooks."""
         self.round_seconds_cap = reply.round_seconds_cap
+        self.round_steps = reply.round_steps
         self.hooks.on_heartbeat_reply(reply)
 
     def _join(self, run_ended: threading.Event) -> pb.JoinReply:
@@ -422,7 +424,7 @@ class WorkerRunner:
                 if time.monotonic() - last_summary >= self.config.summary_seconds:
                     last_summary = time.monotonic()
                     self._summary(bar)
-                if rounds.round_over(self.run_cfg.round, self.round_seconds_cap) and rounds.inflight is None:
+                if rounds.round_over(self.run_cfg.round, self.round_seconds_cap, self.round_steps) and rounds.inflight is None:
                     self.start_push()
         finally:
             if self.batches is not None:
