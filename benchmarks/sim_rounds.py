@@ -79,6 +79,7 @@ class SimConfig:
     #                                learning rate (warmup steps counted at the peak) reaches
     #                                round_steps x the schedule's mean: short rounds at a high lr,
     #                                long ones as it decays, about as many rounds in all
+    tie_break: str = ""  # --count-power 0: "momentum" = a tied value moves along the outer momentum's sign
     early_steps: int = 0  # rounds pushed before this step last early_round_steps (post-local SGD:
     early_round_steps: int = 0  #  short rounds while the loss falls fast, round_steps after)
     unit_tokens: int = 65536
@@ -122,6 +123,8 @@ class SimConfig:
             s += f"_last{self.last_scheme}"
         if self.round_schedule != "steps":
             s += f"_rs{self.round_schedule}"
+        if self.tie_break:
+            s += f"_tie{self.tie_break}"
         if self.early_steps:
             s += f"_early{self.early_steps}h{self.early_round_steps}"
         if self.eager != "off":
@@ -226,15 +229,23 @@ def shared_sign(delta: dict, scales: dict, by: str) -> tuple[int, dict, dict]:
     return nbytes, dec, signs
 
 
-def count_code_bytes(signs: list, me: int, majority: bool = False) -> int:
+def count_code_bytes(signs: list, me: int, majority: bool = False, tie_ref: dict | None = None) -> int:
     """zstd bytes of the count of + signs among the others (values 0..N-1), 4 per byte when N <= 4;
-    majority: of the merge's majority sign relative to this worker's own (agree / tie / disagree)."""
+    majority: of the merge's majority sign relative to this worker's own (agree / tie / disagree);
+    tie_ref: ties take these signs (+-1 per value, known to all), so one bit per value: the merged
+    direction agrees with this worker's own sign or not."""
     import numpy as np
     import zstandard
 
     others = [s for i, s in enumerate(signs) if i != me]
     total = 0
     for n in others[0]:
+        if tie_ref is not None:
+            k = sum(s[n] for s in signs)
+            d = torch.where(k == 0, tie_ref[n].reshape(k.shape).to(k.dtype), torch.sign(k))
+            bits = (d == signs[me][n]).numpy().astype(bool).reshape(-1)
+            total += len(zstandard.ZstdCompressor(level=3).compress(np.packbits(bits).tobytes()))
+            continue
         # how many of the others agree with this worker's own sign (it knows its own)
         count = sum(((o[n] == signs[me][n]).to(torch.uint8)) for o in others).numpy().astype(np.uint8)
         if majority:  # agree 0, tie 1, disagree 2: the sign of (1 + 2 x count - (N - 1)) relative to own
@@ -413,7 +424,11 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
             if all_signs:  # the next round's shared scales; the exact merge as a count code
                 shared_scales.clear()
                 shared_scales.update({n: sum(r[n] for r in row_scales) / len(row_scales) for n in row_scales[0]})
-                down_bytes += count_code_bytes(all_signs, 0, majority=cfg.count_power == 0) * n_rep
+                tie_ref = None
+                if cfg.tie_break == "momentum":  # ties move along the outer momentum (+ where it is 0)
+                    assert cfg.count_power == 0 and cfg.outer_kind == "nesterov", "--tie-break needs --count-power 0"
+                    tie_ref = {n: torch.where(outer.momentum[n] < 0, -1.0, 1.0) for n in glob}
+                down_bytes += count_code_bytes(all_signs, 0, majority=cfg.count_power == 0, tie_ref=tie_ref) * n_rep
                 D = combine(contribs, rounds, 0.5)
                 if cfg.count_power != 1.0:  # scale x sign(k) x (|k| / N)**p instead of scale x k / N
                     use = round_scales or shared_scales
@@ -422,6 +437,8 @@ def simulate(cfg: SimConfig, device: str = "cpu") -> dict:
                         assert sc is not None, "--count-power needs --up-shared tensor"
                         r = D[n] / sc
                         D[n] = torch.sign(r) * r.abs().pow(cfg.count_power) * sc if cfg.count_power else torch.sign(r.round(decimals=6)) * sc
+                        if tie_ref is not None:
+                            D[n] = torch.where(r.round(decimals=6) == 0, tie_ref[n].reshape(r.shape) * sc, D[n])
                 last_mean.clear()
                 last_mean.update({n: t.clone() for n, t in D.items()})
                 U_dec = {n: t.clone() for n, t in outer.update(D, counted=n_rep, majority=cfg.count_power == 0 and n_rep >= 3).items()}
@@ -657,6 +674,8 @@ def main() -> None:
     p.add_argument("--shared-from", default="round", choices=["round", "previous"],
                    help="--up-shared scales: this round's mean (as the count merge) or the previous round's")
     p.add_argument("--last-scheme", default="", help="the final partial round's scheme (int8, int4)")
+    p.add_argument("--tie-break", default="", choices=["", "momentum"],
+                   help="--count-power 0: ties move along the outer momentum's sign (1-bit votes)")
     p.add_argument("--early-steps", type=int, default=0,
                    help="rounds pushed before this step last --early-round-steps")
     p.add_argument("--early-round-steps", type=int, default=0)
@@ -690,7 +709,7 @@ def main() -> None:
                           args.warmup_scheme, args.delay, down_scheme=args.down_scheme, down_predict=args.down_predict, down_mode=args.down_mode, eager=args.eager,
                           up_keep=args.up_keep, up_group=args.up_group, up_shared=args.up_shared,
                           shared_from=args.shared_from, last_scheme=args.last_scheme, data_order=args.data_order, unit_tokens=args.unit_tokens,
-                          round_schedule=args.round_schedule, early_steps=args.early_steps,
+                          round_schedule=args.round_schedule, early_steps=args.early_steps, tie_break=args.tie_break,
                           early_round_steps=args.early_round_steps, count_scaling=args.count_scaling,
                           inner_lr_scale=args.inner_lr_scale, sign_stats=args.sign_stats,
                           count_power=args.count_power, inner_wd_scale=args.inner_wd_scale,

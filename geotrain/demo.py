@@ -3,8 +3,8 @@
 The parent prepares the data once, starts `coordinator` with a token budget and `worker` processes
 (each with its share of the CPU threads), prints live progress from the coordinator's Status RPC,
 and when the run finishes prints the final validation loss and a generated sample, leaving
-RUN_DIR/summary.json behind. Ctrl+C stops every child cleanly (SIGTERM, then SIGKILL after a grace
-period).
+RUN_DIR/summary.json behind. Ctrl+C or a SIGTERM to the parent stops every child cleanly (SIGTERM,
+then SIGKILL after a grace period).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def wait_for_port_file(path: Path, proc: subprocess.Popen, timeout: float = 120.
                 return int(text)
         time.sleep(0.1)
     raise RuntimeError(f"no port file {path} after {timeout:.0f}s")
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    """The parent's SIGTERM handler while children run: unwind like Ctrl+C, so run_demo's
+    `finally` stops them (without it, the default action kills the parent alone and orphans them)."""
+    raise SystemExit(128 + signum)
 
 
 def stop_children(procs: list[subprocess.Popen]) -> None:
@@ -135,6 +142,9 @@ def run_demo(opts: DemoConfig) -> dict:
     procs: list[subprocess.Popen] = []
     worker_rows: dict[str, dict] = {}
     started = time.monotonic()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         with open(logs / "coordinator.log", "w") as out:
             coordinator = subprocess.Popen(coord_args, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -157,6 +167,8 @@ def run_demo(opts: DemoConfig) -> dict:
         _watch(coordinator, procs, target, budget, opts, started, worker_rows)
     finally:
         stop_children(procs)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the run did not finish; see the logs in {logs}")
