@@ -216,7 +216,8 @@ def count_step(config: OuterConfig, deltas: int, majority: bool = False) -> tupl
     majority: the merge took the majority sign (count_rule "majority", 3 deltas or more). It moves
     every value by the whole scale where most deltas agree, a larger step than the exact mean's
     where they split, and takes config's step as it is (measured: 4 deltas at config's 0.8 / 0.8
-    1.3275, at 1.2 / 0.7 1.3411; benchmarks/README.md, "Majority votes").
+    1.3275, at 1.2 / 0.7 1.3411; benchmarks/README.md, "The outer step of a majority merge, and
+    shorter rounds from 3 workers").
 
     Measured, not derived: the best immediate step lr x (1 + mu) of a count merge is larger for 4
     one-bit deltas than for 2, at the same total step lr / (1 - mu) of a steady direction, while 4
